@@ -1,0 +1,38 @@
+"""t2i-reward's reward experts and their mixture.
+
+    from rewarders import create_rewarder, list_experts, list_profiles
+    rewarder = create_rewarder(profile="tiny")
+    result = rewarder.score("a red apple on a table", ["apple.png"])
+"""
+
+from .config import RewardConfig, list_profiles, load_config
+from .errors import (
+    ImageTooLargeError,
+    InvalidImageError,
+    InvalidPromptError,
+    InvalidRequestError,
+    ModelLoadError,
+    RewardError,
+)
+from .mixture import ImageScore, Mixture, RewardResult, TensorScores, create_rewarder
+from .registry import Expert, list_experts, register_expert
+
+__all__ = [
+    "Expert",
+    "ImageScore",
+    "ImageTooLargeError",
+    "InvalidImageError",
+    "InvalidPromptError",
+    "InvalidRequestError",
+    "Mixture",
+    "ModelLoadError",
+    "RewardConfig",
+    "RewardError",
+    "RewardResult",
+    "TensorScores",
+    "create_rewarder",
+    "list_experts",
+    "list_profiles",
+    "load_config",
+    "register_expert",
+]

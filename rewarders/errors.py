@@ -1,0 +1,29 @@
+"""Errors the library raises for bad input or missing models.
+
+Every one is a `ValueError` subclass, so callers (the CLI, the HTTP service) can turn them into a
+clear message or a 4xx answer without catching unrelated bugs.
+"""
+
+
+class RewardError(ValueError):
+    """Base class of every error caused by the caller's input or configuration."""
+
+
+class InvalidImageError(RewardError):
+    """The bytes or file given as an image cannot be decoded (not an image, truncated, corrupt)."""
+
+
+class ImageTooLargeError(RewardError):
+    """The image has more pixels than the configured limit (checked before decoding)."""
+
+
+class InvalidPromptError(RewardError):
+    """The prompt is missing, of the wrong type or longer than the configured limit."""
+
+
+class InvalidRequestError(RewardError):
+    """Anything else wrong with a scoring call: no images, unknown expert names, bad weights."""
+
+
+class ModelLoadError(RewardError):
+    """A configured checkpoint, tokenizer or CLIP model could not be found or loaded."""

@@ -1,0 +1,291 @@
+"""ImageReward (THUDM, ImageReward-v1.0): our implementation of its BLIP reward model.
+
+Architecture, as in the released `ImageReward.pt`:
+- `blip.visual_encoder`: a ViT (ViT-L/16 at 224 px), timm's `VisionTransformer` with the same key names;
+- `blip.text_encoder`: BERT-base (no token types, no pooler) with a cross-attention block in every layer
+  whose keys/values come from the image tokens; the text self-attention is bidirectional;
+- `mlp`: five linear layers with no activations on the [CLS] feature;
+- output `(r - 0.16717362830052426) / 1.0333394966054072`.
+The architecture sizes are read from the checkpoint's tensor shapes, so the released file and the
+project's tiny file load through the same code. `blip.vision_proj`/`text_proj` are kept (unused) so the
+state dict loads strictly, key for key.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ModelLoadError
+from .hub import resolve_file
+from .images import Preprocess
+from .registry import Expert, LoadContext, register_expert
+
+log = logging.getLogger(__name__)
+
+REWARD_MEAN = 0.16717362830052426
+REWARD_STD = 1.0333394966054072
+MAX_TOKENS = 35  # the reference pads/truncates every prompt to 35 BERT tokens
+HEAD_DIM = 64  # BLIP's ViT and BERT both use 64-dim attention heads
+
+
+@dataclass(frozen=True)
+class ImageRewardArch:
+    image_size: int = 224
+    patch_size: int = 16
+    vision_width: int = 1024
+    vision_depth: int = 24
+    text_width: int = 768
+    text_depth: int = 12
+    text_intermediate: int = 3072
+    vocab_size: int = 30524
+    max_positions: int = 512
+    proj_dim: int = 256
+    head_sizes: tuple[int, ...] = (1024, 128, 64, 16)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "ImageRewardArch":
+        try:
+            patch = sd["blip.visual_encoder.patch_embed.proj.weight"]
+            n_pos = sd["blip.visual_encoder.pos_embed"].shape[1] - 1
+            words = sd["blip.text_encoder.embeddings.word_embeddings.weight"]
+            head = [sd[f"mlp.layers.{i}.weight"].shape[0] for i in (0, 2, 4, 6)]
+            return cls(
+                image_size=int(math.isqrt(n_pos)) * patch.shape[-1],
+                patch_size=patch.shape[-1],
+                vision_width=patch.shape[0],
+                vision_depth=_count(sd, "blip.visual_encoder.blocks."),
+                text_width=words.shape[1],
+                text_depth=_count(sd, "blip.text_encoder.encoder.layer."),
+                text_intermediate=sd["blip.text_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
+                vocab_size=words.shape[0],
+                max_positions=sd["blip.text_encoder.embeddings.position_embeddings.weight"].shape[0],
+                proj_dim=sd["blip.vision_proj.weight"].shape[0],
+                head_sizes=tuple(head),
+            )
+        except KeyError as e:
+            raise ModelLoadError(f"not an ImageReward checkpoint: missing tensor {e}") from None
+
+
+def _count(sd: dict, prefix: str) -> int:
+    return len({k[len(prefix):].split(".")[0] for k in sd if k.startswith(prefix)})
+
+
+# ---------------------------------------------------------------------------------------------
+# BERT with cross-attention (BLIP's "med" text encoder), key names as in the checkpoint
+
+class _Attention(nn.Module):
+    def __init__(self, width: int, kv_width: int):
+        super().__init__()
+        self.heads = width // HEAD_DIM
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(kv_width, width)
+        self.value = nn.Linear(kv_width, width)
+
+    def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        b, n, c = x.shape
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, -1, self.heads, c // self.heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(kv)), split(self.value(kv)), attn_mask=mask)
+        return out.transpose(1, 2).reshape(b, n, c)
+
+
+class _AttentionBlock(nn.Module):
+    """BERT's attention + output projection + residual LayerNorm ('attention' / 'crossattention')."""
+
+    def __init__(self, width: int, kv_width: int):
+        super().__init__()
+        self.self = _Attention(width, kv_width)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(width, width)
+        self.output.LayerNorm = nn.LayerNorm(width, eps=1e-12)
+
+    def forward(self, x, kv, mask):
+        return self.output.LayerNorm(self.output.dense(self.self(x, kv, mask)) + x)
+
+
+class _BertLayer(nn.Module):
+    def __init__(self, width: int, intermediate: int, encoder_width: int):
+        super().__init__()
+        self.attention = _AttentionBlock(width, width)
+        self.crossattention = _AttentionBlock(width, encoder_width)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(width, intermediate)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(intermediate, width)
+        self.output.LayerNorm = nn.LayerNorm(width, eps=1e-12)
+
+    def forward(self, x, text_mask, image_tokens):
+        x = self.attention(x, x, text_mask)
+        x = self.crossattention(x, image_tokens, None)  # every image token is attended to
+        h = F.gelu(self.intermediate.dense(x))
+        return self.output.LayerNorm(self.output.dense(h) + x)
+
+
+class _TextEncoder(nn.Module):
+    def __init__(self, arch: ImageRewardArch):
+        super().__init__()
+        self.embeddings = nn.Module()
+        self.embeddings.word_embeddings = nn.Embedding(arch.vocab_size, arch.text_width, padding_idx=0)
+        self.embeddings.position_embeddings = nn.Embedding(arch.max_positions, arch.text_width)
+        self.embeddings.LayerNorm = nn.LayerNorm(arch.text_width, eps=1e-12)
+        self.embeddings.register_buffer("position_ids", torch.arange(arch.max_positions).expand((1, -1)))
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(
+            _BertLayer(arch.text_width, arch.text_intermediate, arch.vision_width) for _ in range(arch.text_depth)
+        )
+
+    def forward(self, input_ids, attention_mask, image_tokens):
+        e = self.embeddings
+        n = input_ids.shape[1]
+        x = e.LayerNorm(e.word_embeddings(input_ids) + e.position_embeddings(e.position_ids[:, :n]))
+        # additive padding mask as the reference builds it: 0 for tokens, -10000 for padding
+        mask = ((1.0 - attention_mask[:, None, None, :].to(x.dtype)) * -10000.0)
+        for layer in self.encoder.layer:
+            x = layer(x, mask, image_tokens)
+        return x
+
+
+class _Blip(nn.Module):
+    def __init__(self, arch: ImageRewardArch):
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        self.visual_encoder = VisionTransformer(
+            img_size=arch.image_size,
+            patch_size=arch.patch_size,
+            embed_dim=arch.vision_width,
+            depth=arch.vision_depth,
+            num_heads=arch.vision_width // HEAD_DIM,
+            mlp_ratio=4.0,
+            qkv_bias=True,
+            num_classes=0,
+            norm_layer=partial(nn.LayerNorm, eps=1e-6),
+        )
+        self.text_encoder = _TextEncoder(arch)
+        self.vision_proj = nn.Linear(arch.vision_width, arch.proj_dim)
+        self.text_proj = nn.Linear(arch.text_width, arch.proj_dim)
+
+
+def _head(in_dim: int, sizes: tuple[int, ...]) -> nn.Sequential:
+    # Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear: no activations (as released);
+    # the dropouts are kept as identity slots so the layer indices match the checkpoint's keys
+    a, b, c, d = sizes
+    return nn.Sequential(
+        nn.Linear(in_dim, a), nn.Identity(), nn.Linear(a, b), nn.Identity(), nn.Linear(b, c), nn.Identity(),
+        nn.Linear(c, d), nn.Linear(d, 1),
+    )
+
+
+class ImageRewardModel(nn.Module):
+    """The network alone: (pixels, token ids, attention mask) -> normalised reward per image."""
+
+    def __init__(self, arch: ImageRewardArch):
+        super().__init__()
+        self.arch = arch
+        self.blip = _Blip(arch)
+        self.mlp = nn.Module()
+        self.mlp.layers = _head(arch.text_width, arch.head_sizes)
+
+    def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        image_tokens = self.blip.visual_encoder.forward_features(pixels)
+        text = self.blip.text_encoder(input_ids, attention_mask, image_tokens)
+        reward = self.mlp.layers(text[:, 0, :].float()).squeeze(-1)  # the head runs in float32, as the reference
+        return (reward - REWARD_MEAN) / REWARD_STD
+
+    def load_checkpoint(self, sd: dict[str, torch.Tensor]) -> None:
+        sd = dict(sd)
+        sd.setdefault("blip.text_encoder.embeddings.position_ids", self.blip.text_encoder.embeddings.position_ids)
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ModelLoadError(
+                f"ImageReward checkpoint does not match the architecture: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read ImageReward checkpoint {path}: {e}") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise ModelLoadError(f"{path} does not hold a state dict")
+    return sd
+
+
+def load_bert_tokenizer(spec: str, cache_dir: Path):
+    """BERT uncased WordPiece tokenizer with BLIP's two added special tokens ([DEC], [ENC])."""
+    from transformers import BertTokenizer
+
+    if spec == "packaged":
+        from .tiny import packaged_bert_tokenizer_dir
+
+        spec = str(packaged_bert_tokenizer_dir(cache_dir))
+    try:
+        tok = BertTokenizer.from_pretrained(spec)
+    except Exception as e:
+        raise ModelLoadError(
+            f"ImageReward tokenizer {spec!r} could not be loaded ({type(e).__name__}: {e}). "
+            "Set experts.imagereward.tokenizer to a local bert-base-uncased directory, or to 'packaged'."
+        ) from None
+    tok.add_special_tokens({"bos_token": "[DEC]"})
+    tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    return tok
+
+
+@register_expert
+class ImageRewardExpert(Expert):
+    """ImageReward-v1.0 score: already normalised by its authors' statistics (mean 0, std 1 by default)."""
+
+    name = "imagereward"
+    default_mean = 0.0
+    default_std = 1.0
+
+    def __init__(self, model: ImageRewardModel, tokenizer, checkpoint: str, random_weights: bool):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.checkpoint = checkpoint
+        self.random_weights = random_weights
+        self.preprocess = Preprocess(model.arch.image_size)
+
+    @classmethod
+    def from_config(cls, cfg, ctx: LoadContext) -> "ImageRewardExpert":
+        random_weights = cfg.checkpoint in ("random", "tiny")
+        if cfg.checkpoint == "random":
+            torch.manual_seed(ctx.seed)
+            model = ImageRewardModel(ImageRewardArch())
+        else:
+            if cfg.checkpoint == "tiny":
+                from .tiny import ensure_tiny
+
+                path = ensure_tiny(ctx.cache_dir).imagereward
+            else:
+                path = resolve_file(cfg.checkpoint, "ImageReward.pt", "ImageReward checkpoint")
+            sd = read_state_dict(path)
+            model = ImageRewardModel(ImageRewardArch.from_state_dict(sd))
+            model.load_checkpoint(sd)
+        if random_weights:
+            log.warning("ImageReward %s has RANDOM weights: its scores mean nothing", cfg.checkpoint)
+        tokenizer = load_bert_tokenizer(cfg.tokenizer, ctx.cache_dir)
+        model.eval().requires_grad_(False)
+        model.to(ctx.device, ctx.dtype)
+        model.mlp.float()
+        return cls(model, tokenizer, cfg.checkpoint, random_weights)
+
+    def forward(self, pixels, prompts, image_embeds=None, text_embeds=None) -> torch.Tensor:
+        tokens = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+        device = pixels.device
+        dtype = self.model.blip.vision_proj.weight.dtype
+        return self.model(pixels.to(dtype), tokens.input_ids.to(device), tokens.attention_mask.to(device))

@@ -1,0 +1,145 @@
+"""Reading images safely and turning them into model inputs.
+
+Two preprocessing paths share one `Preprocess` spec (size, mean, std):
+- `Preprocess.pil(images)`: the reference pipeline (torchvision on PIL images: bicubic resize of the
+  short side, center crop, RGB, normalise), so scores match ImageReward and open_clip exactly;
+- `Preprocess.tensor(images)`: the same steps in torch on a [0, 1] float tensor, so gradients flow
+  back to the pixels (ReFL).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from torchvision import transforms as T
+
+from .errors import ImageTooLargeError, InvalidImageError
+
+ImageLike = Union[Image.Image, bytes, bytearray, str, os.PathLike]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# PIL refuses files above 2x this with its own error; our own limit (max_pixels) is the one that counts,
+# so lift PIL's to a level our checks always hit first.
+Image.MAX_IMAGE_PIXELS = None
+
+# Modes that PIL resizes natively; the reference resizes in the image's own mode and converts to RGB
+# after cropping, and so do we. Anything else (16-bit, float, CMYK...) is converted to RGB first.
+_NATIVE_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"}
+
+
+def open_image(src: ImageLike, max_pixels: int) -> Image.Image:
+    """Open and fully decode one image, refusing oversized or broken ones with a clear error.
+
+    The pixel count is checked from the header, before any pixel is decoded, so decompression
+    bombs cost nothing. Animated images use their first frame.
+    """
+    if isinstance(src, Image.Image):
+        _check_size(src.size, max_pixels, "image")
+        return src
+    if isinstance(src, (bytes, bytearray)):
+        if not src:
+            raise InvalidImageError("image is empty (0 bytes)")
+        fp, name = io.BytesIO(src), "image bytes"
+    elif isinstance(src, (str, os.PathLike)):
+        path = Path(src)
+        if not path.is_file():
+            raise InvalidImageError(f"no such image file: {path}")
+        fp, name = open(path, "rb"), str(path)
+    else:
+        raise InvalidImageError(f"unsupported image type {type(src).__name__}: pass a PIL image, bytes or a path")
+    try:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(fp)
+        except UnidentifiedImageError:
+            raise InvalidImageError(f"{name}: not a recognised image format") from None
+        except Exception as e:  # PIL raises many types for garbage headers
+            raise InvalidImageError(f"{name}: cannot read image header ({e})") from None
+        _check_size(im.size, max_pixels, name)
+        try:
+            im.load()
+        except Exception as e:  # truncated data, bad chunks, decoder errors
+            raise InvalidImageError(f"{name}: truncated or corrupt image ({e})") from None
+        return im
+    finally:
+        if not isinstance(src, (bytes, bytearray)):
+            fp.close()
+
+
+def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
+    w, h = size
+    if w <= 0 or h <= 0:
+        raise InvalidImageError(f"{name}: image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageTooLargeError(
+            f"{name}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels} pixels"
+        )
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How one backbone wants its input: square `size`, channel `mean` and `std` (bicubic, center crop)."""
+
+    size: int = 224
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    def pil(self, images: list[Image.Image]) -> torch.Tensor:
+        """The reference pipeline on PIL images -> float32 tensor (B, 3, size, size)."""
+        resize = T.Resize(self.size, interpolation=T.InterpolationMode.BICUBIC)
+        crop = T.CenterCrop(self.size)
+        out = []
+        for im in images:
+            if im.mode not in _NATIVE_MODES:
+                im = _to_rgb(im)
+            # resize before the RGB conversion, as the reference does (PIL resizes palette images
+            # with nearest neighbour and RGBA with premultiplied alpha)
+            out.append(T.functional.to_tensor(crop(resize(im)).convert("RGB")))
+        return T.functional.normalize(torch.stack(out), self.mean, self.std)
+
+    def tensor(self, images: torch.Tensor) -> torch.Tensor:
+        """The same steps in torch, differentiable: (B, 3, H, W) in [0, 1] -> normalised (B, 3, size, size)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise InvalidImageError(f"expected an image tensor of shape (B, 3, H, W), got {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        # torchvision's rule for the long side: int(size * long / short), so both paths crop the same window
+        if h <= w:
+            new_h, new_w = self.size, int(self.size * w / h)
+        else:
+            new_h, new_w = int(self.size * h / w), self.size
+        x = images
+        if (new_h, new_w) != (h, w):
+            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)
+            x = x.clamp(0, 1)  # PIL clamps bicubic overshoot when it writes 8-bit pixels
+        top = int(round((new_h - self.size) / 2.0))
+        left = int(round((new_w - self.size) / 2.0))
+        x = x[:, :, top : top + self.size, left : left + self.size]
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    try:
+        if im.mode.startswith("I") or im.mode == "F":
+            # 16-bit, 32-bit and float greyscale: map the value range to 8 bits instead of clipping
+            import numpy as np
+
+            a = np.asarray(im, dtype=np.float64)
+            top = a.max(initial=0.0)
+            scale = 255.0 / 65535.0 if top > 255 else (255.0 if im.mode == "F" and top <= 1.0 else 1.0)
+            return Image.fromarray(np.clip(a * scale, 0, 255).astype("uint8"), "L").convert("RGB")
+        return im.convert("RGB")
+    except Exception as e:
+        raise InvalidImageError(f"image mode {im.mode!r} cannot be converted to RGB ({e})") from None

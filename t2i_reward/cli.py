@@ -1,0 +1,151 @@
+"""The `t2i-reward` command line.
+
+    t2i-reward score [--config FILE | --profile NAME] --prompt TEXT IMAGE... [--json]
+    t2i-reward bench [--config FILE | --profile NAME] --images N --batch-size B [--json]
+    t2i-reward profiles | experts
+
+Errors caused by the input (bad images, unknown profiles, missing checkpoints) print one line on
+stderr and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--config", help="YAML config file (see README: Configuration)")
+    g.add_argument("--profile", help="built-in profile: default, tiny, random-full, ig-rewarding")
+
+
+def _rewarder(args, **overrides):
+    from rewarders import create_rewarder
+
+    return create_rewarder(args.config, profile=args.profile, **overrides)
+
+
+def cmd_score(args) -> int:
+    rewarder = _rewarder(args)
+    result = rewarder.score(args.prompt, args.images)
+    if args.json:
+        out = {
+            "mean_reward": result.mean_reward,
+            "component_rewards": result.component_rewards,
+            "images": [{"total": i.total, "components": i.components} for i in result.images],
+            "experts": result.experts,
+        }
+        print(json.dumps(out))
+        return 0
+    if rewarder.random_weights:
+        print("NOTE: some experts have random weights; these scores are for testing only")
+    names = list(result.component_rewards)
+    print(f"{'image':40s} {'total':>9s} " + " ".join(f"{n:>12s}" for n in names))
+    for path, s in zip(args.images, result.images):
+        print(f"{str(path)[-40:]:40s} {s.total:9.4f} " + " ".join(f"{s.components[n]:12.4f}" for n in names))
+    print(f"{'mean':40s} {result.mean_reward:9.4f} " + " ".join(f"{result.component_rewards[n]:12.4f}" for n in names))
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import numpy as np
+    from PIL import Image
+
+    rewarder = _rewarder(args, max_batch_size=args.batch_size, max_images=max(args.images, 1))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (args.size, args.size, 3), dtype=np.uint8)) for _ in range(args.images)]
+    prompt = "a photo of a cat sitting on a red sofa, highly detailed"
+    rewarder.score(prompt, images[: min(len(images), args.batch_size)])  # warm-up
+    t = time.perf_counter()
+    for _ in range(args.repeat):
+        rewarder.score(prompt, images)
+    dt = (time.perf_counter() - t) / args.repeat
+    result = {
+        "images": args.images,
+        "batch_size": args.batch_size,
+        "seconds": dt,
+        "device": str(rewarder.device),
+        "dtype": str(rewarder.dtype).removeprefix("torch."),
+        "experts": list(rewarder.experts),
+        "images_per_s": args.images / dt,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.images} images in {dt:.3f} s on {result['device']} ({result['dtype']}): {result['images_per_s']:.2f} images/s")
+    return 0
+
+
+def cmd_profiles(args) -> int:
+    from rewarders import list_profiles
+
+    for name, doc in list_profiles().items():
+        print(f"{name:14s} {doc}")
+    return 0
+
+
+def cmd_experts(args) -> int:
+    from rewarders import list_experts
+
+    print("\n".join(list_experts()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="t2i-reward", description="Reward models for text-to-image generation.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("score", help="score images against a prompt")
+    _add_config_args(p)
+    p.add_argument("--prompt", required=True, help="the text prompt the images were generated from")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("bench", help="images per second of the whole mixture on random images")
+    _add_config_args(p)
+    p.add_argument("--images", type=_positive, default=32, help="images per timed call")
+    p.add_argument("--batch-size", type=_positive, default=8, help="most images per forward pass")
+    p.add_argument("--size", type=_positive, default=512, help="side of the random square images")
+    p.add_argument("--repeat", type=_positive, default=1, help="timed calls (averaged)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (images_per_s last)")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("profiles", help="list the built-in profiles")
+    p.set_defaults(func=cmd_profiles)
+    p = sub.add_parser("experts", help="list the registered experts")
+    p.set_defaults(func=cmd_experts)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from rewarders.errors import RewardError
+
+    try:
+        return args.func(args)
+    except RewardError as e:
+        print(f"t2i-reward: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
