@@ -100,9 +100,9 @@ class RewardConfig(BaseSettings):
 def _tiny() -> dict[str, Any]:
     return {
         "experts": {
-            "imagereward": {"checkpoint": "tiny", "tokenizer": "packaged", "mean": 0.0, "std": 1.0},
+            "imagereward": {"checkpoint": "tiny", "tokenizer": "packaged"},
             "aesthetic": {"clip": "tiny", "head": "tiny", "mean": 0.0, "std": 1.0},
-            "mlp": {"checkpoint": "tiny", "mean": 0.0, "std": 1.0},
+            "mlp": {"checkpoint": "tiny"},
         }
     }
 

@@ -279,6 +279,13 @@ class ImageRewardExpert(Expert):
         if random_weights:
             log.warning("ImageReward %s has RANDOM weights: its scores mean nothing", cfg.checkpoint)
         tokenizer = load_bert_tokenizer(cfg.tokenizer, ctx.cache_dir)
+        if len(tokenizer) != model.arch.vocab_size:
+            # transformers can hand back a near-empty tokenizer for a hub id it could not fetch
+            raise ModelLoadError(
+                f"ImageReward tokenizer {cfg.tokenizer!r} has {len(tokenizer)} tokens but the checkpoint embeds "
+                f"{model.arch.vocab_size} (BERT uncased + [DEC] + [ENC]): the tokenizer is missing or wrong. "
+                "Set experts.imagereward.tokenizer to a local bert-base-uncased directory, or to 'packaged'."
+            )
         model.eval().requires_grad_(False)
         model.to(ctx.device, ctx.dtype)
         model.mlp.float()

@@ -87,10 +87,13 @@ def register_expert(cls: type[Expert]) -> type[Expert]:
     return cls
 
 
+BUILTIN = ("imagereward", "aesthetic", "mlp")
+
+
 def list_experts() -> list[str]:
-    """Names of the registered experts."""
+    """Names of the registered experts: the built-in ones first, then any registered later."""
     _import_builtin()
-    return list(EXPERTS)
+    return list(BUILTIN) + [n for n in EXPERTS if n not in BUILTIN]
 
 
 def get_expert_class(name: str) -> type[Expert]:
@@ -101,6 +104,6 @@ def get_expert_class(name: str) -> type[Expert]:
 
 
 def _import_builtin() -> None:
-    # importing the modules registers the built-in experts, in this order
-    from . import imagereward, aesthetic, mlp  # noqa: F401, I001
+    # importing the modules registers the built-in experts
+    from . import aesthetic, imagereward, mlp  # noqa: F401
 

@@ -1,0 +1,32 @@
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub id must fail fast with our error, never download
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One model cache for the whole run: the tiny models are built once, on first use."""
+    return tmp_path_factory.mktemp("t2i-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny(cache_dir):
+    from rewarders import create_rewarder
+
+    return create_rewarder(profile="tiny", cache_dir=cache_dir)
+
+
+def smooth_image(seed: int, h: int, w: int) -> Image.Image:
+    """A smooth random RGB image: resizing matters, but it is not pure noise."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 16 + 2, w // 16 + 2, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((w, h), Image.BILINEAR)
+
+
+@pytest.fixture
+def images():
+    return [smooth_image(i, 200 + 37 * i, 260 - 20 * i) for i in range(4)]
