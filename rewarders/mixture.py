@@ -124,15 +124,14 @@ class Mixture(nn.Module):
             weights[name] = float(w)
         return weights
 
-    def _check_prompt(self, prompt) -> str:
+    def _check_prompt(self, prompt, max_chars: int | None = None) -> str:
+        max_chars = max_chars or self.config.max_prompt_chars
         if not isinstance(prompt, str):
             raise InvalidPromptError(f"prompt must be a string, got {type(prompt).__name__}")
         if not prompt.strip():
             raise InvalidPromptError("prompt is empty")
-        if len(prompt) > self.config.max_prompt_chars:
-            raise InvalidPromptError(
-                f"prompt has {len(prompt)} characters; the limit is {self.config.max_prompt_chars}"
-            )
+        if len(prompt) > max_chars:
+            raise InvalidPromptError(f"prompt has {len(prompt)} characters; the limit is {max_chars}")
         return prompt
 
     def _timed(self, name: str, fn, *args):
@@ -221,10 +220,10 @@ class Mixture(nn.Module):
         The images of all requests are pooled, so many small requests fill a batch; each request
         still gets its own result. Every request is validated before any model runs.
         """
-        checked = []
-        for req in requests:
-            prompt, images, weights = (tuple(req) + (None,))[:3]
-            checked.append((self._check_prompt(prompt), self._load_images(images), self._weights(weights)))
+        return self.score_checked([self.check_request(*req) for req in requests])
+
+    def score_checked(self, checked: Sequence[tuple[str, list, dict[str, float]]]) -> list[RewardResult]:
+        """Score requests already returned by `check_request` (prompt, decoded images, weights)."""
         flat_images = [im for _, ims, _ in checked for im in ims]
         flat_prompts = [p for p, ims, _ in checked for _ in ims]
         raw = self.raw_scores(flat_images, flat_prompts)
@@ -246,6 +245,28 @@ class Mixture(nn.Module):
             )
         return results
 
+    def check_request(
+        self,
+        prompt,
+        images,
+        weights: Mapping[str, float] | None = None,
+        *,
+        max_prompt_chars: int | None = None,
+        max_images: int | None = None,
+        max_image_pixels: int | None = None,
+    ) -> tuple[str, list, dict[str, float]]:
+        """Validate one request and decode its images: (prompt, PIL images, effective weights).
+
+        Raises a `RewardError` subclass for bad input. The limits default to the config's; a caller
+        with its own (the service) passes them. The service calls this off the event loop before
+        queueing, so a bad request never reaches a batch.
+        """
+        return (
+            self._check_prompt(prompt, max_prompt_chars or self.config.max_prompt_chars),
+            self._load_images(images, max_images or self.config.max_images, max_image_pixels or self.config.max_image_pixels),
+            self._weights(weights),
+        )
+
     def raw_scores(self, images: Sequence, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Raw per-expert scores (CPU float32) for decoded PIL images, one prompt per image, in batches."""
         out: dict[str, list[torch.Tensor]] = {n: [] for n in self.experts}
@@ -258,14 +279,14 @@ class Mixture(nn.Module):
                     out[n].append(s.cpu())
         return {n: torch.cat(v) for n, v in out.items()}
 
-    def _load_images(self, images) -> list:
+    def _load_images(self, images, max_images: int, max_pixels: int) -> list:
         if isinstance(images, (str, bytes, bytearray)) or not isinstance(images, Sequence):
             raise InvalidRequestError("images must be a list of images (PIL images, paths or bytes)")
         if len(images) == 0:
             raise InvalidRequestError("no images to score")
-        if len(images) > self.config.max_images:
-            raise InvalidRequestError(f"{len(images)} images; the limit is {self.config.max_images} per call")
-        return [open_image(im, self.config.max_image_pixels) for im in images]
+        if len(images) > max_images:
+            raise InvalidRequestError(f"{len(images)} images; the limit is {max_images} per call")
+        return [open_image(im, max_pixels) for im in images]
 
 
 def create_rewarder(config: RewardConfig | str | None = None, *, profile: str | None = None, **overrides) -> Mixture:

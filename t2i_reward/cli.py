@@ -2,6 +2,7 @@
 
     t2i-reward score [--config FILE | --profile NAME] --prompt TEXT IMAGE... [--json]
     t2i-reward bench [--config FILE | --profile NAME] --images N --batch-size B [--json]
+    t2i-reward serve [--config FILE | --profile NAME] [--host H] [--port P]
     t2i-reward profiles | experts
 
 Errors caused by the input (bad images, unknown profiles, missing checkpoints) print one line on
@@ -90,6 +91,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides = {k: v for k, v in {"reward_config": args.config, "profile": args.profile, "host": args.host, "port": args.port}.items() if v is not None}
+    settings = Settings(**overrides)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
 def cmd_profiles(args) -> int:
     from rewarders import list_profiles
 
@@ -125,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=_positive, default=1, help="timed calls (averaged)")
     p.add_argument("--json", action="store_true", help="print one JSON object (images_per_s last)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="run the reward service (FastAPI on uvicorn)")
+    _add_config_args(p)
+    p.add_argument("--host", help="address to bind (default 127.0.0.1, or T2I_SERVICE_HOST)")
+    p.add_argument("--port", type=_positive, help="port (default 8000, or T2I_SERVICE_PORT)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("profiles", help="list the built-in profiles")
     p.set_defaults(func=cmd_profiles)

@@ -1,0 +1,145 @@
+"""The FastAPI app: a thin shell over `rewarders`.
+
+    uvicorn --factory service.app:create_app        # settings from T2I_SERVICE_* variables
+    t2i-reward serve --profile tiny                  # the same, from the CLI
+
+Models load in a background thread at start-up: /healthz answers at once, /readyz and the model
+endpoints answer 503 until the models are in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from rewarders import Mixture, create_rewarder
+
+from .batcher import MicroBatcher
+from .metrics import Metrics
+from .routers import health, reward
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_rewarder(settings: Settings) -> Mixture:
+    return create_rewarder(settings.reward_config, profile=settings.profile, **settings.rewarder_overrides())
+
+
+def create_app(settings: Settings | None = None, rewarder: Mixture | None = None) -> FastAPI:
+    """Build the app. Pass `rewarder` to serve an already-loaded mixture (tests, embedding)."""
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        async def load():
+            try:
+                mixture = rewarder if rewarder is not None else await asyncio.to_thread(load_rewarder, settings)
+            except Exception as e:  # reported by /readyz; the process stays up to say why
+                log.error("loading the models failed: %s", e)
+                app.state.load_error = str(e)
+                return
+            mixture.on_timing = lambda name, seconds: metrics.expert_seconds.labels(name).observe(seconds)
+            batcher = MicroBatcher(mixture, settings.max_batch_images, settings.max_wait_ms / 1000, settings.max_queue_images, metrics)
+            batcher.start()
+            app.state.batcher = batcher
+            if mixture.random_weights:
+                log.warning("serving RANDOM-weight experts (profile %s): scores are for testing only", mixture.config.profile)
+            log.info("models ready: %s", ", ".join(mixture.experts))
+
+        loader = asyncio.create_task(load())
+        yield
+        loader.cancel()
+        if app.state.batcher is not None:
+            await app.state.batcher.stop()
+
+    app = FastAPI(
+        title="t2i-reward",
+        version="0.1.0",
+        description="Reward models for text-to-image generation: a mixture of ImageReward, the LAION aesthetic "
+        "predictor and an MLP reward model on CLIP embeddings.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.batcher = None
+    app.state.load_error = None
+    app.include_router(health.router)
+    app.include_router(reward.router)
+    app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    return app
+
+
+class LimitsAndMetrics:
+    """ASGI middleware: refuses bodies over the limit with 413 before any handler reads them, and
+    records request counts and latencies per route."""
+
+    def __init__(self, app, max_body_bytes: int, metrics: Metrics):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            body = await self._read_body(scope, receive)
+            if body is None:
+                status["code"] = 413
+                await _send_json(send, 413, f"request body is over the limit of {self.max_body_bytes} bytes")
+                return
+            replayed = False
+
+            async def replay():
+                nonlocal replayed
+                if not replayed:
+                    replayed = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send_wrapper)
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    async def _read_body(self, scope, receive) -> bytes | None:
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+
+async def _send_json(send, status: int, detail: str) -> None:
+    body = json.dumps({"detail": detail}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})

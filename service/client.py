@@ -1,0 +1,125 @@
+"""Python clients of the reward service.
+
+    from service.client import RewardClient
+    client = RewardClient("http://127.0.0.1:8000", api_key=None)
+    client.reward("a red apple", ["a.png", pil_image, png_bytes])    # -> the /reward JSON as a dict
+    rewards, grad = client.reward_gradient(images_tensor, prompts)    # for ReFL workers
+
+`Validator` keeps the ig-rewarding API (`get_reward_score(images, prompt) -> (mean_reward,
+component_rewards)`), scoring in-process or through the service.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import httpx
+import torch
+from PIL import Image
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+
+class RewardServiceError(RuntimeError):
+    """The service answered with an error status; `status` and `detail` say which and why."""
+
+    def __init__(self, status: int, detail: Any):
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+
+
+def image_bytes(image) -> bytes:
+    """PIL image -> PNG bytes; path -> file bytes; bytes pass through."""
+    if isinstance(image, Image.Image):
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+    if isinstance(image, (bytes, bytearray)):
+        return bytes(image)
+    if isinstance(image, (str, os.PathLike)):
+        with open(image, "rb") as f:
+            return f.read()
+    raise TypeError(f"unsupported image type {type(image).__name__}: pass a PIL image, a path or bytes")
+
+
+class RewardClient:
+    def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 120.0, transport: httpx.BaseTransport | None = None):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=base_url.rstrip("/"), headers=headers, timeout=timeout, transport=transport)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "RewardClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check(self, r: httpx.Response) -> httpx.Response:
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail")
+            except ValueError:
+                detail = r.text
+            raise RewardServiceError(r.status_code, detail)
+        return r
+
+    def reward(self, prompt: str, images: Sequence, weights: Mapping[str, float] | None = None) -> dict:
+        """POST /reward: `{"mean_reward", "component_rewards", "images": [...], "experts": {...}}`."""
+        body = {"prompt": prompt, "images": [base64.b64encode(image_bytes(im)).decode() for im in images]}
+        if weights is not None:
+            body["weights"] = dict(weights)
+        return self._check(self._http.post("/reward", json=body)).json()
+
+    def reward_gradient(
+        self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """POST /reward/gradient: (rewards (B,), d(sum of rewards)/d(images) (B, 3, H, W)) for a [0, 1] tensor.
+
+        Chain rule across the network: `images.backward(-grad)` on the worker maximises the reward.
+        """
+        meta = {"prompts": json.dumps(prompts if isinstance(prompts, str) else list(prompts))}
+        if weights is not None:
+            meta["weights"] = json.dumps(dict(weights))
+        payload = save_safetensors({"images": images.detach().cpu().contiguous()}, metadata=meta)
+        r = self._check(self._http.post("/reward/gradient", content=payload, headers={"content-type": "application/octet-stream"}))
+        out = load_safetensors(r.content)
+        return out["rewards"].to(images.device), out["grad"].to(images.device, images.dtype)
+
+    def models(self) -> dict:
+        return self._check(self._http.get("/models")).json()
+
+    def ready(self) -> bool:
+        return self._http.get("/readyz").status_code == 200
+
+
+class Validator:
+    """ig-rewarding's Validator API over t2i-reward, so its users switch with one import.
+
+    Validator(base_url="http://host:8000") scores through the service; Validator(profile=...) or
+    Validator(config=...) loads the experts in this process.
+    """
+
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, config=None, profile: str | None = None):
+        if base_url is not None:
+            self.client: RewardClient | None = RewardClient(base_url, api_key=api_key)
+            self.rewarder = None
+        else:
+            from rewarders import create_rewarder
+
+            self.client = None
+            self.rewarder = create_rewarder(config, profile=profile)
+
+    def get_reward_score(self, images: Sequence, prompt: str) -> tuple[float, dict[str, float]]:
+        """(mean_reward, component_rewards) for images generated from `prompt`."""
+        if self.client is not None:
+            out = self.client.reward(prompt, images)
+            return out["mean_reward"], out["component_rewards"]
+        result = self.rewarder.score(prompt, list(images))
+        return result.mean_reward, result.component_rewards

@@ -1,0 +1,41 @@
+"""Liveness, readiness, Prometheus metrics and the loaded models."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..deps import AuthDep, RewarderDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="The process is alive")
+def healthz() -> dict:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="200 once the models are loaded, 503 before", responses={503: {"description": "not ready"}})
+def readyz(request: Request):
+    state = request.app.state
+    if state.batcher is not None:
+        return {"status": "ready"}
+    if state.load_error:
+        return JSONResponse({"detail": f"models failed to load: {state.load_error}"}, status_code=503)
+    return JSONResponse({"detail": "models are loading"}, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/models", summary="Experts, checkpoints, devices, dtypes, weights and normalisation", dependencies=[AuthDep])
+def models(rewarder: RewarderDep) -> dict:
+    return {
+        "profile": rewarder.config.profile,
+        "normalize": rewarder.config.normalize,
+        "random_weights": rewarder.random_weights,
+        "experts": rewarder.describe(),
+    }

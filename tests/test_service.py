@@ -1,0 +1,257 @@
+import base64
+import io
+import json
+import threading
+import time
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from service import app as app_module
+from service.app import create_app
+from service.client import RewardClient, RewardServiceError
+from service.settings import Settings
+
+from .conftest import smooth_image
+from .test_images import bomb_png, png_bytes
+
+LIMITS = dict(max_images=4, max_body_bytes=2_000_000, max_image_pixels=1_000_000, max_prompt_chars=300, max_wait_ms=2)
+
+
+def wait_ready(client: TestClient, timeout: float = 30) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.02)
+    raise AssertionError("service never became ready")
+
+
+@pytest.fixture
+def make_client(tiny):
+    clients = []
+
+    def make(**settings):
+        app = create_app(Settings(**{**LIMITS, **settings}), rewarder=tiny)
+        client = TestClient(app)
+        client.__enter__()
+        clients.append(client)
+        wait_ready(client)
+        return client
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)
+    tiny.on_timing = None
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
+
+
+def b64(im) -> str:
+    return base64.b64encode(png_bytes(im)).decode()
+
+
+def test_reward_json_matches_the_library(client, tiny, images):
+    r = client.post("/reward", json={"prompt": "a red apple", "images": [b64(im) for im in images[:3]]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    local = tiny.score("a red apple", images[:3])
+    assert body["mean_reward"] == pytest.approx(local.mean_reward, abs=1e-5)
+    assert [i["total"] for i in body["images"]] == pytest.approx([s.total for s in local.images], abs=1e-5)
+    assert body["component_rewards"] == pytest.approx(local.component_rewards, abs=1e-5)
+    assert body["experts"]["imagereward"] == {"checkpoint": "tiny", "random_weights": True}
+
+
+def test_reward_multipart_and_data_urls_agree(client, images):
+    data_urls = [f"data:image/png;base64,{b64(im)}" for im in images[:2]]
+    as_json = client.post("/reward", json={"prompt": "a cat", "images": data_urls, "weights": {"mlp": 0}}).json()
+    files = [("images", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(images[:2])]
+    as_form = client.post("/reward", data={"prompt": "a cat", "weights": '{"mlp": 0}'}, files=files)
+    assert as_form.status_code == 200, as_form.text
+    assert as_form.json()["mean_reward"] == pytest.approx(as_json["mean_reward"], abs=1e-6)
+    for img in as_json["images"]:
+        assert img["total"] == pytest.approx(img["components"]["imagereward"] + img["components"]["aesthetic"], abs=1e-5)
+
+
+def _truncated_png():
+    data = png_bytes(smooth_image(1, 300, 300))
+    return base64.b64encode(data[: len(data) // 2]).decode()
+
+
+@pytest.mark.parametrize(
+    "kwargs, status, fragment",
+    [
+        (dict(content=b"{not json", headers={"content-type": "application/json"}), 422, "json"),
+        (dict(json={"prompt": 5, "images": ["x"]}), 422, "string"),
+        (dict(json={"images": ["x"]}), 422, "prompt"),
+        (dict(json={"prompt": "a cat", "images": []}), 422, "no images"),
+        (dict(json={"prompt": "a cat", "images": "abc"}), 422, "list"),
+        (dict(json={"prompt": "a cat", "images": ["@@not base64@@"]}), 400, "base64"),
+        (dict(json={"prompt": "a cat", "images": [base64.b64encode(b"hello, world").decode()]}), 400, "not a recognised image"),
+        (dict(json={"prompt": "a cat", "images": [_truncated_png()]}), 400, "truncated"),
+        (dict(json={"prompt": "a cat", "images": [base64.b64encode(bomb_png(50_000, 50_000)).decode()]}), 413, "pixels"),
+        (dict(json={"prompt": "a cat", "images": ["data:image/png,abc"]}), 400, "base64"),
+        (dict(json={"prompt": "", "images": ["eA=="]}), 422, "empty"),
+        (dict(json={"prompt": "x" * 301, "images": ["eA=="]}), 422, "limit is 300"),
+        (dict(content=b"prompt=a", headers={"content-type": "text/plain"}), 415, "content type"),
+        (dict(content=b"x" * 2_100_000, headers={"content-type": "application/json"}), 413, "over the limit"),
+        (dict(data={"prompt": "a cat"}, files=[("other", ("a.png", b"x", "image/png"))]), 422, "no images"),
+        (dict(data={"images": "x"}, files=[("images", ("a.png", b"x", "image/png"))]), 422, "prompt"),
+    ],
+)
+def test_bad_requests_get_clear_4xx(client, kwargs, status, fragment):
+    r = client.post("/reward", **kwargs)
+    assert r.status_code == status, r.text
+    assert fragment.lower() in json.dumps(r.json()["detail"]).lower()
+    assert client.get("/readyz").status_code == 200  # the server stays healthy
+
+
+def test_too_many_images_and_unknown_weights(client, images):
+    r = client.post("/reward", json={"prompt": "a cat", "images": [b64(images[0])] * 5})
+    assert r.status_code == 422 and "limit is 4" in r.json()["detail"]
+    r = client.post("/reward", json={"prompt": "a cat", "images": [b64(images[0])], "weights": {"clipscore": 1}})
+    assert r.status_code == 422 and "unknown expert 'clipscore'" in r.json()["detail"]
+
+
+def test_health_models_metrics(client, images):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}
+    models = client.get("/models").json()
+    assert models["random_weights"] is True and set(models["experts"]) == {"imagereward", "aesthetic", "mlp"}
+    assert models["experts"]["aesthetic"]["dtype"] == "float32" and models["experts"]["aesthetic"]["weight"] == 1.0
+    client.post("/reward", json={"prompt": "a cat", "images": [b64(images[0])]})
+    client.post("/reward", json={"prompt": "a cat", "images": []})
+    text = client.get("/metrics").text
+    assert 't2i_requests_total{endpoint="/reward",status="200"} 1.0' in text
+    assert 't2i_requests_total{endpoint="/reward",status="422"} 1.0' in text
+    assert 't2i_request_seconds_count{endpoint="/reward"} 2.0' in text
+    assert 't2i_expert_seconds_count{expert="imagereward"} 1.0' in text
+    assert 't2i_expert_seconds_count{expert="clip:tiny"} 1.0' in text
+    assert "t2i_batch_images_count 1.0" in text and "t2i_queue_images 0.0" in text
+
+
+def test_openapi_documents_both_body_types(client):
+    spec = client.get("/openapi.json").json()
+    content = spec["paths"]["/reward"]["post"]["requestBody"]["content"]
+    assert set(content) == {"application/json", "multipart/form-data"}
+    assert "examples" in json.dumps(content["application/json"])
+    assert "/reward/gradient" in spec["paths"] and "/metrics" in spec["paths"]
+
+
+def test_api_keys(make_client, images):
+    client = make_client(api_keys=["s3cret", "other"])
+    body = {"prompt": "a cat", "images": [b64(images[0])]}
+    assert client.post("/reward", json=body).status_code == 401
+    assert client.post("/reward", json=body, headers={"Authorization": "Bearer nope"}).status_code == 403
+    assert client.post("/reward", json=body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+    assert client.post("/reward", json=body, headers={"X-API-Key": "other"}).status_code == 200
+    assert client.get("/models").status_code == 401
+    for open_path in ("/healthz", "/readyz", "/metrics"):
+        assert client.get(open_path).status_code == 200
+
+
+def test_503_until_ready_then_serves(tiny, monkeypatch, images):
+    gate = threading.Event()
+
+    def slow_load(settings):
+        gate.wait(30)
+        return tiny
+
+    monkeypatch.setattr(app_module, "load_rewarder", slow_load)
+    with TestClient(create_app(Settings(**LIMITS))) as client:
+        assert client.get("/healthz").status_code == 200
+        r = client.get("/readyz")
+        assert r.status_code == 503 and "loading" in r.json()["detail"]
+        assert client.post("/reward", json={"prompt": "a", "images": [b64(images[0])]}).status_code == 503
+        gate.set()
+        wait_ready(client)
+        assert client.post("/reward", json={"prompt": "a", "images": [b64(images[0])]}).status_code == 200
+    tiny.on_timing = None
+
+
+def test_failed_load_is_reported_by_readyz(cache_dir):
+    settings = Settings(profile="default", **LIMITS)
+    with TestClient(create_app(settings)) as client:
+        end = time.time() + 30
+        while time.time() < end and "failed" not in client.get("/readyz").json()["detail"]:
+            time.sleep(0.05)
+        r = client.get("/readyz")
+        assert r.status_code == 503 and "THUDM/ImageReward" in r.json()["detail"]
+        assert client.get("/healthz").status_code == 200
+
+
+def test_full_queue_answers_429(make_client, images):
+    client = make_client(max_queue_images=1)
+    batcher = client.app.state.batcher
+    gate = threading.Event()
+    batcher.executor.submit(gate.wait, 30)  # keep the model thread busy
+    body = {"prompt": "a cat", "images": [b64(images[0])]}
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(client.post("/reward", json=body).status_code)) for _ in range(2)]
+    for t in threads:
+        t.start()
+        time.sleep(0.5)  # the first is taken into a batch (blocked), the second waits in the queue
+    r = client.post("/reward", json=body)
+    assert r.status_code == 429 and "retry later" in r.json()["detail"]
+    gate.set()
+    for t in threads:
+        t.join(30)
+    assert results == [200, 200]
+    assert "t2i_rejected_total 1.0" in client.get("/metrics").text
+
+
+def test_gradient_endpoint_matches_in_process_autograd(client, tiny):
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 240, 200)
+    prompts = ["a red apple", "a blue car"]
+    api = RewardClient("http://testserver")
+    api._http = client
+    rewards, grad = api.reward_gradient(x, prompts, weights={"aesthetic": 2.0})
+    ref = x.clone().requires_grad_(True)
+    scores = tiny(ref, prompts, weights={"aesthetic": 2.0})
+    scores.total.sum().backward()
+    assert torch.allclose(rewards, scores.total.detach(), atol=1e-5)
+    assert grad.shape == x.shape and grad.abs().sum() > 0
+    assert torch.allclose(grad, ref.grad, atol=1e-6, rtol=1e-4)
+    # half precision in, float32 gradient computed, returned in the caller's dtype
+    r16, g16 = api.reward_gradient(x.half(), "a red apple")
+    assert g16.dtype == torch.float16 and r16.shape == (2,)
+
+
+def test_gradient_endpoint_bad_input(client):
+    ok = save_safetensors({"images": torch.rand(1, 3, 32, 32)}, metadata={"prompts": '["a cat"]'})
+    octet = {"content-type": "application/octet-stream"}
+    cases = [
+        (dict(content=ok, headers={"content-type": "application/json"}), 415),
+        (dict(content=b"garbage", headers=octet), 400),
+        (dict(content=save_safetensors({"pixels": torch.rand(1, 3, 8, 8)}, metadata={"prompts": '"a"'}), headers=octet), 422),
+        (dict(content=save_safetensors({"images": torch.rand(1, 3, 8, 8) * 2}, metadata={"prompts": '"a"'}), headers=octet), 422),
+        (dict(content=save_safetensors({"images": torch.rand(2, 3, 8, 8)}, metadata={"prompts": '["a"]'}), headers=octet), 422),
+        (dict(content=save_safetensors({"images": torch.rand(1, 3, 8, 8)}), headers=octet), 422),
+        (dict(content=save_safetensors({"images": torch.rand(5, 3, 8, 8)}, metadata={"prompts": '"a"'}), headers=octet), 422),
+        (dict(content=save_safetensors({"images": torch.zeros(1, 3, 8, 8, dtype=torch.int32)}, metadata={"prompts": '"a"'}), headers=octet), 422),
+    ]
+    for kwargs, status in cases:
+        r = client.post("/reward/gradient", **kwargs)
+        assert r.status_code == status, (r.status_code, r.text)
+        assert r.json()["detail"]
+    r = client.post("/reward/gradient", content=ok, headers=octet)
+    assert r.status_code == 200
+    out = load_safetensors(r.content)
+    assert set(out) == {"rewards", "grad", "components.imagereward", "components.aesthetic", "components.mlp"}
+
+
+def test_client_raises_with_status_and_detail(client, images):
+    api = RewardClient("http://testserver")
+    api._http = client
+    with pytest.raises(RewardServiceError) as e:
+        api.reward("", images[:1])
+    assert e.value.status == 422 and "empty" in e.value.detail
+    out = api.reward("a cat", [images[0], png_bytes(images[1]), io.BytesIO(png_bytes(images[2])).getvalue()])
+    assert len(out["images"]) == 3
