@@ -3,8 +3,8 @@
     uvicorn --factory service.app:create_app        # settings from T2I_SERVICE_* variables
     t2i-reward serve --profile tiny                  # the same, from the CLI
 
-Models load in a background thread at start-up: /healthz answers at once, /readyz and the model
-endpoints answer 503 until the models are in memory.
+Models and the prompt index load in background threads at start-up: /healthz answers at once,
+/readyz and the endpoints that need them answer 503 until they are in memory.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from prompter import PromptIndex, default_index
 from rewarders import Mixture, create_rewarder
 
 from .batcher import MicroBatcher
 from .metrics import Metrics
-from .routers import health, reward
+from .routers import health, prompts, reward
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -31,29 +32,22 @@ def load_rewarder(settings: Settings) -> Mixture:
     return create_rewarder(settings.reward_config, profile=settings.profile, **settings.rewarder_overrides())
 
 
-def create_app(settings: Settings | None = None, rewarder: Mixture | None = None) -> FastAPI:
-    """Build the app. Pass `rewarder` to serve an already-loaded mixture (tests, embedding)."""
+def load_prompter(settings: Settings, cache_dir) -> PromptIndex:
+    if settings.prompts_index is not None:
+        return PromptIndex.load(settings.prompts_index)
+    return default_index(cache_dir)
+
+
+def create_app(settings: Settings | None = None, rewarder: Mixture | None = None, prompter: PromptIndex | None = None) -> FastAPI:
+    """Build the app. Pass `rewarder` / `prompter` to serve already-loaded ones (tests, embedding)."""
     settings = settings or Settings()
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        async def load():
-            try:
-                mixture = rewarder if rewarder is not None else await asyncio.to_thread(load_rewarder, settings)
-            except Exception as e:  # reported by /readyz; the process stays up to say why
-                log.error("loading the models failed: %s", e)
-                app.state.load_error = str(e)
-                return
-            mixture.on_timing = lambda name, seconds: metrics.expert_seconds.labels(name).observe(seconds)
-            batcher = MicroBatcher(mixture, settings.max_batch_images, settings.max_wait_ms / 1000, settings.max_queue_images, metrics)
-            batcher.start()
-            app.state.batcher = batcher
-            if mixture.random_weights:
-                log.warning("serving RANDOM-weight experts (profile %s): scores are for testing only", mixture.config.profile)
-            log.info("models ready: %s", ", ".join(mixture.experts))
-
-        loader = asyncio.create_task(load())
+        # one loader, models then prompt index, in sequence: importing transformers from two threads
+        # at once races inside its lazy module and fails
+        loader = asyncio.create_task(_load(app, settings, metrics, rewarder, prompter))
         yield
         loader.cancel()
         if app.state.batcher is not None:
@@ -70,10 +64,36 @@ def create_app(settings: Settings | None = None, rewarder: Mixture | None = None
     app.state.metrics = metrics
     app.state.batcher = None
     app.state.load_error = None
+    app.state.prompter = None
+    app.state.prompter_error = None
     app.include_router(health.router)
     app.include_router(reward.router)
+    app.include_router(prompts.router)
     app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     return app
+
+
+async def _load(app: FastAPI, settings: Settings, metrics: Metrics, rewarder: Mixture | None, prompter: PromptIndex | None) -> None:
+    try:
+        mixture = rewarder if rewarder is not None else await asyncio.to_thread(load_rewarder, settings)
+    except Exception as e:  # reported by /readyz; the process stays up to say why
+        log.error("loading the models failed: %s", e)
+        app.state.load_error = str(e)
+        return
+    mixture.on_timing = lambda name, seconds: metrics.expert_seconds.labels(name).observe(seconds)
+    batcher = MicroBatcher(mixture, settings.max_batch_images, settings.max_wait_ms / 1000, settings.max_queue_images, metrics)
+    batcher.start()
+    app.state.batcher = batcher
+    if mixture.random_weights:
+        log.warning("serving RANDOM-weight experts (profile %s): scores are for testing only", mixture.config.profile)
+    log.info("models ready: %s", ", ".join(mixture.experts))
+    try:
+        app.state.prompter = prompter if prompter is not None else await asyncio.to_thread(load_prompter, settings, mixture.config.cache_dir)
+    except Exception as e:
+        log.error("loading the prompt index failed: %s", e)
+        app.state.prompter_error = str(e)
+        return
+    log.info("prompt index ready: %d prompts", len(app.state.prompter))
 
 
 class LimitsAndMetrics:

@@ -92,6 +92,13 @@ class RewardClient:
         out = load_safetensors(r.content)
         return out["rewards"].to(images.device), out["grad"].to(images.device, images.dtype)
 
+    def prompts(self, topics: Sequence[str], n_prompts: int, diversity: float = 0.0,
+                min_length: int | None = None, max_length: int | None = None) -> dict:
+        """POST /prompts: `{"prompts": [[...] per topic], "scores": [[...] per topic]}`."""
+        body = {"topics": list(topics), "n_prompts": n_prompts, "diversity": diversity,
+                "min_length": min_length, "max_length": max_length}
+        return self._check(self._http.post("/prompts", json=body)).json()
+
     def models(self) -> dict:
         return self._check(self._http.get("/models")).json()
 
@@ -102,19 +109,34 @@ class RewardClient:
 class Validator:
     """ig-rewarding's Validator API over t2i-reward, so its users switch with one import.
 
-    Validator(base_url="http://host:8000") scores through the service; Validator(profile=...) or
-    Validator(config=...) loads the experts in this process.
+    Validator(base_url="http://host:8000") uses the service; Validator(profile=...) or
+    Validator(config=...) loads the experts in this process, with the prompt index at `prompts_index`
+    (default: the built-in corpus, built into the cache on first use).
     """
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, config=None, profile: str | None = None):
+    def __init__(self, base_url: str | None = None, api_key: str | None = None, config=None, profile: str | None = None,
+                 prompts_index: str | os.PathLike | None = None):
+        self.client: RewardClient | None = None
+        self.rewarder = None
+        self._prompts_index = prompts_index
+        self._prompter = None
         if base_url is not None:
-            self.client: RewardClient | None = RewardClient(base_url, api_key=api_key)
-            self.rewarder = None
+            self.client = RewardClient(base_url, api_key=api_key)
         else:
             from rewarders import create_rewarder
 
-            self.client = None
             self.rewarder = create_rewarder(config, profile=profile)
+
+    def generate_prompt(self, topics: Sequence[str], n_prompts: int = 1) -> list[list[str]]:
+        """Per topic, `n_prompts` prompts from the corpus (most similar first)."""
+        if self.client is not None:
+            return self.client.prompts(topics, n_prompts)["prompts"]
+        if self._prompter is None:
+            from prompter import PromptIndex, default_index
+
+            self._prompter = (PromptIndex.load(self._prompts_index) if self._prompts_index is not None
+                              else default_index(self.rewarder.config.cache_dir))
+        return self._prompter.search(list(topics), n_prompts)[0]
 
     def get_reward_score(self, images: Sequence, prompt: str) -> tuple[float, dict[str, float]]:
         """(mean_reward, component_rewards) for images generated from `prompt`."""

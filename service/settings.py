@@ -22,8 +22,12 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, description="Most pixels per image, checked from the header; more gets 413.")
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt in characters; longer gets 422.")
     max_batch_images: int = Field(32, ge=1, description="Most images in one micro-batch (one forward pass per backbone).")
-    max_wait_ms: float = Field(5.0, ge=0, description="How long a micro-batch waits for more requests before running.")
+    max_wait_ms: float = Field(0.0, ge=0, description="Extra wait for more requests before a batch runs (0: run as soon as the model is free, batching what queued meanwhile).")
     max_queue_images: int = Field(256, ge=1, description="Most images waiting for the model; more gets 429.")
+
+    prompts_index: Optional[Path] = Field(None, description="Prompt index directory (t2i-reward prompts build); none: the built-in corpus.")
+    max_topics: int = Field(16, ge=1, description="Most topics in one /prompts request.")
+    max_n_prompts: int = Field(100, ge=1, description="Most prompts per topic in one /prompts request.")
 
     def rewarder_overrides(self) -> dict:
         """The limits the library enforces itself, so the service and the library agree."""

@@ -2,7 +2,9 @@
 
     t2i-reward score [--config FILE | --profile NAME] --prompt TEXT IMAGE... [--json]
     t2i-reward bench [--config FILE | --profile NAME] --images N --batch-size B [--json]
-    t2i-reward serve [--config FILE | --profile NAME] [--host H] [--port P]
+    t2i-reward serve [--config FILE | --profile NAME] [--host H] [--port P] [--prompts-index DIR]
+    t2i-reward prompts build --source SRC --out DIR [--model NAME] [--text-field F]
+    t2i-reward prompts search --index DIR TOPIC... [-n N] [--diversity D]
     t2i-reward profiles | experts
 
 Errors caused by the input (bad images, unknown profiles, missing checkpoints) print one line on
@@ -97,9 +99,36 @@ def cmd_serve(args) -> int:
     from service.app import create_app
     from service.settings import Settings
 
-    overrides = {k: v for k, v in {"reward_config": args.config, "profile": args.profile, "host": args.host, "port": args.port}.items() if v is not None}
+    overrides = {"reward_config": args.config, "profile": args.profile, "host": args.host, "port": args.port,
+                 "prompts_index": args.prompts_index}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
     settings = Settings(**overrides)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    return 0
+
+
+def cmd_prompts_build(args) -> int:
+    from prompter import build_index, read_prompts
+
+    prompts = read_prompts(args.source, args.text_field)
+    print(f"{len(prompts)} distinct prompts from {args.source}", file=sys.stderr)
+    t = time.perf_counter()
+    meta = build_index(prompts, args.out, model=args.model, approx_threshold=args.approx_threshold,
+                       source=args.source, progress=True, batch_size=args.batch_size)
+    if meta["rebuilt"]:
+        print(f"wrote a {meta['kind']} index of {meta['count']} prompts ({meta['dim']}-dim, {meta['model']}) to {args.out} "
+              f"in {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    else:
+        print(f"{args.out} already holds these {meta['count']} prompts with {meta['model']}; nothing to do", file=sys.stderr)
+    return 0
+
+
+def cmd_prompts_search(args) -> int:
+    from prompter import PromptIndex
+
+    index = PromptIndex.load(args.index)
+    found, scores = index.search(args.topics, args.n, args.diversity)
+    print(json.dumps({"prompts": found, "scores": scores}, ensure_ascii=False))
     return 0
 
 
@@ -143,7 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--host", help="address to bind (default 127.0.0.1, or T2I_SERVICE_HOST)")
     p.add_argument("--port", type=_positive, help="port (default 8000, or T2I_SERVICE_PORT)")
+    p.add_argument("--prompts-index", help="prompt index directory for /prompts (default: the built-in corpus)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("prompts", help="build or query a prompt index")
+    psub = p.add_subparsers(dest="prompts_command", required=True)
+    b = psub.add_parser("build", help="embed a prompt corpus into a FAISS index")
+    b.add_argument("--source", default="THUDM/ImageRewardDB",
+                   help="hub dataset id, or a local .json/.jsonl/.csv/.tsv/.parquet/.txt file (default THUDM/ImageRewardDB)")
+    b.add_argument("--out", required=True, help="index directory to write")
+    b.add_argument("--model", default="all-MiniLM-L6-v2", help="sentence-transformers model name or path (default: the packaged all-MiniLM-L6-v2)")
+    b.add_argument("--text-field", help="field holding the prompt (default: 'prompt', else 'text')")
+    b.add_argument("--approx-threshold", type=_positive, default=200_000, help="above this many prompts, build an HNSW index instead of an exact one")
+    b.add_argument("--batch-size", type=_positive, default=256, help="prompts per embedding batch")
+    b.set_defaults(func=cmd_prompts_build)
+    q = psub.add_parser("search", help="prompts for topics, as JSON")
+    q.add_argument("--index", required=True, help="index directory")
+    q.add_argument("topics", nargs="+", help="topics")
+    q.add_argument("-n", type=_positive, default=5, help="prompts per topic")
+    q.add_argument("--diversity", type=float, default=0.0, help="MMR diversity in [0, 1]")
+    q.set_defaults(func=cmd_prompts_search)
 
     p = sub.add_parser("profiles", help="list the built-in profiles")
     p.set_defaults(func=cmd_profiles)

@@ -9,8 +9,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub id must fail fast with our
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-    """One model cache for the whole run: the tiny models are built once, on first use."""
-    return tmp_path_factory.mktemp("t2i-cache")
+    """One model cache for the whole run: the tiny models are built once, on first use. Code that
+    reads the cache location from the environment (a served app, the CLI) uses it too."""
+    path = tmp_path_factory.mktemp("t2i-cache")
+    os.environ["T2I_REWARD_CACHE_DIR"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -26,20 +26,22 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(cache_dir):
+def server(cache_dir, tmp_path_factory):
     exe = Path(sys.executable).parent / "t2i-reward"
     if not exe.exists():
         pytest.skip("console script not installed in this environment")
     port = free_port()
     env = {**os.environ, "T2I_REWARD_CACHE_DIR": str(cache_dir), "T2I_SERVICE_API_KEYS": f'["{KEY}"]',
            "T2I_SERVICE_MAX_WAIT_MS": "30", "T2I_SERVICE_MAX_BATCH_IMAGES": "64"}
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    log = open(log_path, "w")  # a file, not a pipe: a full pipe would block the server
     proc = subprocess.Popen([str(exe), "serve", "--profile", "tiny", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
         end = time.time() + 120
         while time.time() < end:
-            assert proc.poll() is None, proc.stdout.read()
+            assert proc.poll() is None, log_path.read_text()
             try:
                 if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                     break
@@ -47,11 +49,12 @@ def server(cache_dir):
                 pass
             time.sleep(0.2)
         else:
-            raise AssertionError("server never became ready")
+            raise AssertionError("server never became ready:\n" + log_path.read_text()[-3000:])
         yield url
     finally:
         proc.terminate()
         proc.wait(30)
+        log.close()
 
 
 def test_concurrent_clients_get_their_own_results(server, tiny):
@@ -86,3 +89,9 @@ def test_validator_remote_and_local_agree(server, cache_dir):
     local = Validator(config=load_config(profile="tiny", cache_dir=cache_dir)).get_reward_score(images, "a castle at night")
     assert remote[0] == pytest.approx(local[0], abs=1e-4)
     assert remote[1] == pytest.approx(local[1], abs=1e-4)
+    # the served default corpus and the local one are the same index
+    topics = ["a landscape with mountains", "an anime character"]
+    remote_prompts = Validator(base_url=server, api_key=KEY).generate_prompt(topics, n_prompts=2)
+    local_prompts = Validator(config=load_config(profile="tiny", cache_dir=cache_dir)).generate_prompt(topics, n_prompts=2)
+    assert remote_prompts == local_prompts
+    assert len(remote_prompts) == 2 and all(len(p) == 2 for p in remote_prompts)

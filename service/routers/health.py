@@ -16,14 +16,17 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="200 once the models are loaded, 503 before", responses={503: {"description": "not ready"}})
+@router.get("/readyz", summary="200 once the models and the prompt index are loaded, 503 before", responses={503: {"description": "not ready"}})
 def readyz(request: Request):
     state = request.app.state
-    if state.batcher is not None:
+    if state.batcher is not None and state.prompter is not None:
         return {"status": "ready"}
-    if state.load_error:
-        return JSONResponse({"detail": f"models failed to load: {state.load_error}"}, status_code=503)
-    return JSONResponse({"detail": "models are loading"}, status_code=503, headers={"Retry-After": "5"})
+    errors = [f"models failed to load: {state.load_error}"] if state.load_error else []
+    errors += [f"prompt index failed to load: {state.prompter_error}"] if state.prompter_error else []
+    if errors:
+        return JSONResponse({"detail": "; ".join(errors)}, status_code=503)
+    loading = [name for name, obj in (("models", state.batcher), ("prompt index", state.prompter)) if obj is None]
+    return JSONResponse({"detail": f"{' and '.join(loading)} loading"}, status_code=503, headers={"Retry-After": "5"})
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -1,0 +1,66 @@
+"""POST /prompts: prompts by topic from the FAISS prompt index."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Optional
+
+from fastapi import APIRouter, Depends, HTTPException, Request
+from pydantic import BaseModel, Field
+
+from prompter import PromptIndex
+from rewarders.errors import RewardError
+
+from ..deps import AuthDep, SettingsDep
+from ..schemas import ErrorResponse
+
+router = APIRouter(prefix="/prompts", tags=["prompts"], dependencies=[AuthDep])
+
+
+class PromptsRequest(BaseModel):
+    topics: list[str] = Field(..., description="Topics to find prompts for.", examples=[["artistic style", "animated style"]])
+    n_prompts: int = Field(..., ge=1, description="Prompts per topic.", examples=[3])
+    diversity: float = Field(0.0, ge=0.0, le=1.0, description="0: most similar first; above 0: maximal marginal relevance re-ranking, so the prompts differ from each other.")
+    min_length: Optional[int] = Field(None, ge=0, description="Shortest prompt, in characters.")
+    max_length: Optional[int] = Field(None, ge=1, description="Longest prompt, in characters.")
+
+
+class PromptsResponse(BaseModel):
+    prompts: list[list[str]] = Field(..., description="Per topic, the prompts found, best first.")
+    scores: list[list[float]] = Field(..., description="Per topic, each prompt's cosine similarity to the topic.")
+
+
+def get_prompter(request: Request) -> PromptIndex:
+    state = request.app.state
+    if state.prompter is None:
+        detail = f"prompt index failed to load: {state.prompter_error}" if state.prompter_error else "prompt index is loading; retry shortly"
+        raise HTTPException(503, detail, headers={"Retry-After": "5"})
+    return state.prompter
+
+
+PrompterDep = Annotated[PromptIndex, Depends(get_prompter)]
+
+
+@router.post("", response_model=PromptsResponse, summary="Prompts by topic",
+             responses={code: {"model": ErrorResponse} for code in (401, 403, 422, 503)})
+async def prompts(body: PromptsRequest, prompter: PrompterDep, settings: SettingsDep) -> PromptsResponse:
+    """For each topic, the `n_prompts` most similar prompts of the corpus (optionally diversified)."""
+    if not body.topics:
+        raise HTTPException(422, "topics is empty")
+    if len(body.topics) > settings.max_topics:
+        raise HTTPException(422, f"{len(body.topics)} topics; the limit is {settings.max_topics}")
+    if body.n_prompts > settings.max_n_prompts:
+        raise HTTPException(422, f"n_prompts is {body.n_prompts}; the limit is {settings.max_n_prompts}")
+    if any(not t.strip() for t in body.topics):
+        raise HTTPException(422, "every topic must be a non-empty string")
+    if any(len(t) > settings.max_prompt_chars for t in body.topics):
+        raise HTTPException(422, f"a topic is longer than {settings.max_prompt_chars} characters")
+    if body.min_length is not None and body.max_length is not None and body.min_length > body.max_length:
+        raise HTTPException(422, "min_length is greater than max_length")
+    try:
+        found, scores = await asyncio.to_thread(
+            prompter.search, body.topics, body.n_prompts, body.diversity, body.min_length, body.max_length
+        )
+    except RewardError as e:
+        raise HTTPException(422, str(e)) from None
+    return PromptsResponse(prompts=found, scores=scores)
