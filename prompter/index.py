@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +29,7 @@ from rewarders.errors import InvalidRequestError, ModelLoadError, RewardError
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 INDEX_FILE, PROMPTS_FILE, META_FILE = "index.faiss", "prompts.json", "meta.json"
 HNSW_M, HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH = 32, 80, 128
+QUERY_CACHE_SIZE = 4096  # topic embeddings kept (LRU)
 
 
 class PromptIndexError(RewardError):
@@ -81,9 +83,11 @@ def build_index(
     source: str | None = None,
     progress: bool = False,
     batch_size: int = 256,
+    vectors: np.ndarray | None = None,
 ) -> dict:
     """Embed `prompts` and write an index to `out_dir`; returns its meta. Skips the work (and says so
-    in the meta's `rebuilt: false`) when the directory already holds the same prompts and model."""
+    in the meta's `rebuilt: false`) when the directory already holds the same prompts and model.
+    `vectors`: precomputed L2-normalised embeddings from `model`, one row per prompt (skips embedding)."""
     import faiss
 
     if not prompts:
@@ -95,8 +99,11 @@ def build_index(
         old = json.loads(meta_path.read_text())
         if old.get("hash") == digest:
             return {**old, "rebuilt": False}
-    embedder = load_embedder(model)
-    vectors = embed(embedder, prompts, batch_size=batch_size, progress=progress)
+    if vectors is None:
+        vectors = embed(load_embedder(model), prompts, batch_size=batch_size, progress=progress)
+    elif vectors.shape[0] != len(prompts):
+        raise InvalidRequestError(f"{vectors.shape[0]} vectors for {len(prompts)} prompts")
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     dim = vectors.shape[1]
     if len(prompts) <= approx_threshold:
         index, kind = faiss.IndexFlatIP(dim), "flat"
@@ -123,6 +130,8 @@ class PromptIndex:
         self.meta = meta
         self.embedder = embedder
         self.lengths = np.fromiter((len(p) for p in prompts), dtype=np.int64, count=len(prompts))
+        self._query_cache: OrderedDict[str, np.ndarray] = OrderedDict()  # validators ask the same topics again
+        self._cache_lock = threading.Lock()
         if meta.get("kind") == "hnsw":
             index.hnsw.efSearch = HNSW_EF_SEARCH
 
@@ -162,7 +171,7 @@ class PromptIndex:
             raise InvalidRequestError(f"diversity must be in [0, 1], got {diversity}")
         if n_prompts < 1:
             raise InvalidRequestError(f"n_prompts must be at least 1, got {n_prompts}")
-        queries = embed(self.embedder, topics)
+        queries = self._embed_topics(topics)
         n_total = len(self.prompts)
         filtered = min_length is not None or max_length is not None
         k = min(n_total, max(n_prompts * (8 if diversity > 0 else 1), 64 if diversity > 0 else n_prompts))
@@ -183,6 +192,27 @@ class PromptIndex:
             results.append([self.prompts[i] for i, _ in chosen])
             scores.append([s for _, s in chosen])
         return results, scores
+
+    def _embed_topics(self, topics: Sequence[str]) -> np.ndarray:
+        with self._cache_lock:
+            missing = [t for t in dict.fromkeys(topics) if t not in self._query_cache]
+        if missing:
+            fresh = embed(self.embedder, missing)
+            with self._cache_lock:
+                for t, v in zip(missing, fresh):
+                    self._query_cache[t] = v
+                while len(self._query_cache) > QUERY_CACHE_SIZE:
+                    self._query_cache.popitem(last=False)
+        with self._cache_lock:
+            out = []
+            for t in topics:
+                v = self._query_cache.get(t)
+                if v is None:  # evicted by a concurrent caller: embed again
+                    v = embed(self.embedder, [t])[0]
+                else:
+                    self._query_cache.move_to_end(t)
+                out.append(v)
+        return np.stack(out)
 
     def _mmr(self, query: np.ndarray, cand: list[tuple[int, float]], n: int, diversity: float) -> list[tuple[int, float]]:
         if not cand:

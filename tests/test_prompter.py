@@ -194,3 +194,15 @@ def test_client_and_validator_prompts(api, index_dir, cache_dir):
     local = Validator(config=load_config(profile="tiny", cache_dir=cache_dir), prompts_index=index_dir)
     assert local.generate_prompt(["ramen", "whale"], n_prompts=1) == [
         ["a bowl of ramen with a soft boiled egg"], ["a humpback whale jumping out of the ocean"]]
+
+
+def test_precomputed_vectors_and_topic_cache(tmp_path, index):
+    vecs = index.index.reconstruct_n(0, len(CORPUS))
+    build_index(CORPUS, tmp_path, vectors=vecs)
+    again = PromptIndex.load(tmp_path)
+    assert again.search(["ramen"], 2) == index.search(["ramen"], 2)
+    with pytest.raises(InvalidRequestError, match="9 vectors for 10 prompts"):
+        build_index(CORPUS, tmp_path / "x", vectors=vecs[:9])
+    first = again.search(["a whale", "a whale", "ramen"], 1)
+    assert list(again._query_cache) == ["a whale", "ramen"]  # embedded once each
+    assert again.search(["a whale", "a whale", "ramen"], 1) == first
