@@ -5,6 +5,9 @@
     t2i-reward serve [--config FILE | --profile NAME] [--host H] [--port P] [--prompts-index DIR]
     t2i-reward prompts build --source SRC --out DIR [--model NAME] [--text-field F]
     t2i-reward prompts search --index DIR TOPIC... [-n N] [--diversity D]
+    t2i-reward train-reward --data SRC [--image-root DIR] --out DIR [--clip SPEC] [--aux-weight W] ...
+    t2i-reward eval-preference [--config FILE | --profile NAME] --data SRC [--image-root DIR] [--out DIR]
+    t2i-reward fit-mixture [--config FILE | --profile NAME] --data SRC [--image-root DIR] --out FILE
     t2i-reward profiles | experts
 
 Errors caused by the input (bad images, unknown profiles, missing checkpoints) print one line on
@@ -132,6 +135,86 @@ def cmd_prompts_search(args) -> int:
     return 0
 
 
+def cmd_train_reward(args) -> int:
+    from rewarders.training import TrainRewardConfig, train_reward
+
+    fields = {k: getattr(args, k) for k in ("data", "image_root", "out", "clip", "epochs", "batch_size", "lr",
+                                             "val_fraction", "aux_weight", "aux_negatives", "seed", "device")}
+    if args.cache_dir:
+        fields["cache_dir"] = args.cache_dir
+    try:
+        cfg = TrainRewardConfig(**{k: v for k, v in fields.items() if v is not None})
+    except ValueError as e:
+        raise _bad(f"invalid training options: {e}")
+    metrics = train_reward(cfg)
+    print(json.dumps({k: metrics[k] for k in ("train_prompts", "val_prompts", "train_pairs", "val_pairs", "best_epoch", "best_val_accuracy")}))
+    print(f"wrote {args.out}/model.safetensors, config.json, metrics.json and training_curve.png", file=sys.stderr)
+    return 0
+
+
+def _bad(message: str):
+    from rewarders.errors import InvalidRequestError
+
+    return InvalidRequestError(message)
+
+
+def cmd_eval_preference(args) -> int:
+    from pathlib import Path
+
+    from rewarders.training import load_preference_data, preference_accuracy, score_records
+    from rewarders.training.evaluate import bar_chart, markdown_table
+
+    records = load_preference_data(args.data, args.image_root, split=args.split)
+    rewarder = _rewarder(args)
+    scores = score_records(records, rewarder)
+    results = {name: preference_accuracy(s, records, n_boot=args.bootstrap, seed=args.seed) for name, s in scores.items()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(results)
+    (out / "preference_accuracy.md").write_text(table)
+    (out / "preference_accuracy.json").write_text(json.dumps(results, indent=2))
+    bar_chart(results, out / "preference_accuracy.png")
+    print(table, end="")
+    if rewarder.random_weights:
+        print("NOTE: some experts have random weights; these accuracies are for testing only")
+    return 0
+
+
+def cmd_fit_mixture(args) -> int:
+    from pathlib import Path
+
+    import yaml
+
+    from rewarders.training import fit_weights, load_preference_data, pair_differences, score_records, split_by_prompt
+    from rewarders.training.evaluate import weighted_accuracy
+
+    records = load_preference_data(args.data, args.image_root, split=args.split)
+    train, val = split_by_prompt(records, args.val_fraction, args.seed)
+    rewarder = _rewarder(args)
+    names = list(rewarder.experts)
+    scale = {n: rewarder.norm[n][1] for n in names}
+    scores = score_records(train + val, rewarder)
+    tr = {n: scores[n][: len(train)] for n in names}
+    va = {n: scores[n][len(train):] for n in names}
+    weights = fit_weights(pair_differences(tr, train, scale), names)
+    report = {"weights": weights, "train_pairs": len(pair_differences(tr, train, scale))}
+    if val:
+        d_val = pair_differences(va, val, scale)
+        report["val_accuracy_fitted"] = weighted_accuracy(d_val, [weights[n] for n in names])
+        report["val_accuracy_configured"] = weighted_accuracy(d_val, [rewarder.weights[n] for n in names])
+    base = yaml.safe_load(Path(args.config).read_text()) if args.config else {"profile": rewarder.config.profile}
+    base = base or {}
+    experts = base.setdefault("experts", {})
+    for n, w in weights.items():
+        if not isinstance(experts.get(n), dict):
+            experts[n] = {}
+        experts[n]["weight"] = round(w, 6)
+    Path(args.out).write_text(yaml.safe_dump(base, sort_keys=False))
+    print(json.dumps(report))
+    print(f"wrote {args.out}: use it with --config", file=sys.stderr)
+    return 0
+
+
 def cmd_profiles(args) -> int:
     from rewarders import list_profiles
 
@@ -192,6 +275,42 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-n", type=_positive, default=5, help="prompts per topic")
     q.add_argument("--diversity", type=float, default=0.0, help="MMR diversity in [0, 1]")
     q.set_defaults(func=cmd_prompts_search)
+
+    p = sub.add_parser("train-reward", help="train the MLP reward model on preference data")
+    p.add_argument("--data", required=True, help="ImageRewardDB-format JSON/JSONL, or a hub dataset id (org/name[:subset])")
+    p.add_argument("--image-root", help="folder the image paths are relative to (default: the data file's)")
+    p.add_argument("--out", required=True, help="output directory for the checkpoint the mlp expert loads")
+    p.add_argument("--clip", help="CLIP for the embeddings (default ViT-L-14/openai; 'tiny' offline)")
+    p.add_argument("--epochs", type=_positive, help="default 20")
+    p.add_argument("--batch-size", type=_positive, help="pairs per step, default 256")
+    p.add_argument("--lr", type=float, help="Adam learning rate, default 1e-5")
+    p.add_argument("--val-fraction", type=float, help="share of prompts held out, default 0.1")
+    p.add_argument("--aux-weight", type=float, help="weight of Lee et al.'s auxiliary prompt-classification loss (default 0: off)")
+    p.add_argument("--aux-negatives", type=_positive, help="perturbed prompts per image for the auxiliary loss, default 4")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda, ...")
+    p.add_argument("--cache-dir", help="embedding and model cache (default ~/.cache/t2i-reward)")
+    p.set_defaults(func=cmd_train_reward)
+
+    p = sub.add_parser("eval-preference", help="preference accuracy of every expert, CLIP score and the mixture")
+    _add_config_args(p)
+    p.add_argument("--data", required=True, help="ImageRewardDB-format JSON/JSONL, or a hub dataset id")
+    p.add_argument("--image-root", help="folder the image paths are relative to")
+    p.add_argument("--split", default="test", help="hub dataset split (default test)")
+    p.add_argument("--out", default="preference-eval", help="folder for the table, JSON and bar chart")
+    p.add_argument("--bootstrap", type=_positive, default=1000, help="bootstrap resamples for the 95%% intervals")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_eval_preference)
+
+    p = sub.add_parser("fit-mixture", help="learn mixture weights from preferences (logistic regression)")
+    _add_config_args(p)
+    p.add_argument("--data", required=True, help="ImageRewardDB-format JSON/JSONL, or a hub dataset id")
+    p.add_argument("--image-root", help="folder the image paths are relative to")
+    p.add_argument("--split", default="train", help="hub dataset split (default train)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of prompts held out to report accuracy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="YAML config to write (the current config with the fitted weights)")
+    p.set_defaults(func=cmd_fit_mixture)
 
     p = sub.add_parser("profiles", help="list the built-in profiles")
     p.set_defaults(func=cmd_profiles)
