@@ -22,7 +22,7 @@ from rewarders import Mixture, create_rewarder
 
 from .batcher import MicroBatcher
 from .metrics import Metrics
-from .routers import health, prompts, reward
+from .routers import health, jobs, prompts, reward
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ def create_app(settings: Settings | None = None, rewarder: Mixture | None = None
     app.include_router(health.router)
     app.include_router(reward.router)
     app.include_router(prompts.router)
+    app.include_router(jobs.router)
+    app.state.job_store = None
     app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     return app
 

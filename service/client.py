@@ -99,6 +99,22 @@ class RewardClient:
                 "min_length": min_length, "max_length": max_length}
         return self._check(self._http.post("/prompts", json=body)).json()
 
+    def submit_job(self, spec: Mapping[str, Any]) -> str:
+        """POST /jobs: the new job's id."""
+        return self._check(self._http.post("/jobs", json=dict(spec))).json()["id"]
+
+    def job(self, job_id: str) -> dict:
+        return self._check(self._http.get(f"/jobs/{job_id}")).json()
+
+    def jobs(self, offset: int = 0, limit: int = 20) -> dict:
+        return self._check(self._http.get("/jobs", params={"offset": offset, "limit": limit})).json()
+
+    def cancel_job(self, job_id: str) -> str:
+        return self._check(self._http.post(f"/jobs/{job_id}/cancel")).json()["status"]
+
+    def artifact(self, job_id: str, name: str) -> bytes:
+        return self._check(self._http.get(f"/jobs/{job_id}/artifacts/{name}")).content
+
     def models(self) -> dict:
         return self._check(self._http.get("/models")).json()
 

@@ -8,6 +8,8 @@
     t2i-reward train-reward --data SRC [--image-root DIR] --out DIR [--clip SPEC] [--aux-weight W] ...
     t2i-reward eval-preference [--config FILE | --profile NAME] --data SRC [--image-root DIR] [--out DIR]
     t2i-reward fit-mixture [--config FILE | --profile NAME] --data SRC [--image-root DIR] --out FILE
+    t2i-reward worker [--config FILE | --profile NAME] [--burst]
+    t2i-reward finetune [--config FILE | --profile NAME] --spec job.json [--out DIR]
     t2i-reward profiles | experts
 
 Errors caused by the input (bad images, unknown profiles, missing checkpoints) print one line on
@@ -215,6 +217,49 @@ def cmd_fit_mixture(args) -> int:
     return 0
 
 
+def _service_settings(args, **extra):
+    from service.settings import Settings
+
+    overrides = {"reward_config": args.config, "profile": args.profile, **extra}
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def cmd_worker(args) -> int:
+    from finetune.worker import run_worker
+
+    settings = _service_settings(args)
+    print(f"worker: queue at {settings.redis_url}, jobs in {settings.jobs_dir}, rewards from "
+          f"{settings.reward_service_url or 'rewarders in-process'}", file=sys.stderr)
+    run_worker(settings, burst=args.burst)
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    from pathlib import Path
+
+    from finetune import JobCancelled, JobSpec, run_job, validate_spec
+    from finetune.worker import build_context
+
+    try:
+        spec = JobSpec.model_validate_json(Path(args.spec).read_text())
+    except OSError as e:
+        raise _bad(f"cannot read the job spec: {e}")
+    except ValueError as e:
+        raise _bad(f"invalid job spec: {e}")
+    settings = _service_settings(args)
+    try:
+        validate_spec(spec, settings.job_limits, settings.models_dir, settings.data_dir)
+        ctx = build_context(settings, spec, Path(args.out))
+    except ValueError as e:
+        raise _bad(str(e))
+    try:
+        result = run_job(spec, ctx)
+    except JobCancelled:
+        return 130
+    print(json.dumps({"status": result["status"], "artifacts": result["artifacts"], "eval": result["metrics"]["eval"]}))
+    return 0
+
+
 def cmd_profiles(args) -> int:
     from rewarders import list_profiles
 
@@ -311,6 +356,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="YAML config to write (the current config with the fitted weights)")
     p.set_defaults(func=cmd_fit_mixture)
+
+    p = sub.add_parser("worker", help="run fine-tuning jobs from the Redis queue (one at a time)")
+    _add_config_args(p)
+    p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("finetune", help="run one fine-tuning job directly (works under accelerate launch)")
+    _add_config_args(p)
+    p.add_argument("--spec", required=True, help="job spec JSON (the body of POST /jobs)")
+    p.add_argument("--out", default="finetune-out", help="output directory (checkpoints, LoRA, report)")
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("profiles", help="list the built-in profiles")
     p.set_defaults(func=cmd_profiles)

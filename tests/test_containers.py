@@ -18,21 +18,39 @@ def test_compose_file_is_valid():
         assert done.returncode == 0, done.stderr
 
 
-def test_compose_services():
-    compose = yaml.safe_load((ROOT / "compose.yaml").read_text())
-    gpu, cpu = compose["services"]["service"], compose["services"]["service-cpu"]
-    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
-    assert "deploy" not in cpu and cpu["profiles"] == ["cpu"] and cpu["environment"]["T2I_SERVICE_PROFILE"] == "tiny"
-    for svc in (gpu, cpu):
-        assert svc["build"]["dockerfile"] == "docker/service.Dockerfile"
-        assert any(v.endswith(":/cache") for v in svc["volumes"])  # model caches on a volume
+@pytest.fixture(scope="module")
+def services():
+    if shutil.which("docker-compose"):  # the resolved file: anchors and merges applied by compose itself
+        text = subprocess.run(["docker-compose", "-f", "compose.yaml", "--profile", "cpu", "config"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout
+    else:
+        text = (ROOT / "compose.yaml").read_text()
+    return yaml.safe_load(text)["services"]
 
 
-def test_service_dockerfile():
-    text = (ROOT / "docker/service.Dockerfile").read_text()
-    assert re.search(r"^FROM nvidia/cuda:\S+runtime", text, re.M)
+def test_compose_services(services):
+    redis = services["redis"]
+    assert "--appendonly" in redis["command"] and any(str(v).endswith("/data") or "redis-data" in str(v) for v in redis["volumes"])
+    assert "redis-cli" in str(redis["healthcheck"]["test"])
+    for name, target in (("service", "service"), ("worker", "worker"), ("service-cpu", "service"), ("worker-cpu", "worker")):
+        svc = services[name]
+        assert svc["build"]["target"] == target
+        assert svc["depends_on"]["redis"]["condition"] == "service_healthy"  # both wait for a healthy Redis
+        assert any("/jobs" in str(v) for v in svc["volumes"])  # the shared artifacts volume
+        gpu = "deploy" in svc
+        assert gpu == (name in ("service", "worker"))  # a GPU each; the cpu variants none
+    assert services["worker"]["environment"]["T2I_SERVICE_REWARD_SERVICE_URL"] == "http://service:8000"
+    assert services["worker-cpu"]["environment"]["T2I_SERVICE_PROFILE"] == "tiny"
+    assert services["service-cpu"]["environment"]["T2I_SERVICE_PROFILE"] == "tiny"
+
+
+def test_dockerfile_targets():
+    text = (ROOT / "docker/Dockerfile").read_text()
+    assert re.search(r"^FROM nvidia/cuda:\S+runtime\S* AS base", text, re.M)
     assert re.search(r"^USER app$", text, re.M)  # not root
-    assert "HEALTHCHECK" in text and "/readyz" in text
-    assert 'CMD ["t2i-reward", "serve"]' in text
-    for package in ("rewarders", "prompter", "service", "t2i_reward"):
+    service = text.split("FROM base AS service")[1].split("FROM base AS worker")[0]
+    worker = text.split("FROM base AS worker")[1]
+    assert "HEALTHCHECK" in service and "/readyz" in service and 'CMD ["t2i-reward", "serve"]' in service
+    assert "HEALTHCHECK" in worker and 'CMD ["t2i-reward", "worker"]' in worker
+    for package in ("rewarders", "prompter", "service", "finetune", "t2i_reward"):
         assert f"COPY {package} ./{package}" in text  # every package the console script imports

@@ -1,0 +1,44 @@
+"""report.png: the reward curve, a before/after grid on the evaluation prompts, and each scorer's mean
+(± standard error) for the base and the fine-tuned model (the optimised reward and the experts it did
+not optimise side by side, so reward hacking shows)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def write_report(path: Path, metrics: dict, base_images: torch.Tensor, tuned_images: torch.Tensor,
+                 base_eval: dict, tuned_eval: dict, max_images: int = 4) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(max_images, len(base_images), len(tuned_images))
+    fig = plt.figure(figsize=(max(10, 2.2 * n + 4), 9))
+    grid = fig.add_gridspec(3, max(n, 2), height_ratios=[1.2, 1, 1])
+    ax = fig.add_subplot(grid[0, : max(n, 2) // 2])
+    ax.plot(range(1, len(metrics["reward"]) + 1), metrics["reward"], label="reward")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward (batch mean)")
+    ax.set_title("reward during training")
+    table_ax = fig.add_subplot(grid[0, max(n, 2) // 2 :])
+    table_ax.axis("off")
+    rows = [[name, f"{base_eval[name]['mean']:.4f} ± {base_eval[name]['se']:.4f}",
+             f"{tuned_eval[name]['mean']:.4f} ± {tuned_eval[name]['se']:.4f}"] for name in base_eval]
+    table = table_ax.table(cellText=rows, colLabels=["scorer", "base", "fine-tuned"], loc="center")
+    table.scale(1, 1.4)
+    table_ax.set_title("evaluation prompts: mean ± standard error")
+    for k in range(n):
+        for row, (images, label) in enumerate(((base_images, "base"), (tuned_images, "fine-tuned")), start=1):
+            a = fig.add_subplot(grid[row, k])
+            a.imshow(images[k].permute(1, 2, 0).clamp(0, 1).numpy())
+            a.set_xticks([])
+            a.set_yticks([])
+            if k == 0:
+                a.set_ylabel(label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

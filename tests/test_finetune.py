@@ -1,0 +1,210 @@
+"""Fine-tuning jobs end to end: REST, a real Redis, a real worker process, the tiny SD pipeline."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+from fastapi.testclient import TestClient
+
+from finetune.spec import JobLimits
+from service.app import create_app
+from service.settings import Settings
+
+REDIS_URL = os.environ.get("T2I_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+FAST = dict(base_model="tiny", resolution=32, num_inference_steps=6, refl_step_range=[3, 6], guidance_scale=1.0,
+            eval_images_per_prompt=1, learning_rate=5e-2, checkpoint_every=5)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, cache_dir):
+    redis.Redis.from_url(REDIS_URL).flushdb()
+    root = tmp_path_factory.mktemp("jobs-env")
+    for d in ("jobs", "models", "data"):
+        (root / d).mkdir()
+    return {**os.environ, "T2I_SERVICE_REDIS_URL": REDIS_URL, "T2I_SERVICE_JOBS_DIR": str(root / "jobs"),
+            "T2I_SERVICE_MODELS_DIR": str(root / "models"), "T2I_SERVICE_DATA_DIR": str(root / "data"),
+            "T2I_SERVICE_PROFILE": "tiny", "T2I_REWARD_CACHE_DIR": str(cache_dir), "T2I_SERVICE_HEARTBEAT_TIMEOUT_S": "3",
+            "T2I_SERVICE_JOB_LIMITS__MAX_STEPS": "1000"}
+
+
+class Worker:
+    def __init__(self, env, log: Path):
+        exe = Path(sys.executable).parent / "t2i-reward"
+        self.log = open(log, "a")
+        self.proc = subprocess.Popen([str(exe), "worker"], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def kill(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def worker(env, tmp_path_factory):
+    w = Worker(env, tmp_path_factory.mktemp("worker") / "worker.log")
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def api(env, tiny):
+    settings = Settings(redis_url=REDIS_URL, jobs_dir=Path(env["T2I_SERVICE_JOBS_DIR"]), models_dir=Path(env["T2I_SERVICE_MODELS_DIR"]),
+                        data_dir=Path(env["T2I_SERVICE_DATA_DIR"]), job_limits=JobLimits(max_steps=1000))
+    with TestClient(create_app(settings, rewarder=tiny)) as client:
+        yield client
+    tiny.on_timing = None
+
+
+def wait_for(api, job_id, statuses, timeout=240, step=None):
+    end = time.time() + timeout
+    while time.time() < end:
+        job = api.get(f"/jobs/{job_id}").json()
+        if job["status"] in statuses and (step is None or job["progress"]["step"] >= step):
+            return job
+        if job["status"] == "failed":
+            raise AssertionError(f"job failed: {job['error']}")
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} never reached {statuses}: {job}")
+
+
+def test_refl_job_succeeds_reward_rises_and_lora_loads(api, worker, env, tmp_path):
+    spec = {"method": "refl", "prompts": ["a red apple", "a blue car"], "steps": 24, **FAST}
+    r = api.post("/jobs", json=spec)
+    assert r.status_code == 202 and r.json()["status"] == "queued"
+    job_id = r.json()["id"]
+    assert len(job_id) >= 20  # unguessable
+    job = wait_for(api, job_id, {"succeeded"})
+    rewards = job["metrics"]["reward"]
+    assert len(rewards) == 24 and job["progress"] == {"step": 24, "total": 24, "eta_s": 0}
+    third = len(rewards) // 3
+    assert sum(rewards[-third:]) / third > sum(rewards[:third]) / third  # the reward curve rises
+    assert {"pytorch_lora_weights.safetensors", "metrics.json", "report.png"} <= set(job["artifacts"])
+    assert any(a.startswith("samples/") for a in job["artifacts"])
+    assert set(job["metrics"]["eval"]["base"]) == {"total", "imagereward", "aesthetic", "mlp"}
+    lora = api.get(f"/jobs/{job_id}/artifacts/pytorch_lora_weights.safetensors")
+    assert lora.status_code == 200
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(lora.content)
+    assert api.get(f"/jobs/{job_id}/artifacts/report.png").content[:4] == b"\x89PNG"
+
+    from diffusers import StableDiffusionPipeline
+
+    from finetune.tiny import ensure_tiny_sd
+
+    pipe = StableDiffusionPipeline.from_pretrained(ensure_tiny_sd(env["T2I_REWARD_CACHE_DIR"]), safety_checker=None)
+    kwargs = dict(num_inference_steps=6, height=32, width=32, guidance_scale=1.0, output_type="pt")
+    before = pipe("a red apple", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(tmp_path)
+    after = pipe("a red apple", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert (after - before).abs().max() > 1e-3  # the LoRA changes the output
+
+
+def test_reward_weighted_job(api, worker):
+    spec = {"method": "reward_weighted", "prompts": ["a green field"], "steps": 4, "regularizer": "kl", **FAST}
+    job = wait_for(api, api.post("/jobs", json=spec).json()["id"], {"succeeded"})
+    assert len(job["metrics"]["reward"]) == 4 and all(v > 0 for v in job["metrics"]["kl"][1:])
+    assert "pytorch_lora_weights.safetensors" in job["artifacts"]
+
+
+def test_cancel_a_running_job(api, worker):
+    spec = {"method": "refl", "prompts": ["a castle"], "steps": 500, **FAST}
+    job_id = api.post("/jobs", json=spec).json()["id"]
+    wait_for(api, job_id, {"running"}, step=1)
+    assert api.post(f"/jobs/{job_id}/cancel").status_code == 200
+    job = wait_for(api, job_id, {"cancelled"}, timeout=60)
+    assert job["progress"]["step"] < 500
+
+
+def test_cancel_a_queued_job(api, env):
+    # no worker takes it: submitted while the queue is only read by the module's worker, cancelled at once
+    spec = {"method": "refl", "prompts": ["a boat"], "steps": 3, **FAST}
+    job_id = api.post("/jobs", json=spec).json()["id"]
+    status = api.post(f"/jobs/{job_id}/cancel").json()["status"]
+    assert status in ("cancelled", "running")
+    assert wait_for(api, job_id, {"cancelled", "succeeded"}, timeout=120)["status"] in ("cancelled", "succeeded")
+
+
+def test_killed_worker_resumes_from_checkpoint(api, env, worker, tmp_path):
+    worker.stop()  # this test drives its own workers
+    first = Worker(env, tmp_path / "w1.log")
+    spec = {"method": "refl", "prompts": ["a lighthouse"], "steps": 30, **FAST}
+    job_id = api.post("/jobs", json=spec).json()["id"]
+    try:
+        wait_for(api, job_id, {"running"}, step=8)  # past the checkpoint at step 5
+        first.kill()
+    finally:
+        first.stop()
+    second = Worker(env, tmp_path / "w2.log")
+    try:
+        job = wait_for(api, job_id, {"succeeded"}, timeout=300)
+    finally:
+        second.stop()
+    assert job["metrics"]["resumed_at"] and job["metrics"]["resumed_at"][0] >= 5  # not from zero
+    assert len(job["metrics"]["reward"]) == 30
+    assert "resuming from" in (tmp_path / "w2.log").read_text()
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        ({"method": "dpo"}, "method"),
+        ({"steps": -1}, "steps"),
+        ({"steps": 5000}, "limit is 1000"),
+        ({"prompts": None}, "prompts"),
+        ({"prompts": [" "]}, "non-empty"),
+        ({"base_model": "../../etc"}, "outside"),
+        ({"base_model": "/etc"}, "outside"),
+        ({"base_model": "missing-local-dir"}, "base_model"),
+        ({"pretrain_data": "/tmp"}, "outside"),
+        ({"output_dir": "/tmp/x"}, "output_dir"),
+        ({"refl_step_range": [5, 50]}, "refl_step_range"),
+        ({"lora_rank": 0}, "lora_rank"),
+    ],
+)
+def test_bad_specs_get_422(api, change, fragment):
+    spec = {"method": "refl", "prompts": ["a cat"], "steps": 3, **FAST, **change}
+    spec = {k: v for k, v in spec.items() if v is not None}
+    r = api.post("/jobs", json=spec)
+    assert r.status_code == 422, r.text
+    assert fragment in json.dumps(r.json()["detail"])
+
+
+def test_unknown_jobs_and_artifacts_404(api):
+    assert api.get("/jobs/nope").status_code == 404
+    assert api.post("/jobs/nope/cancel").status_code == 404
+    assert api.get("/jobs/nope/artifacts/report.png").status_code == 404
+    job_id = api.post("/jobs", json={"method": "refl", "prompts": ["a cat"], "steps": 3, **FAST}).json()["id"]
+    assert api.get(f"/jobs/{job_id}/artifacts/../../../etc/passwd").status_code == 404
+    assert api.get(f"/jobs/{job_id}/artifacts/metrics.json").status_code == 404  # not written (yet)
+    listing = api.get("/jobs", params={"limit": 2}).json()
+    assert listing["total"] >= 1 and len(listing["jobs"]) <= 2 and listing["jobs"][0]["id"] == job_id
+    api.post(f"/jobs/{job_id}/cancel")
+
+
+def test_finetune_command_runs_a_job_directly(env, tmp_path):
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"method": "refl", "prompts": ["a red apple"], "steps": 2, **FAST}))
+    exe = Path(sys.executable).parent / "t2i-reward"
+    done = subprocess.run([str(exe), "finetune", "--spec", str(spec), "--out", str(tmp_path / "out")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1])["status"] == "succeeded"
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"method": "refl"}')
+    done = subprocess.run([str(exe), "finetune", "--spec", str(bad)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "prompts" in done.stderr
