@@ -67,10 +67,16 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
     from peft import LoraConfig
     from tqdm.auto import tqdm
 
+    from accelerate import Accelerator
+
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if ctx.device == "auto" else ctx.device)
-    autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.mixed_precision)
+    # Under `accelerate launch` every process takes its own GPU and its own share of the prompts, and the
+    # LoRA gradients are averaged across processes after each backward; one process alone is the plain case.
+    accelerator = Accelerator(cpu=ctx.device == "cpu")
+    device = accelerator.device if ctx.device in ("auto", "cpu") else torch.device(ctx.device)
+    main = accelerator.is_main_process
+    autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(spec.mixed_precision) if device.type == "cuda" else None
 
     # ---- models: frozen pipeline, LoRA adapters on the UNet attention projections
     pipe = load_pipeline(ctx.base_model, ctx.cache_dir)
@@ -151,23 +157,27 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
 
     # ---- resume from the last checkpoint, if any
     start, base_eval = _resume(out, unet, optimizer, ctx.metrics)
+    ctx.metrics["processes"] = accelerator.num_processes
     eval_prompts = spec.eval_prompts or ctx.prompts[:4]
     eval_p = [p for p in eval_prompts for _ in range(spec.eval_images_per_prompt)]
     eval_seeds = [10_000 + k for k in range(len(eval_p))]
-    if base_eval is None:  # the base model's evaluation, once, before any update
+    if base_eval is None and main:  # the base model's evaluation, once, before any update
         base_images = sample(eval_p, eval_seeds, base=True)
         base_eval = _summarise(ctx.reward.components(base_images, eval_p))
         _save_images(base_images, out / "samples", "base")
 
     # ---- loop
     t0, first = time.perf_counter(), start
-    bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps, desc=f"{spec.method} job", mininterval=1.0)
+    bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps, desc=f"{spec.method} job", mininterval=1.0,
+               disable=not main)
     for step in bar:
         if ctx.should_stop is not None and ctx.should_stop():
-            _checkpoint(out, step, unet, optimizer, ctx.metrics, base_eval)
+            if main:
+                _checkpoint(out, step, unet, optimizer, ctx.metrics, base_eval)
             raise JobCancelled(f"cancelled at step {step}")
-        rng = random.Random(spec.seed * 1_000_003 + step)
-        prompts = [ctx.prompts[(step * spec.batch_size + k) % len(ctx.prompts)] for k in range(spec.batch_size)]
+        rng = random.Random(spec.seed * 1_000_003 + step + 7_919 * accelerator.process_index)
+        first_prompt = (step * accelerator.num_processes + accelerator.process_index) * spec.batch_size
+        prompts = [ctx.prompts[(first_prompt + k) % len(ctx.prompts)] for k in range(spec.batch_size)]
         seeds = [rng.randrange(2**31) for _ in prompts]
         cond, uncond = encode_text(prompts), encode_text([""] * len(prompts))
         unet.train()
@@ -205,6 +215,10 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
                 loss = loss + spec.pretrain_weight * pretrain_loss(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if accelerator.num_processes > 1:
+            for p in params:  # data parallel: every process applies the mean gradient, so the LoRAs stay equal
+                p.grad = accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
+            reward, loss, kl = (accelerator.reduce(x.detach().mean(), reduction="mean") for x in (reward, loss, kl))
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         ctx.metrics["reward"].append(float(reward.detach().mean()))
@@ -213,12 +227,15 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
         done = step + 1
         eta = (time.perf_counter() - t0) / (done - first) * (spec.steps - done)
         bar.set_postfix(reward=f"{ctx.metrics['reward'][-1]:.3f}", loss=f"{ctx.metrics['loss'][-1]:.3f}")
-        if done % spec.checkpoint_every == 0 and done < spec.steps:
+        if done % spec.checkpoint_every == 0 and done < spec.steps and main:
             _checkpoint(out, done, unet, optimizer, ctx.metrics, base_eval)
-        if ctx.on_progress is not None:
+        if ctx.on_progress is not None and main:
             ctx.on_progress({"step": done, "total": spec.steps, "eta_s": round(eta, 1)})
 
-    # ---- save: LoRA in the diffusers format, metrics, samples, report
+    # ---- save (main process): LoRA in the diffusers format, metrics, samples, report
+    accelerator.wait_for_everyone()
+    if not main:  # the main process writes the artifacts
+        return {"status": "succeeded", "metrics": ctx.metrics, "artifacts": [], "main_process": False}
     unet.eval()
     tuned_images = sample(eval_p, eval_seeds)
     tuned_eval = _summarise(ctx.reward.components(tuned_images, eval_p))
@@ -231,7 +248,7 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
 
     write_report(out / "report.png", ctx.metrics, base_images, tuned_images.cpu(), base_eval, tuned_eval)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    return {"status": "succeeded", "metrics": metrics, "artifacts": artifact_names(out)}
+    return {"status": "succeeded", "metrics": metrics, "artifacts": artifact_names(out), "main_process": True}
 
 
 class adapters_disabled:

@@ -256,7 +256,9 @@ def cmd_finetune(args) -> int:
         result = run_job(spec, ctx)
     except JobCancelled:
         return 130
-    print(json.dumps({"status": result["status"], "artifacts": result["artifacts"], "eval": result["metrics"]["eval"]}))
+    if result["main_process"]:  # under accelerate launch / torchrun, one summary from the main process
+        print(json.dumps({"status": result["status"], "artifacts": result["artifacts"], "eval": result["metrics"]["eval"],
+                          "processes": result["metrics"]["processes"]}))
     return 0
 
 

@@ -208,3 +208,18 @@ def test_finetune_command_runs_a_job_directly(env, tmp_path):
     bad.write_text('{"method": "refl"}')
     done = subprocess.run([str(exe), "finetune", "--spec", str(bad)], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "prompts" in done.stderr
+
+
+def test_finetune_under_torchrun_with_two_processes(env, tmp_path):
+    """`accelerate launch --multi_gpu` starts processes through torchrun; two CPU processes (gloo) share
+    the prompts and average their LoRA gradients, and the main process writes the artifacts."""
+    spec = tmp_path / "job.json"
+    spec.write_text(json.dumps({"method": "refl", "prompts": ["a red apple", "a blue car"], "steps": 2, **FAST}))
+    torchrun = Path(sys.executable).parent / "torchrun"
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", "-m", "t2i_reward.cli", "finetune",
+                           "--spec", str(spec), "--out", str(tmp_path / "out")],
+                          env={**env, "T2I_SERVICE_DEVICE": "cpu"}, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summaries = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1 and summaries[0]["processes"] == 2 and summaries[0]["status"] == "succeeded"
+    assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()

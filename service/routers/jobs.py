@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import FileResponse
@@ -29,7 +29,7 @@ class JobStatus(BaseModel):
     id: str
     status: str = Field(..., description="queued | running | succeeded | failed | cancelled")
     progress: Progress
-    metrics: dict[str, list[float] | dict] = Field(..., description="Per step: reward, loss, kl (and eval once done).")
+    metrics: dict[str, Any] = Field(..., description="Per step: reward, loss, kl; eval (base and fine-tuned) once done; resumed_at.")
     artifacts: list[str] = Field(..., description="Files under the job directory, for GET /jobs/{id}/artifacts/{name}.")
     error: Optional[str] = None
 
