@@ -14,13 +14,23 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def default_base_model(profile: Optional[str]) -> str:
+    """The base model a spec without one gets: the tiny pipeline under the tiny profile, else SD 1.5."""
+    return "tiny" if profile == "tiny" else SD15
+
+
+def with_defaults(spec: "JobSpec", profile: Optional[str]) -> "JobSpec":
+    return spec if spec.base_model else spec.model_copy(update={"base_model": default_base_model(profile)})
 
 
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["refl", "reward_weighted"] = Field("refl", description="ReFL with KL (thesis) or reward-weighted likelihood (Lee et al.).")
-    base_model: str = Field("runwayml/stable-diffusion-v1-5", description="Hub id, or a path under the models directory ('tiny': the tiny random pipeline).")
+    base_model: Optional[str] = Field(None, description="Hub id, a path under the models directory, or 'tiny' (the tiny random pipeline); default: Stable Diffusion 1.5, or 'tiny' under the tiny profile.")
     prompts: Optional[list[str]] = Field(None, description="Training prompts (cycled); or give topics + n_prompts.")
     topics: Optional[list[str]] = Field(None, description="Topics whose prompts the prompter supplies.")
     n_prompts: int = Field(8, ge=1, description="Prompts drawn per topic when topics are given.")
@@ -80,9 +90,11 @@ def validate_spec(spec: JobSpec, limits: JobLimits, models_dir: Path, data_dir: 
     for value, limit, name in checks:
         if value > limit:
             raise ValueError(f"{name} is {value}; the limit is {limit}")
-    resolve_base_model(spec.base_model, models_dir)
+    resolve_base_model(spec.base_model or SD15, models_dir)
     if spec.pretrain_data is not None:
-        confined(spec.pretrain_data, data_dir, "pretrain_data")
+        folder = confined(spec.pretrain_data, data_dir, "pretrain_data")
+        if not folder.is_dir():
+            raise ValueError(f"pretrain_data {spec.pretrain_data!r}: no such folder under the data directory")
 
 
 def confined(path: str, root: Path, name: str) -> Path:

@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from .jobs import TERMINAL, JobStore
-from .spec import confined, resolve_base_model
+from .spec import confined, resolve_base_model, with_defaults
 from .train import JobCancelled, JobContext, artifact_names, run_job
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ def build_context(settings, spec, out_dir: Path, **callbacks) -> JobContext:
     from rewarders import load_config
 
     cache_dir = load_config(settings.reward_config, profile=settings.profile).cache_dir
+    spec = with_defaults(spec, settings.profile)
     return JobContext(
         out_dir=out_dir,
         reward=make_reward(settings, spec),

@@ -238,6 +238,7 @@ def cmd_finetune(args) -> int:
     from pathlib import Path
 
     from finetune import JobCancelled, JobSpec, run_job, validate_spec
+    from finetune.spec import with_defaults
     from finetune.worker import build_context
 
     try:
@@ -247,6 +248,7 @@ def cmd_finetune(args) -> int:
     except ValueError as e:
         raise _bad(f"invalid job spec: {e}")
     settings = _service_settings(args)
+    spec = with_defaults(spec, settings.profile)
     try:
         validate_spec(spec, settings.job_limits, settings.models_dir, settings.data_dir)
         ctx = build_context(settings, spec, Path(args.out))

@@ -170,6 +170,7 @@ def test_killed_worker_resumes_from_checkpoint(api, env, worker, tmp_path):
         ({"base_model": "/etc"}, "outside"),
         ({"base_model": "missing-local-dir"}, "base_model"),
         ({"pretrain_data": "/tmp"}, "outside"),
+        ({"pretrain_data": "no-such-folder"}, "no such folder"),
         ({"output_dir": "/tmp/x"}, "output_dir"),
         ({"refl_step_range": [5, 50]}, "refl_step_range"),
         ({"lora_rank": 0}, "lora_rank"),
@@ -197,7 +198,9 @@ def test_unknown_jobs_and_artifacts_404(api):
 
 def test_finetune_command_runs_a_job_directly(env, tmp_path):
     spec = tmp_path / "job.json"
-    spec.write_text(json.dumps({"method": "refl", "prompts": ["a red apple"], "steps": 2, **FAST}))
+    # no base_model: under the tiny profile (env) the default is the tiny pipeline
+    spec.write_text(json.dumps({"method": "refl", "prompts": ["a red apple"], "steps": 2,
+                                **{k: v for k, v in FAST.items() if k != "base_model"}}))
     exe = Path(sys.executable).parent / "t2i-reward"
     done = subprocess.run([str(exe), "finetune", "--spec", str(spec), "--out", str(tmp_path / "out")],
                           env=env, capture_output=True, text=True, timeout=300)
@@ -223,3 +226,53 @@ def test_finetune_under_torchrun_with_two_processes(env, tmp_path):
     summaries = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(summaries) == 1 and summaries[0]["processes"] == 2 and summaries[0]["status"] == "succeeded"
     assert (tmp_path / "out" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_remote_reward_matches_local_autograd(tiny):
+    """The chain rule across the network: rewards and pixel gradients from /reward/gradient equal autograd in-process."""
+    from finetune.rewards import LocalReward, RemoteReward
+
+    with TestClient(create_app(Settings(), rewarder=tiny)) as client:
+        end = time.time() + 30
+        while client.get("/readyz").status_code != 200 and time.time() < end:
+            time.sleep(0.05)
+        remote = RemoteReward("http://testserver", weights={"aesthetic": 2.0})
+        remote.client._http = client
+        prompts = ["a red apple", "a blue car"]
+        x = torch.rand(2, 3, 40, 48, requires_grad=True)
+        y = x.detach().clone().requires_grad_(True)
+        r = remote(x, prompts)
+        (3 * r.sum()).backward()
+        local = LocalReward(tiny, weights={"aesthetic": 2.0})
+        l_ = local(y, prompts)
+        (3 * l_.sum()).backward()
+        assert torch.allclose(r, l_.detach(), atol=1e-5)
+        assert torch.allclose(x.grad, y.grad, atol=1e-6, rtol=1e-4) and x.grad.abs().sum() > 0
+        comps = remote.components(x.detach(), prompts)
+        assert set(comps) == {"total", "imagereward", "aesthetic", "mlp"} and comps["total"].shape == (2,)
+    tiny.on_timing = None
+
+
+@pytest.mark.parametrize("method, extra", [("reward_weighted", {"regularizer": "pretrain"}),
+                                           ("refl", {"reward_loss": "hinge", "kl_weight": 0.0})])
+def test_pretrain_regulariser(tiny, cache_dir, tmp_path, method, extra):
+    from PIL import Image
+
+    from finetune import JobContext, JobSpec, run_job
+    from finetune.rewards import LocalReward
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for k, (colour, caption) in enumerate([((200, 30, 30), "a red square"), ((30, 30, 200), "a blue square")]):
+        Image.new("RGB", (48, 48), colour).save(pairs / f"{k}.png")
+        (pairs / f"{k}.txt").write_text(caption)
+    spec = JobSpec(method=method, prompts=["a square"], steps=2, pretrain_data="pairs", pretrain_weight=1.0, **extra, **FAST)
+    ctx = JobContext(out_dir=tmp_path / "out", reward=LocalReward(tiny), prompts=spec.prompts, base_model="tiny",
+                     cache_dir=cache_dir, pretrain_dir=pairs)
+    result = run_job(spec, ctx)
+    assert result["status"] == "succeeded" and len(result["metrics"]["loss"]) == 2
+    # with no caption-paired image the regulariser cannot run: a clear error
+    (tmp_path / "empty").mkdir()
+    ctx.pretrain_dir, ctx.out_dir = tmp_path / "empty", tmp_path / "out2"
+    with pytest.raises(ValueError, match="no image with a caption"):
+        run_job(spec, ctx)

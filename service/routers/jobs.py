@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from finetune.jobs import JobStore
-from finetune.spec import JobSpec, confined, validate_spec
+from finetune.spec import JobSpec, confined, validate_spec, with_defaults
 
 from ..deps import AuthDep, SettingsDep
 from ..schemas import ErrorResponse
@@ -73,6 +73,7 @@ def _job(store: JobStore, job_id: str) -> dict:
 
 @router.post("", status_code=202, response_model=Submitted, responses=ERRORS, summary="Submit a fine-tuning job")
 async def submit(spec: JobSpec, store: StoreDep, settings: SettingsDep, request: Request) -> Submitted:
+    spec = with_defaults(spec, settings.profile)
     try:
         validate_spec(spec, settings.job_limits, settings.models_dir, settings.data_dir)
     except ValueError as e:
