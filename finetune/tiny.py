@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -20,21 +19,9 @@ TINY_SD_VERSION = "1"
 
 
 def ensure_tiny_sd(cache_dir: str | Path) -> Path:
-    root = Path(cache_dir) / f"tiny-sd-v{TINY_SD_VERSION}"
-    if (root / "model_index.json").is_file():
-        return root
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=root.parent))
-    try:
-        _build(tmp)
-        try:
-            tmp.rename(root)
-        except OSError:
-            if not (root / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    from rewarders.tiny import build_once
+
+    return build_once(Path(cache_dir) / f"tiny-sd-v{TINY_SD_VERSION}", "model_index.json", _build)
 
 
 def clip_tokenizer_files(out: Path) -> None:

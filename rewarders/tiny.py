@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -52,23 +53,32 @@ def _files(root: Path) -> TinyFiles:
 def ensure_tiny(cache_dir: str | os.PathLike) -> TinyFiles:
     """Build the tiny models under `cache_dir/tiny-v{N}` unless they are there already."""
     root = Path(cache_dir) / f"tiny-v{TINY_VERSION}"
-    files = _files(root)
-    if (root / "COMPLETE").is_file():
-        return files
-    root.parent.mkdir(parents=True, exist_ok=True)
-    # build in a temporary sibling and rename, so concurrent first uses never see half-written files
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=root.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         _build(_files(tmp))
         (tmp / "COMPLETE").write_text("random weights: these models are for tests and demos only\n")
+
+    build_once(root, "COMPLETE", build)
+    return _files(root)
+
+
+def build_once(root: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """Run `build(tmp)` into a temporary sibling of `root` and rename it to `root`, unless `root/marker`
+    exists: concurrent first uses never see half-written files, and the loser of a race keeps the winner's."""
+    if (root / marker).is_file():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
+    try:
+        build(tmp)
         try:
             tmp.rename(root)
         except OSError:
-            if not (root / "COMPLETE").is_file():
+            if not (root / marker).is_file():
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return files
+    return root
 
 
 def _build(f: TinyFiles) -> None:

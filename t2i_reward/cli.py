@@ -279,6 +279,13 @@ def cmd_experts(args) -> int:
     return 0
 
 
+def _add_data_args(p: argparse.ArgumentParser, split: str | None = None) -> None:
+    p.add_argument("--data", required=True, help="ImageRewardDB-format JSON/JSONL, or a hub dataset id (org/name[:subset])")
+    p.add_argument("--image-root", help="folder the image paths are relative to (default: the data file's)")
+    if split is not None:
+        p.add_argument("--split", default=split, help=f"hub dataset split (default {split})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="t2i-reward", description="Reward models for text-to-image generation.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -326,8 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_prompts_search)
 
     p = sub.add_parser("train-reward", help="train the MLP reward model on preference data")
-    p.add_argument("--data", required=True, help="ImageRewardDB-format JSON/JSONL, or a hub dataset id (org/name[:subset])")
-    p.add_argument("--image-root", help="folder the image paths are relative to (default: the data file's)")
+    _add_data_args(p)
     p.add_argument("--out", required=True, help="output directory for the checkpoint the mlp expert loads")
     p.add_argument("--clip", help="CLIP for the embeddings (default ViT-L-14/openai; 'tiny' offline)")
     p.add_argument("--epochs", type=_positive, help="default 20")
@@ -343,9 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval-preference", help="preference accuracy of every expert, CLIP score and the mixture")
     _add_config_args(p)
-    p.add_argument("--data", required=True, help="ImageRewardDB-format JSON/JSONL, or a hub dataset id")
-    p.add_argument("--image-root", help="folder the image paths are relative to")
-    p.add_argument("--split", default="test", help="hub dataset split (default test)")
+    _add_data_args(p, split="test")
     p.add_argument("--out", default="preference-eval", help="folder for the table, JSON and bar chart")
     p.add_argument("--bootstrap", type=_positive, default=1000, help="bootstrap resamples for the 95%% intervals")
     p.add_argument("--seed", type=int, default=0)
@@ -353,9 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit-mixture", help="learn mixture weights from preferences (logistic regression)")
     _add_config_args(p)
-    p.add_argument("--data", required=True, help="ImageRewardDB-format JSON/JSONL, or a hub dataset id")
-    p.add_argument("--image-root", help="folder the image paths are relative to")
-    p.add_argument("--split", default="train", help="hub dataset split (default train)")
+    _add_data_args(p, split="train")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of prompts held out to report accuracy")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="YAML config to write (the current config with the fitted weights)")
