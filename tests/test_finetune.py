@@ -36,9 +36,13 @@ def env(tmp_path_factory, cache_dir):
 
 class Worker:
     def __init__(self, env, log: Path):
+        self.env, self.log_path = env, log
+        self.start()
+
+    def start(self):
         exe = Path(sys.executable).parent / "t2i-reward"
-        self.log = open(log, "a")
-        self.proc = subprocess.Popen([str(exe), "worker"], env=env, stdout=self.log, stderr=subprocess.STDOUT)
+        self.log = open(self.log_path, "a")
+        self.proc = subprocess.Popen([str(exe), "worker"], env=self.env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def kill(self):
         self.proc.send_signal(signal.SIGKILL)
@@ -153,6 +157,7 @@ def test_killed_worker_resumes_from_checkpoint(api, env, worker, tmp_path):
         job = wait_for(api, job_id, {"succeeded"}, timeout=300)
     finally:
         second.stop()
+        worker.start()  # the module's worker, for the tests after this one
     assert job["metrics"]["resumed_at"] and job["metrics"]["resumed_at"][0] >= 5  # not from zero
     assert len(job["metrics"]["reward"]) == 30
     assert "resuming from" in (tmp_path / "w2.log").read_text()
@@ -276,3 +281,22 @@ def test_pretrain_regulariser(tiny, cache_dir, tmp_path, method, extra):
     ctx.pretrain_dir, ctx.out_dir = tmp_path / "empty", tmp_path / "out2"
     with pytest.raises(ValueError, match="no image with a caption"):
         run_job(spec, ctx)
+
+
+def test_client_job_calls(api, worker):
+    from service.client import RewardClient, RewardServiceError
+
+    client = RewardClient("http://testserver")
+    client._http = api
+    job_id = client.submit_job({"method": "refl", "prompts": ["a kite"], "steps": 2, **FAST})
+    assert client.job(job_id)["status"] in ("queued", "running", "succeeded")
+    assert any(j["id"] == job_id for j in client.jobs(limit=100)["jobs"])
+    wait_for(api, job_id, {"succeeded"})
+    assert client.artifact(job_id, "report.png")[:4] == b"\x89PNG"
+    assert client.cancel_job(job_id) == "succeeded"  # a finished job stays finished
+    with pytest.raises(RewardServiceError) as e:
+        client.job("unknown")
+    assert e.value.status == 404
+    with pytest.raises(RewardServiceError) as e:
+        client.submit_job({"method": "refl", "steps": 2, **FAST})
+    assert e.value.status == 422
