@@ -190,18 +190,30 @@ def test_full_queue_answers_429(make_client, images):
     client = make_client(max_queue_images=1)
     batcher = client.app.state.batcher
     gate = threading.Event()
-    batcher.executor.submit(gate.wait, 30)  # keep the model thread busy
+    batcher.executor.submit(gate.wait, 60)  # keep the model thread busy
     body = {"prompt": "a cat", "images": [b64(images[0])]}
     results = []
-    threads = [threading.Thread(target=lambda: results.append(client.post("/reward", json=body).status_code)) for _ in range(2)]
-    for t in threads:
-        t.start()
-        time.sleep(0.5)  # the first is taken into a batch (blocked), the second waits in the queue
+
+    def send():
+        results.append(client.post("/reward", json=body).status_code)
+
+    def until(condition, timeout=30):
+        end = time.time() + timeout
+        while not condition():
+            assert time.time() < end, "the batcher never reached the expected state"
+            time.sleep(0.01)
+
+    batches = client.app.state.metrics.batch_images
+    first, second = threading.Thread(target=send), threading.Thread(target=send)
+    first.start()
+    until(lambda: batches._sum.get() >= 1)  # the first request was taken into a batch (blocked behind the gate)
+    second.start()
+    until(lambda: batcher._waiting_images == 1)  # the second waits in the queue
     r = client.post("/reward", json=body)
     assert r.status_code == 429 and "retry later" in r.json()["detail"]
     gate.set()
-    for t in threads:
-        t.join(30)
+    for t in (first, second):
+        t.join(60)
     assert results == [200, 200]
     assert "t2i_rejected_total 1.0" in client.get("/metrics").text
 
