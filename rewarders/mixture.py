@@ -175,7 +175,8 @@ class Mixture(nn.Module):
             ).float()
         return out
 
-    def _total(self, raw: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    def combine(self, raw: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+        """The total per image from raw expert scores: sum of weight * (score - mean) / std."""
         total = None
         for name, s in raw.items():
             mean, std = self.norm[name]
@@ -203,7 +204,7 @@ class Mixture(nn.Module):
         w = self._weights(weights)
         images = images.to(self.device, torch.float32)
         raw = self._raw_scores(lambda spec: spec.tensor(images), prompt_list)
-        return TensorScores(self._total(raw, w), raw)
+        return TensorScores(self.combine(raw, w), raw)
 
     score_tensor = forward
 
@@ -232,7 +233,7 @@ class Mixture(nn.Module):
         for _, ims, weights in checked:
             part = {n: s[start : start + len(ims)] for n, s in raw.items()}
             start += len(ims)
-            total = self._total(part, weights)
+            total = self.combine(part, weights)
             results.append(
                 RewardResult(
                     mean_reward=float(total.mean()),

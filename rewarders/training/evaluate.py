@@ -36,7 +36,7 @@ def score_records(records: Sequence[PreferenceRecord], rewarder: Mixture, chunk_
         images = [open_image(im, rewarder.config.max_image_pixels) for r in chunk for im in r.images]
         prompts = [r.prompt for r in chunk for _ in r.images]
         raw = rewarder.raw_scores(images, prompts)
-        total = rewarder._total(raw, rewarder.weights)
+        total = rewarder.combine(raw, rewarder.weights)
         per = {**{n: s.numpy() for n, s in raw.items()}, MIXTURE: total.numpy()}
         if clip is not None:
             with torch.inference_mode():
