@@ -29,6 +29,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prompter import PromptIndex, build_index, read_prompts  # noqa: E402
 from prompter.index import embed  # noqa: E402
+from service.client import RewardClient  # noqa: E402
 
 TOPICS = ["landscape", "portrait", "cat", "dragon", "city", "anime", "car", "castle", "robot", "forest", "space", "flower"]
 ENDINGS = [f"{a}, {b}" for a in ("oil painting", "watercolor", "photo", "3d render", "pencil sketch", "digital art",
@@ -53,14 +54,7 @@ def serve_latency(index_dir: Path, requests: int) -> dict:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        end = time.time() + 900
-        while time.time() < end:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        RewardClient(url).wait_ready(900)
         result = {}
         with httpx.Client(base_url=url, timeout=60) as http:
             for name, topic in (("cold", lambda i: f"{TOPICS[i % len(TOPICS)]} art number {i}"),

@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from service.client import RewardClient  # noqa: E402
 
 PROMPT = "a photo of a cat on a red sofa, highly detailed"
 
@@ -51,17 +52,12 @@ def start_server(profile: str, port: int, max_batch: int) -> subprocess.Popen:
            "T2I_SERVICE_MAX_QUEUE_IMAGES": "4096"}
     proc = subprocess.Popen([str(exe), "serve", "--profile", profile, "--port", str(port)], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    end = time.time() + 600
-    while time.time() < end:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("service did not become ready")
+    try:
+        RewardClient(f"http://127.0.0.1:{port}").wait_ready(600)
+    except TimeoutError:
+        proc.kill()
+        raise
+    return proc
 
 
 def load(url: str, clients: int, per_client: int, images: list[bytes]) -> dict:
@@ -102,12 +98,7 @@ def overhead(profile: str, image: bytes, n: int) -> dict:
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.1)
+    RewardClient(url).wait_ready(120)
     files = [("images", ("i.png", image, "image/png"))]
     inproc, over_http = [], []
     with httpx.Client(base_url=url, timeout=600) as http:

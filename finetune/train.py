@@ -115,15 +115,24 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
     def decode(latents):
         return (vae.decode(latents / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
 
-    def sample(prompts: list[str], seeds: list[int], base: bool = False) -> torch.Tensor:
-        """Full DDIM chain without gradients -> images in [0, 1]."""
-        noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
-        cond, uncond = encode_text(prompts), encode_text([""] * len(prompts))
-        with torch.no_grad(), adapters_disabled(unet, base):
-            latents = noise * scheduler.init_noise_sigma
-            for t in scheduler.timesteps:
+    def initial_latents(seeds: list[int]) -> torch.Tensor:
+        """One seeded noise tensor per image (the same seeds give the same images, base or fine-tuned)."""
+        noise = [torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+        return torch.stack(noise).to(device) * scheduler.init_noise_sigma
+
+    def denoise(latents, timesteps, cond, uncond) -> torch.Tensor:
+        """DDIM steps over `timesteps`, without gradients."""
+        with torch.no_grad():
+            for t in timesteps:
                 latents = scheduler.step(eps(latents, t, cond, uncond), t, latents).prev_sample
-            return decode(latents)
+        return latents
+
+    def sample(prompts: list[str], seeds: list[int], base: bool = False, cond=None, uncond=None) -> torch.Tensor:
+        """The full chain without gradients -> images in [0, 1]; pass `cond`/`uncond` when already encoded."""
+        if cond is None:
+            cond, uncond = encode_text(prompts), encode_text([""] * len(prompts))
+        with torch.no_grad(), adapters_disabled(unet, base):
+            return decode(denoise(initial_latents(seeds), scheduler.timesteps, cond, uncond))
 
     def step_kl(latents, t, cond, uncond, e):
         """KL between the LoRA and base Gaussian steps x_t -> x_prev (DDIM with eta = 1 variance); both
@@ -182,12 +191,8 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
         cond, uncond = encode_text(prompts), encode_text([""] * len(prompts))
         unet.train()
         if spec.method == "refl":
-            noise = torch.stack([torch.randn(latent_shape, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(device)
-            latents = noise * scheduler.init_noise_sigma
             stop = rng.randrange(*spec.refl_step_range)
-            with torch.no_grad():
-                for t in scheduler.timesteps[:stop]:
-                    latents = scheduler.step(eps(latents, t, cond, uncond), t, latents).prev_sample
+            latents = denoise(initial_latents(seeds), scheduler.timesteps[:stop], cond, uncond)
             t = scheduler.timesteps[stop]
             e = eps(latents, t, cond, uncond)  # the one step with gradients
             a_t = scheduler.alphas_cumprod[int(t)].to(device)
@@ -200,7 +205,7 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
                 loss = loss + spec.pretrain_weight * pretrain_loss(step)
         else:  # reward_weighted
             with torch.no_grad():
-                images = sample(prompts, seeds)
+                images = sample(prompts, seeds, cond=cond, uncond=uncond)
                 reward = ctx.reward(images, prompts).detach().to(device)
                 latents0 = vae.encode(images * 2 - 1).latent_dist.mode() * vae.config.scaling_factor
             per_image, (noisy, t, pred) = denoising_loss(latents0, cond)

@@ -106,6 +106,11 @@ class Mixture(nn.Module):
     def random_weights(self) -> bool:
         return any(e.random_weights for e in self.experts.values())
 
+    def sources(self) -> dict[str, dict]:
+        """Per expert: the checkpoint it was loaded from and whether its weights are random (the `experts`
+        part of every result)."""
+        return {n: {"checkpoint": e.checkpoint, "random_weights": e.random_weights} for n, e in self.experts.items()}
+
     def describe(self) -> dict[str, dict]:
         """Per expert: checkpoint, random_weights, CLIP, device, dtype, weight and normalisation."""
         out = {}
@@ -187,11 +192,12 @@ class Mixture(nn.Module):
     # ------------------------------------------------------------------------------------------
     # the differentiable path
 
-    def forward(self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None) -> TensorScores:
+    def forward(self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None,
+                *, max_prompt_chars: int | None = None) -> TensorScores:
         """Score a float image tensor (B, 3, H, W) with values in [0, 1], any size, keeping gradients.
 
         `prompts` is one prompt for all images or one per image. Preprocessing runs in torch, so
-        `scores.total.sum().backward()` reaches the pixels.
+        `scores.total.sum().backward()` reaches the pixels. `max_prompt_chars` defaults to the config's.
         """
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             raise InvalidRequestError("images must be a float tensor of shape (B, 3, H, W) with values in [0, 1]")
@@ -200,7 +206,7 @@ class Mixture(nn.Module):
         prompt_list = [prompts] * images.shape[0] if isinstance(prompts, str) else list(prompts)
         if len(prompt_list) != images.shape[0]:
             raise InvalidRequestError(f"{len(prompt_list)} prompts for {images.shape[0]} images")
-        prompt_list = [self._check_prompt(p) for p in prompt_list]
+        prompt_list = [self._check_prompt(p, max_prompt_chars) for p in prompt_list]
         w = self._weights(weights)
         images = images.to(self.device, torch.float32)
         raw = self._raw_scores(lambda spec: spec.tensor(images), prompt_list)
@@ -229,7 +235,7 @@ class Mixture(nn.Module):
         flat_prompts = [p for p, ims, _ in checked for _ in ims]
         raw = self.raw_scores(flat_images, flat_prompts)
         results, start = [], 0
-        describe = {n: {"checkpoint": e.checkpoint, "random_weights": e.random_weights} for n, e in self.experts.items()}
+        sources = self.sources()
         for _, ims, weights in checked:
             part = {n: s[start : start + len(ims)] for n, s in raw.items()}
             start += len(ims)
@@ -241,7 +247,7 @@ class Mixture(nn.Module):
                     images=[
                         ImageScore(float(total[i]), {n: float(s[i]) for n, s in part.items()}) for i in range(len(ims))
                     ],
-                    experts=describe,
+                    experts=sources,
                 )
             )
         return results
@@ -263,7 +269,7 @@ class Mixture(nn.Module):
         queueing, so a bad request never reaches a batch.
         """
         return (
-            self._check_prompt(prompt, max_prompt_chars or self.config.max_prompt_chars),
+            self._check_prompt(prompt, max_prompt_chars),
             self._load_images(images, max_images or self.config.max_images, max_image_pixels or self.config.max_image_pixels),
             self._weights(weights),
         )

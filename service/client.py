@@ -121,6 +121,21 @@ class RewardClient:
     def ready(self) -> bool:
         return self._http.get("/readyz").status_code == 200
 
+    def wait_ready(self, timeout: float = 600.0, interval: float = 0.2) -> None:
+        """Block until /readyz answers 200 (a refused connection counts as not ready yet); TimeoutError after `timeout` s."""
+        import time
+
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                if self.ready():
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > end:
+                raise TimeoutError(f"{self._http.base_url} was not ready within {timeout:.0f} s")
+            time.sleep(interval)
+
 
 class Validator:
     """ig-rewarding's Validator API over t2i-reward, so its users switch with one import.

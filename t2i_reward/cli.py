@@ -198,8 +198,9 @@ def cmd_fit_mixture(args) -> int:
     scores = score_records(train + val, rewarder)
     tr = {n: scores[n][: len(train)] for n in names}
     va = {n: scores[n][len(train):] for n in names}
-    weights = fit_weights(pair_differences(tr, train, scale), names)
-    report = {"weights": weights, "train_pairs": len(pair_differences(tr, train, scale))}
+    d_train = pair_differences(tr, train, scale)
+    weights = fit_weights(d_train, names)
+    report = {"weights": weights, "train_pairs": len(d_train)}
     if val:
         d_val = pair_differences(va, val, scale)
         report["val_accuracy_fitted"] = weighted_accuracy(d_val, [weights[n] for n in names])

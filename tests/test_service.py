@@ -248,11 +248,14 @@ def test_gradient_endpoint_bad_input(client):
         (dict(content=save_safetensors({"images": torch.rand(1, 3, 8, 8)}), headers=octet), 422),
         (dict(content=save_safetensors({"images": torch.rand(5, 3, 8, 8)}, metadata={"prompts": '"a"'}), headers=octet), 422),
         (dict(content=save_safetensors({"images": torch.zeros(1, 3, 8, 8, dtype=torch.int32)}, metadata={"prompts": '"a"'}), headers=octet), 422),
+        (dict(content=save_safetensors({"images": torch.rand(1, 3, 8, 8)}, metadata={"prompts": json.dumps("x" * 301)}), headers=octet), 422),
     ]
     for kwargs, status in cases:
         r = client.post("/reward/gradient", **kwargs)
         assert r.status_code == status, (r.status_code, r.text)
         assert r.json()["detail"]
+    too_long = save_safetensors({"images": torch.rand(1, 3, 8, 8)}, metadata={"prompts": json.dumps(["x" * 301])})
+    assert "limit is 300" in client.post("/reward/gradient", content=too_long, headers=octet).json()["detail"]
     r = client.post("/reward/gradient", content=ok, headers=octet)
     assert r.status_code == 200
     out = load_safetensors(r.content)
@@ -267,3 +270,13 @@ def test_client_raises_with_status_and_detail(client, images):
     assert e.value.status == 422 and "empty" in e.value.detail
     out = api.reward("a cat", [images[0], png_bytes(images[1]), io.BytesIO(png_bytes(images[2])).getvalue()])
     assert len(out["images"]) == 3
+
+
+def test_wait_ready_times_out_on_a_closed_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once the socket closes
+    with pytest.raises(TimeoutError, match="not ready within"):
+        RewardClient(f"http://127.0.0.1:{port}").wait_ready(timeout=0.5, interval=0.1)

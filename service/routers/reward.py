@@ -44,6 +44,11 @@ def error_status(e: RewardError) -> int:
     return 422
 
 
+def content_type(request: Request) -> str:
+    """The media type of the request body, without parameters, lower-cased ('' when absent)."""
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
 def decode_image_string(s: str, index: int) -> bytes:
     if s.startswith("data:"):
         header, sep, s = s.partition(",")
@@ -59,7 +64,7 @@ def decode_image_string(s: str, index: int) -> bytes:
 
 
 async def parse_reward_request(request: Request, max_images: int) -> tuple[str, list[bytes], dict | None]:
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    ctype = content_type(request)
     if ctype == "application/json":
         body = await request.body()
         try:
@@ -153,8 +158,7 @@ async def reward_gradient(request: Request, batcher: BatcherDep, settings: Setti
     The answer is safetensors with `rewards` (B,), `grad` (B, 3, H, W) = d(sum of totals)/d(images),
     and `components.<expert>` (B,). On the worker: `images.backward(-grad)` to maximise the reward.
     """
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if ctype != "application/octet-stream":
+    if content_type(request) != "application/octet-stream":
         raise HTTPException(415, "send the image tensors as safetensors with content type application/octet-stream")
     body = await request.body()
     try:
@@ -185,13 +189,10 @@ async def reward_gradient(request: Request, batcher: BatcherDep, settings: Setti
         raise HTTPException(422, "metadata 'prompts' must be a JSON list of strings (one per image) or one string")
     if weights is not None and not isinstance(weights, dict):
         raise HTTPException(422, "metadata 'weights' must be a JSON object")
-    too_long = [p for p in ([prompts] if isinstance(prompts, str) else prompts) if len(p) > settings.max_prompt_chars]
-    if too_long:
-        raise HTTPException(422, f"a prompt has {len(too_long[0])} characters; the limit is {settings.max_prompt_chars}")
 
     def run():
         x = images.float().requires_grad_(True)
-        scores = batcher.rewarder(x, prompts, weights)
+        scores = batcher.rewarder(x, prompts, weights, max_prompt_chars=settings.max_prompt_chars)
         scores.total.sum().backward()
         out = {"rewards": scores.total.detach().cpu(), "grad": x.grad.detach().cpu().contiguous()}
         out.update({f"components.{n}": s.detach().cpu() for n, s in scores.components.items()})
@@ -201,8 +202,7 @@ async def reward_gradient(request: Request, batcher: BatcherDep, settings: Setti
         out = await batcher.run_on_model_thread(run)
     except RewardError as e:
         raise HTTPException(error_status(e), str(e)) from None
-    experts = {n: {"checkpoint": e.checkpoint, "random_weights": e.random_weights} for n, e in batcher.rewarder.experts.items()}
-    payload = save_safetensors(out, metadata={"experts": json.dumps(experts)})
+    payload = save_safetensors(out, metadata={"experts": json.dumps(batcher.rewarder.sources())})
     return Response(payload, media_type="application/octet-stream")
 
 
