@@ -14,16 +14,19 @@ from .errors import (
     ModelLoadError,
     RewardError,
 )
-from .mixture import ImageScore, Mixture, RewardResult, TensorScores, create_rewarder
-from .registry import Expert, list_experts, register_expert
+from .factory import create_rewarder
+from .mixture import ImageScore, Limits, Mixture, RewardResult, TensorScores
+from .registry import Expert, ExpertConfig, get_expert_class, list_experts, register_expert
 
 __all__ = [
     "Expert",
+    "ExpertConfig",
     "ImageScore",
     "ImageTooLargeError",
     "InvalidImageError",
     "InvalidPromptError",
     "InvalidRequestError",
+    "Limits",
     "Mixture",
     "ModelLoadError",
     "RewardConfig",
@@ -31,6 +34,7 @@ __all__ = [
     "RewardResult",
     "TensorScores",
     "create_rewarder",
+    "get_expert_class",
     "list_experts",
     "list_profiles",
     "load_config",

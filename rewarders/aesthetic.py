@@ -8,13 +8,16 @@ Linear(16, 1), no activations. Sizes are read from the file, so the tiny head lo
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
+from pydantic import Field
 from torch import nn
 
+from .checkpoints import resolve_checkpoint
+from .clip import TINY_CLIP_CONFIG
 from .errors import ModelLoadError
-from .hub import resolve_file
-from .registry import Expert, LoadContext, register_expert
+from .registry import Expert, ExpertConfig, register_expert
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +51,33 @@ class AestheticHead(nn.Module):
         return head
 
 
+def build_tiny(out: Path) -> None:
+    """A tiny LAION head (.pth, the released key layout) on the tiny CLIP's embedding size."""
+    gen = torch.Generator().manual_seed(4321)
+    head = AestheticHead((TINY_CLIP_CONFIG["embed_dim"], 1024, 128, 64, 16, 1))
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    torch.save(head.state_dict(), out / HEAD_FILE)
+
+
+class AestheticConfig(ExpertConfig):
+    clip: str = Field("ViT-L-14/openai", description="open_clip MODEL/PRETRAINED (tag, local file or 'random'), or 'tiny'.")
+    head: str = Field(
+        "camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth",
+        description="LAION improved-aesthetic-predictor head (.pth): hub file, local file or directory, 'tiny' or 'random'.",
+    )
+
+
 @register_expert
 class AestheticExpert(Expert):
     """Predicted AVA-style rating (about 1..10). Default normalisation: the AVA mean-score distribution."""
 
     name = "aesthetic"
+    Config = AestheticConfig
     default_mean = 5.4
     default_std = 0.74
+    build_tiny = staticmethod(build_tiny)
 
     def __init__(self, head: AestheticHead, clip_spec: str, preprocess, checkpoint: str, random_weights: bool):
         super().__init__()
@@ -65,28 +88,23 @@ class AestheticExpert(Expert):
         self.random_weights = random_weights
 
     @classmethod
-    def from_config(cls, cfg, ctx: LoadContext) -> "AestheticExpert":
+    def from_config(cls, cfg: AestheticConfig, ctx) -> "AestheticExpert":
         clip = ctx.get_clip(cfg.clip)
-        if cfg.head == "random":
+        ckpt = resolve_checkpoint(cfg.head, HEAD_FILE, "aesthetic head", ctx.tiny_source(cls))
+        if ckpt.path is None:
             torch.manual_seed(ctx.seed + 1)
             head = AestheticHead((clip.embed_dim, 1024, 128, 64, 16, 1))
         else:
-            if cfg.head == "tiny":
-                from .tiny import ensure_tiny
-
-                path = ensure_tiny(ctx.cache_dir).aesthetic_head
-            else:
-                path = resolve_file(cfg.head, HEAD_FILE, "aesthetic head")
             try:
-                sd = torch.load(path, map_location="cpu", weights_only=True)
+                sd = torch.load(ckpt.path, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise ModelLoadError(f"cannot read aesthetic head {path}: {e}") from None
+                raise ModelLoadError(f"cannot read aesthetic head {ckpt.path}: {e}") from None
             head = AestheticHead.from_state_dict(sd)
         if head.layers[0].in_features != clip.embed_dim:
             raise ModelLoadError(
                 f"aesthetic head expects {head.layers[0].in_features}-dim embeddings but CLIP {cfg.clip} gives {clip.embed_dim}"
             )
-        random_weights = cfg.head in ("random", "tiny") or clip.random_weights
+        random_weights = ckpt.random_weights or clip.random_weights
         if random_weights:
             log.warning("aesthetic expert has RANDOM weights (head %s, CLIP %s)", cfg.head, cfg.clip)
         head.eval().requires_grad_(False).to(ctx.device)  # float32: the head is tiny and scores stay exact

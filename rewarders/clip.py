@@ -7,15 +7,37 @@ One backbone object is built per distinct spec and shared, so each image goes th
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from .checkpoints import TINY, resolve_checkpoint
 from .errors import ModelLoadError
 from .images import Preprocess
 
 log = logging.getLogger(__name__)
+
+TINY_CLIP_NAME = "t2i-reward-tiny-clip"
+TINY_CLIP_WEIGHTS = "open_clip_model.bin"
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 64, "head_width": 32, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def build_tiny_clip(out: Path) -> None:
+    """The tiny CLIP as open_clip loads any model: a model config JSON plus a plain state-dict checkpoint."""
+    import open_clip
+
+    config = out / f"{TINY_CLIP_NAME}.json"
+    config.write_text(json.dumps(TINY_CLIP_CONFIG, indent=2))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model(TINY_CLIP_NAME, pretrained=None).state_dict(), out / TINY_CLIP_WEIGHTS)
 
 
 def parse_clip_spec(spec: str) -> tuple[str, str | None]:
@@ -36,12 +58,10 @@ class ClipBackbone(nn.Module):
         import open_clip
 
         self.spec = spec
-        if spec == "tiny":
-            from .tiny import ensure_tiny
-
-            files = ensure_tiny(cache_dir)
-            open_clip.add_model_config(files.clip_config)
-            model_name, pretrained = files.clip_model_name, str(files.clip_weights)
+        if spec == TINY:
+            weights = resolve_checkpoint(TINY, TINY_CLIP_WEIGHTS, "tiny CLIP", tiny=("clip", build_tiny_clip, cache_dir)).path
+            open_clip.add_model_config(weights.parent / f"{TINY_CLIP_NAME}.json")
+            model_name, pretrained = TINY_CLIP_NAME, str(weights)
             self.random_weights = True
         else:
             model_name, pretrained = parse_clip_spec(spec)

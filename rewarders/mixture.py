@@ -1,4 +1,5 @@
-"""The mixture of reward experts: one object that scores (prompt, images).
+"""The mixture of reward experts: one object that scores (prompt, images). It only scores: the factory
+(`factory.create_rewarder`) loads the experts and hands them over.
 
     from rewarders import create_rewarder
     rewarder = create_rewarder(profile="tiny")          # or create_rewarder(config)
@@ -13,7 +14,13 @@ How the total is computed, per image i:
 
 Images are preprocessed once per distinct input spec, every CLIP backbone runs once per image and is
 shared by the experts that read it, and all images of a call go through each backbone in batches of
-at most `max_batch_size`. `forward` (alias `score_tensor`) is the differentiable path for ReFL.
+at most `max_batch_size`. `forward` (alias `score_tensor`) is the differentiable path for ReFL, and
+`reward_and_gradient` the whole computation behind the service's `/reward/gradient`.
+
+Limits (`Limits`: images per call, pixels per image, prompt length) are checked here, once, before any
+model runs; a caller with its own limits (the service) passes them. Every scoring call takes an
+optional `on_timing(name, seconds)` callback, called after each backbone and expert pass (the
+service's metrics come in that way).
 """
 
 from __future__ import annotations
@@ -27,12 +34,27 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .config import RewardConfig, load_config
-from .errors import InvalidPromptError, InvalidRequestError
+from .config import RewardConfig
+from .errors import ImageTooLargeError, InvalidPromptError, InvalidRequestError
 from .images import ImageLike, Preprocess, open_image
-from .registry import Expert, LoadContext, get_expert_class
+from .registry import Expert
 
 log = logging.getLogger(__name__)
+
+Timing = Callable[[str, float], None]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one scoring call may hold; anything beyond is refused with a `RewardError` before any model runs."""
+
+    max_images: int = 64
+    max_image_pixels: int = 40_000_000
+    max_prompt_chars: int = 2000
+
+    @classmethod
+    def from_config(cls, config: RewardConfig) -> "Limits":
+        return cls(config.max_images, config.max_image_pixels, config.max_prompt_chars)
 
 
 @dataclass
@@ -60,44 +82,26 @@ class TensorScores:
     components: dict[str, torch.Tensor]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
 class Mixture(nn.Module):
-    def __init__(self, config: RewardConfig):
+    def __init__(self, config: RewardConfig, experts: Mapping[str, Expert], clips: Sequence[nn.Module],
+                 device: torch.device, dtype: torch.dtype):
         super().__init__()
-        self.config = config
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        ctx = LoadContext(self.device, self.dtype, config.cache_dir, config.seed)
-        experts: dict[str, Expert] = {}
-        for name in type(config.experts).model_fields:
-            cfg = getattr(config.experts, name)
-            if cfg is not None:
-                experts[name] = get_expert_class(name).from_config(cfg, ctx)
         if not experts:
             raise InvalidRequestError("the configuration enables no expert")
-        self.experts = nn.ModuleDict(experts)
-        self.clips = nn.ModuleDict({f"clip{i}": c for i, c in enumerate(ctx.clips.values())})
-        self._clip_by_spec = {c.spec: c for c in ctx.clips.values()}
-        self.weights = {n: getattr(config.experts, n).weight for n in experts}
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.limits = Limits.from_config(config)
+        self.experts = nn.ModuleDict(dict(experts))
+        self.clips = nn.ModuleDict({f"clip{i}": c for i, c in enumerate(clips)})
+        self._clip_by_spec = {c.spec: c for c in clips}
+        self.weights = {n: config.experts[n].weight for n in experts}
         self.norm = {}
         for n, e in experts.items():
-            cfg = getattr(config.experts, n)
+            cfg = config.experts[n]
             mean = cfg.mean if cfg.mean is not None else e.default_mean
             std = cfg.std if cfg.std is not None else e.default_std
             self.norm[n] = (mean, std) if config.normalize else (0.0, 1.0)
-        # called as on_timing(name, seconds) after each backbone/expert pass; the service's metrics hook in here
-        self.on_timing: Callable[[str, float], None] | None = None
         if self.random_weights:
             log.warning("profile %s: at least one expert has RANDOM weights; scores are for testing only", config.profile)
 
@@ -129,18 +133,26 @@ class Mixture(nn.Module):
             weights[name] = float(w)
         return weights
 
-    def _check_prompt(self, prompt, max_chars: int | None = None) -> str:
-        max_chars = max_chars or self.config.max_prompt_chars
+    def _check_prompt(self, prompt, limits: Limits) -> str:
         if not isinstance(prompt, str):
             raise InvalidPromptError(f"prompt must be a string, got {type(prompt).__name__}")
         if not prompt.strip():
             raise InvalidPromptError("prompt is empty")
-        if len(prompt) > max_chars:
-            raise InvalidPromptError(f"prompt has {len(prompt)} characters; the limit is {max_chars}")
+        if len(prompt) > limits.max_prompt_chars:
+            raise InvalidPromptError(f"prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars}")
         return prompt
 
-    def _timed(self, name: str, fn, *args):
-        if self.on_timing is None:
+    def _prompts_for(self, prompts, n: int, limits: Limits) -> list[str]:
+        """One checked prompt per image, from one prompt for all or a list with one per image."""
+        prompt_list = [prompts] * n if isinstance(prompts, str) else prompts
+        if not isinstance(prompt_list, (list, tuple)):
+            raise InvalidPromptError("prompts must be one string or a list with one string per image")
+        if len(prompt_list) != n:
+            raise InvalidRequestError(f"{len(prompt_list)} prompts for {n} images")
+        return [self._check_prompt(p, limits) for p in prompt_list]
+
+    def _timed(self, on_timing: Timing | None, name: str, fn, *args):
+        if on_timing is None:
             return fn(*args)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -148,10 +160,11 @@ class Mixture(nn.Module):
         out = fn(*args)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.on_timing(name, time.perf_counter() - t)
+        on_timing(name, time.perf_counter() - t)
         return out
 
-    def _raw_scores(self, pixels_for: Callable[[Preprocess], torch.Tensor], prompts: list[str]) -> dict[str, torch.Tensor]:
+    def _raw_scores(self, pixels_for: Callable[[Preprocess], torch.Tensor], prompts: list[str],
+                    on_timing: Timing | None) -> dict[str, torch.Tensor]:
         """Each expert's raw score for one batch; `pixels_for(spec)` gives the batch preprocessed for `spec`."""
         pixels: dict[Preprocess, torch.Tensor] = {}
 
@@ -166,7 +179,7 @@ class Mixture(nn.Module):
             if e.clip_spec is None or e.clip_spec in image_embeds:
                 continue
             clip = self._clip_by_spec[e.clip_spec]
-            image_embeds[e.clip_spec] = self._timed(f"clip:{e.clip_spec}", clip.encode_images, get(clip.preprocess))
+            image_embeds[e.clip_spec] = self._timed(on_timing, f"clip:{e.clip_spec}", clip.encode_images, get(clip.preprocess))
         for e in self.experts.values():
             if e.needs_text_embeds and e.clip_spec not in text_embeds:
                 unique = list(dict.fromkeys(prompts))  # one text pass per distinct prompt
@@ -176,7 +189,7 @@ class Mixture(nn.Module):
         out = {}
         for name, e in self.experts.items():
             out[name] = self._timed(
-                name, e, get(e.preprocess), prompts, image_embeds.get(e.clip_spec), text_embeds.get(e.clip_spec)
+                on_timing, name, e, get(e.preprocess), prompts, image_embeds.get(e.clip_spec), text_embeds.get(e.clip_spec)
             ).float()
         return out
 
@@ -193,47 +206,79 @@ class Mixture(nn.Module):
     # the differentiable path
 
     def forward(self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None,
-                *, max_prompt_chars: int | None = None) -> TensorScores:
+                *, limits: Limits | None = None, on_timing: Timing | None = None) -> TensorScores:
         """Score a float image tensor (B, 3, H, W) with values in [0, 1], any size, keeping gradients.
 
         `prompts` is one prompt for all images or one per image. Preprocessing runs in torch, so
-        `scores.total.sum().backward()` reaches the pixels. `max_prompt_chars` defaults to the config's.
+        `scores.total.sum().backward()` reaches the pixels. `limits` default to the config's.
         """
+        limits = limits or self.limits
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
             raise InvalidRequestError("images must be a float tensor of shape (B, 3, H, W) with values in [0, 1]")
         if images.shape[0] == 0:
             raise InvalidRequestError("no images to score")
-        prompt_list = [prompts] * images.shape[0] if isinstance(prompts, str) else list(prompts)
-        if len(prompt_list) != images.shape[0]:
-            raise InvalidRequestError(f"{len(prompt_list)} prompts for {images.shape[0]} images")
-        prompt_list = [self._check_prompt(p, max_prompt_chars) for p in prompt_list]
+        prompt_list = self._prompts_for(prompts, images.shape[0], limits)
         w = self._weights(weights)
         images = images.to(self.device, torch.float32)
-        raw = self._raw_scores(lambda spec: spec.tensor(images), prompt_list)
+        raw = self._raw_scores(lambda spec: spec.tensor(images), prompt_list, on_timing)
         return TensorScores(self.combine(raw, w), raw)
 
     score_tensor = forward
 
+    def check_tensor(self, images, limits: Limits | None = None) -> None:
+        """Refuse an image tensor the service should not run: wrong dtype or shape, empty, too many
+        images, too many pixels (ImageTooLargeError), values not finite or outside [0, 1]."""
+        limits = limits or self.limits
+        if not isinstance(images, torch.Tensor) or images.dtype not in (torch.float16, torch.float32, torch.bfloat16) \
+                or images.ndim != 4 or images.shape[1] != 3:
+            got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise InvalidRequestError(f"'images' must be float16/float32 of shape (B, 3, H, W), got {got}")
+        b, _, h, w = images.shape
+        if b == 0 or h == 0 or w == 0:
+            raise InvalidRequestError("'images' is empty")
+        if b > limits.max_images:
+            raise InvalidRequestError(f"{b} images; the limit is {limits.max_images} per call")
+        if h * w > limits.max_image_pixels:
+            raise ImageTooLargeError(f"{w}x{h} images are over the limit of {limits.max_image_pixels} pixels")
+        if not bool(torch.isfinite(images).all()) or float(images.min()) < 0 or float(images.max()) > 1:
+            raise InvalidRequestError("'images' values must be finite and in [0, 1]")
+
+    def reward_and_gradient(self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None,
+                            *, limits: Limits | None = None, on_timing: Timing | None = None) -> dict[str, torch.Tensor]:
+        """Rewards and d(sum of totals)/d(images) for a [0, 1] image tensor, after every check.
+
+        Returns CPU tensors: `rewards` (B,), `grad` (B, 3, H, W) and `components.<expert>` (B,).
+        """
+        self.check_tensor(images, limits)
+        x = images.detach().float().requires_grad_(True)
+        scores = self.forward(x, prompts, weights, limits=limits, on_timing=on_timing)
+        scores.total.sum().backward()
+        out = {"rewards": scores.total.detach().cpu(), "grad": x.grad.detach().cpu().contiguous()}
+        out.update({f"components.{n}": s.detach().cpu() for n, s in scores.components.items()})
+        return out
+
     # ------------------------------------------------------------------------------------------
     # scoring images
 
-    def score(self, prompt: str, images: Sequence[ImageLike], weights: Mapping[str, float] | None = None) -> RewardResult:
+    def score(self, prompt: str, images: Sequence[ImageLike], weights: Mapping[str, float] | None = None,
+              *, on_timing: Timing | None = None) -> RewardResult:
         """Score images (PIL images, paths or encoded bytes) against one prompt."""
-        return self.score_many([(prompt, images, weights)])[0]
+        return self.score_many([(prompt, images, weights)], on_timing=on_timing)[0]
 
-    def score_many(self, requests: Iterable[tuple]) -> list[RewardResult]:
+    def score_many(self, requests: Iterable[tuple], *, on_timing: Timing | None = None) -> list[RewardResult]:
         """Score several (prompt, images[, weights]) requests in shared batches.
 
         The images of all requests are pooled, so many small requests fill a batch; each request
         still gets its own result. Every request is validated before any model runs.
         """
-        return self.score_checked([self.check_request(*req) for req in requests])
+        return self.score_checked([self.check_request(*req) for req in requests], on_timing=on_timing)
 
-    def score_checked(self, checked: Sequence[tuple[str, list, dict[str, float]]]) -> list[RewardResult]:
+    def score_checked(self, checked: Sequence[tuple[str, list, dict[str, float]]], *,
+                      on_timing: Timing | None = None) -> list[RewardResult]:
         """Score requests already returned by `check_request` (prompt, decoded images, weights)."""
         flat_images = [im for _, ims, _ in checked for im in ims]
         flat_prompts = [p for p, ims, _ in checked for _ in ims]
-        raw = self.raw_scores(flat_images, flat_prompts)
+        raw = self.raw_scores(flat_images, flat_prompts, on_timing=on_timing)
         results, start = [], 0
         sources = self.sources()
         for _, ims, weights in checked:
@@ -252,52 +297,34 @@ class Mixture(nn.Module):
             )
         return results
 
-    def check_request(
-        self,
-        prompt,
-        images,
-        weights: Mapping[str, float] | None = None,
-        *,
-        max_prompt_chars: int | None = None,
-        max_images: int | None = None,
-        max_image_pixels: int | None = None,
-    ) -> tuple[str, list, dict[str, float]]:
+    def check_request(self, prompt, images, weights: Mapping[str, float] | None = None,
+                      limits: Limits | None = None) -> tuple[str, list, dict[str, float]]:
         """Validate one request and decode its images: (prompt, PIL images, effective weights).
 
-        Raises a `RewardError` subclass for bad input. The limits default to the config's; a caller
-        with its own (the service) passes them. The service calls this off the event loop before
-        queueing, so a bad request never reaches a batch.
+        Raises a `RewardError` subclass for bad input. `limits` default to the config's; the service
+        passes its own. The service calls this off the event loop before queueing, so a bad request
+        never reaches a batch.
         """
-        return (
-            self._check_prompt(prompt, max_prompt_chars),
-            self._load_images(images, max_images or self.config.max_images, max_image_pixels or self.config.max_image_pixels),
-            self._weights(weights),
-        )
+        limits = limits or self.limits
+        return self._check_prompt(prompt, limits), self._load_images(images, limits), self._weights(weights)
 
-    def raw_scores(self, images: Sequence, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    def raw_scores(self, images: Sequence, prompts: Sequence[str], *, on_timing: Timing | None = None) -> dict[str, torch.Tensor]:
         """Raw per-expert scores (CPU float32) for decoded PIL images, one prompt per image, in batches."""
         out: dict[str, list[torch.Tensor]] = {n: [] for n in self.experts}
         bs = self.config.max_batch_size
         with torch.inference_mode():
             for i in range(0, len(images), bs):
                 batch = images[i : i + bs]
-                raw = self._raw_scores(lambda spec: spec.pil(batch), list(prompts[i : i + bs]))
+                raw = self._raw_scores(lambda spec: spec.pil(batch), list(prompts[i : i + bs]), on_timing)
                 for n, s in raw.items():
                     out[n].append(s.cpu())
         return {n: torch.cat(v) for n, v in out.items()}
 
-    def _load_images(self, images, max_images: int, max_pixels: int) -> list:
+    def _load_images(self, images, limits: Limits) -> list:
         if isinstance(images, (str, bytes, bytearray)) or not isinstance(images, Sequence):
             raise InvalidRequestError("images must be a list of images (PIL images, paths or bytes)")
         if len(images) == 0:
             raise InvalidRequestError("no images to score")
-        if len(images) > max_images:
-            raise InvalidRequestError(f"{len(images)} images; the limit is {max_images} per call")
-        return [open_image(im, max_pixels) for im in images]
-
-
-def create_rewarder(config: RewardConfig | str | None = None, *, profile: str | None = None, **overrides) -> Mixture:
-    """The one entry point: a `RewardConfig`, a YAML path, or a profile name (`list_profiles()`)."""
-    if not isinstance(config, RewardConfig):
-        config = load_config(config, profile=profile, **overrides)
-    return Mixture(config)
+        if len(images) > limits.max_images:
+            raise InvalidRequestError(f"{len(images)} images; the limit is {limits.max_images} per call")
+        return [open_image(im, limits.max_image_pixels) for im in images]

@@ -12,15 +12,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import torch
 from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .checkpoints import resolve_checkpoint
+from .clip import TINY_CLIP_CONFIG
 from .errors import ModelLoadError
-from .hub import resolve_file
-from .registry import Expert, LoadContext, register_expert
+from .registry import Expert, ExpertConfig, register_expert
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +67,9 @@ class MLPRewardModel(nn.Module):
         return out
 
     @classmethod
-    def load(cls, spec: str) -> "MLPRewardModel":
-        weights = resolve_file(spec, WEIGHTS_FILE, "MLP reward checkpoint")
+    def load(cls, weights: Path, spec: str | None = None) -> "MLPRewardModel":
+        """Load `model.safetensors` and the `config.json` beside it."""
+        spec = spec or str(weights)
         config_path = weights.parent / CONFIG_FILE
         if not config_path.is_file():
             raise ModelLoadError(f"MLP reward checkpoint {spec}: {CONFIG_FILE} is missing beside {weights.name}")
@@ -79,12 +82,25 @@ class MLPRewardModel(nn.Module):
         return model
 
 
+def build_tiny(out: Path) -> None:
+    """A tiny thesis MLP on the tiny CLIP, saved as train-reward saves one."""
+    torch.manual_seed(1)
+    MLPRewardModel(MLPRewardConfig(clip="tiny", embed_dim=TINY_CLIP_CONFIG["embed_dim"])).save(out)
+
+
+class MLPConfig(ExpertConfig):
+    checkpoint: str = Field(..., description="Directory with model.safetensors and config.json (train-reward writes it), its model.safetensors, a hub id, or 'tiny'/'random'.")
+    clip: Optional[str] = Field(None, description="Override the CLIP named in the checkpoint's config.json (rarely needed).")
+
+
 @register_expert
 class MLPExpert(Expert):
     """The thesis MLP; default normalisation: the score statistics stored in its checkpoint."""
 
     name = "mlp"
+    Config = MLPConfig
     needs_text_embeds = True
+    build_tiny = staticmethod(build_tiny)
 
     def __init__(self, model: MLPRewardModel, clip_spec: str, preprocess, checkpoint: str, random_weights: bool):
         super().__init__()
@@ -97,27 +113,22 @@ class MLPExpert(Expert):
         self.default_std = model.config.std
 
     @classmethod
-    def from_config(cls, cfg, ctx: LoadContext) -> "MLPExpert":
-        if cfg.checkpoint == "random":
+    def from_config(cls, cfg: MLPConfig, ctx) -> "MLPExpert":
+        ckpt = resolve_checkpoint(cfg.checkpoint, WEIGHTS_FILE, "MLP reward checkpoint", ctx.tiny_source(cls))
+        if ckpt.path is None:
             clip_spec = cfg.clip or "ViT-L-14/random"
             clip = ctx.get_clip(clip_spec)
             torch.manual_seed(ctx.seed + 2)
             model = MLPRewardModel(MLPRewardConfig(clip=clip_spec, embed_dim=clip.embed_dim))
         else:
-            if cfg.checkpoint == "tiny":
-                from .tiny import ensure_tiny
-
-                spec = str(ensure_tiny(ctx.cache_dir).mlp_dir)
-            else:
-                spec = cfg.checkpoint
-            model = MLPRewardModel.load(spec)
+            model = MLPRewardModel.load(ckpt.path, cfg.checkpoint)
             clip_spec = cfg.clip or model.config.clip
             clip = ctx.get_clip(clip_spec)
         if clip.embed_dim != model.config.embed_dim:
             raise ModelLoadError(
                 f"MLP reward model expects {model.config.embed_dim}-dim CLIP embeddings but {clip_spec} gives {clip.embed_dim}"
             )
-        random_weights = cfg.checkpoint in ("random", "tiny") or clip.random_weights
+        random_weights = ckpt.random_weights or clip.random_weights
         if random_weights:
             log.warning("MLP expert has RANDOM weights (checkpoint %s, CLIP %s)", cfg.checkpoint, clip_spec)
         model.eval().requires_grad_(False).to(ctx.device)

@@ -1,54 +1,79 @@
-"""The expert registry: each expert is one class in its own file, chosen by name.
+"""The expert registry: what an expert is, and the table of experts by name.
 
     @register_expert
     class MyExpert(Expert):
         name = "mine"
+        Config = MyConfig          # a pydantic model (subclass of ExpertConfig), every field documented
         ...
 
 An expert maps preprocessed pixels (and, for CLIP-based experts, the shared CLIP embeddings) plus one
 prompt per image to one raw float32 score per image. The mixture owns preprocessing, batching, the
-shared CLIP passes and the weighted total.
+shared CLIP passes and the weighted total; the factory (`factory.py`) loads experts from their configs.
+
+Where experts come from, by name:
+- the built-in ones (`BUILTIN` below, imported on first look-up);
+- any installed package that declares an entry point in the group `t2i_reward.experts`
+  (`name = "package.module:ExpertClass"`), loaded on first look-up;
+- any class decorated with `@register_expert` in code that has run.
+
+This module is a leaf: it imports no other module of the package but `errors`, so every expert
+module can import it without a cycle.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib
+import logging
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from .errors import InvalidRequestError
 
 if TYPE_CHECKING:
-    from .clip import ClipBackbone
     from .images import Preprocess
 
+log = logging.getLogger(__name__)
 
-@dataclass
-class LoadContext:
-    """What experts need to load: where, in which dtype, and the shared CLIP backbones."""
+ENTRY_POINT_GROUP = "t2i_reward.experts"
 
-    device: torch.device
-    dtype: torch.dtype
-    cache_dir: Path
-    seed: int = 0
-    clips: dict[str, "ClipBackbone"] = field(default_factory=dict)
+# the built-in experts, as "module:class" like entry points, so this module imports none of them
+BUILTIN = {
+    "imagereward": "rewarders.imagereward:ImageRewardExpert",
+    "aesthetic": "rewarders.aesthetic:AestheticExpert",
+    "mlp": "rewarders.mlp:MLPExpert",
+}
 
-    def get_clip(self, spec: str) -> "ClipBackbone":
-        """One backbone per spec, shared by every expert that names it."""
-        if spec not in self.clips:
-            from .clip import ClipBackbone
 
-            self.clips[spec] = ClipBackbone(spec, self.cache_dir, self.device, self.dtype)
-        return self.clips[spec]
+class ExpertConfig(BaseModel):
+    """What every expert has: its weight in the total and the statistics that normalise it. Each expert
+    subclasses this with its own fields (checkpoints, tokenizers, CLIP specs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    weight: float = Field(1.0, description="Weight of this expert's normalised score in the total.")
+    mean: Optional[float] = Field(None, description="Mean subtracted before weighting (None: the expert's default).")
+    std: Optional[float] = Field(None, gt=0, description="Std divided by before weighting (None: the expert's default).")
 
 
 class Expert(nn.Module):
+    """Base class of every expert.
+
+    Class attributes an expert sets: `name`, `Config` (its pydantic config model), `default_mean` /
+    `default_std` (its normalisation unless the config sets one), and `build_tiny` (writes the expert's
+    tiny random-weight checkpoint into a folder, in the real format; None when it has none).
+    Instances set `preprocess`, `checkpoint`, `random_weights` and, for CLIP-based experts, `clip_spec`.
+    """
+
     name: ClassVar[str]
+    Config: ClassVar[type[ExpertConfig]] = ExpertConfig
     default_mean: ClassVar[float] = 0.0
     default_std: ClassVar[float] = 1.0
+    build_tiny: ClassVar[Optional[Callable[[Path], None]]] = None
     clip_spec: str | None = None  # the shared CLIP backbone whose embeddings this expert reads
     needs_text_embeds: bool = False
     preprocess: "Preprocess"
@@ -56,7 +81,8 @@ class Expert(nn.Module):
     random_weights: bool
 
     @classmethod
-    def from_config(cls, cfg, ctx: LoadContext) -> "Expert":
+    def from_config(cls, cfg: ExpertConfig, ctx: Any) -> "Expert":
+        """Load the expert; `ctx` is the factory's `LoadContext` (device, dtype, cache, shared CLIPs)."""
         raise NotImplementedError
 
     def forward(
@@ -69,41 +95,67 @@ class Expert(nn.Module):
         raise NotImplementedError
 
     def describe(self) -> dict:
-        p = next(self.parameters())
+        p = next(self.parameters(), None)
         return {
             "checkpoint": self.checkpoint,
             "random_weights": self.random_weights,
             "clip": self.clip_spec,
-            "device": str(p.device),
-            "dtype": str(p.dtype).removeprefix("torch."),
+            "device": str(p.device) if p is not None else "cpu",
+            "dtype": str(p.dtype).removeprefix("torch.") if p is not None else "float32",
         }
 
 
 EXPERTS: dict[str, type[Expert]] = {}
+_BROKEN: dict[str, str] = {}  # entry points that failed to load: name -> why
+_discovered = False
 
 
 def register_expert(cls: type[Expert]) -> type[Expert]:
+    """Class decorator: make `cls` available by `cls.name` in configs and `list_experts()`."""
+    if not (isinstance(cls, type) and issubclass(cls, Expert)):
+        raise TypeError(f"{cls!r} is not an Expert subclass")
+    if not (isinstance(getattr(cls, "Config", None), type) and issubclass(cls.Config, ExpertConfig)):
+        raise TypeError(f"expert {cls.__name__}: Config must be a subclass of ExpertConfig")
     EXPERTS[cls.name] = cls
     return cls
 
 
-BUILTIN = ("imagereward", "aesthetic", "mlp")
+def _load(target: str) -> None:
+    """Import "module:Class" (or "module", whose import registers its experts) and register the class."""
+    module, _, attr = target.partition(":")
+    obj = importlib.import_module(module)
+    if attr:
+        obj = getattr(obj, attr)
+        if obj not in EXPERTS.values():
+            register_expert(obj)
+
+
+def discover() -> None:
+    """Import the built-in experts and every `t2i_reward.experts` entry point, once."""
+    global _discovered
+    if _discovered:
+        return
+    _discovered = True
+    for target in BUILTIN.values():
+        _load(target)
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            _load(ep.value)
+        except Exception as e:  # a broken plugin must not take the other experts down
+            _BROKEN[ep.name] = f"{type(e).__name__}: {e}"
+            log.error("expert entry point %s = %s failed to load: %s", ep.name, ep.value, _BROKEN[ep.name])
 
 
 def list_experts() -> list[str]:
-    """Names of the registered experts: the built-in ones first, then any registered later."""
-    _import_builtin()
+    """Names of the registered experts: the built-in ones first, then plugins and later registrations."""
+    discover()
     return list(BUILTIN) + [n for n in EXPERTS if n not in BUILTIN]
 
 
 def get_expert_class(name: str) -> type[Expert]:
-    _import_builtin()
+    discover()
     if name not in EXPERTS:
-        raise InvalidRequestError(f"unknown expert {name!r}; known: {', '.join(EXPERTS)}")
+        if name in _BROKEN:
+            raise InvalidRequestError(f"expert {name!r}: its entry point failed to load ({_BROKEN[name]})")
+        raise InvalidRequestError(f"unknown expert {name!r}; known: {', '.join(list_experts())}")
     return EXPERTS[name]
-
-
-def _import_builtin() -> None:
-    # importing the modules registers the built-in experts
-    from . import aesthetic, imagereward, mlp  # noqa: F401
-

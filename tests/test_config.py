@@ -11,11 +11,11 @@ def test_registries():
 def test_default_profile_names_the_published_checkpoints():
     cfg = load_config()
     assert cfg.profile == "default"
-    assert cfg.experts.imagereward.checkpoint == "THUDM/ImageReward"
-    assert cfg.experts.imagereward.tokenizer == "bert-base-uncased"
-    assert cfg.experts.aesthetic.clip == "ViT-L-14/openai"
-    assert cfg.experts.aesthetic.head.endswith("sac+logos+ava1-l14-linearMSE.pth")
-    assert cfg.experts.mlp is None
+    assert cfg.experts["imagereward"].checkpoint == "THUDM/ImageReward"
+    assert cfg.experts["imagereward"].tokenizer == "bert-base-uncased"
+    assert cfg.experts["aesthetic"].clip == "ViT-L-14/openai"
+    assert cfg.experts["aesthetic"].head.endswith("sac+logos+ava1-l14-linearMSE.pth")
+    assert cfg.experts.get("mlp") is None
 
 
 def test_yaml_then_environment(tmp_path, monkeypatch):
@@ -25,13 +25,13 @@ def test_yaml_then_environment(tmp_path, monkeypatch):
     )
     cfg = load_config(path)
     assert cfg.profile == "tiny" and cfg.max_batch_size == 4
-    assert cfg.experts.aesthetic.weight == 0.25 and cfg.experts.aesthetic.clip == "tiny"  # profile value kept
-    assert cfg.experts.mlp is None
+    assert cfg.experts["aesthetic"].weight == 0.25 and cfg.experts["aesthetic"].clip == "tiny"  # profile value kept
+    assert cfg.experts.get("mlp") is None
     monkeypatch.setenv("T2I_REWARD_MAX_BATCH_SIZE", "3")
     monkeypatch.setenv("T2I_REWARD_EXPERTS__AESTHETIC__WEIGHT", "0.5")
     cfg = load_config(path)
-    assert cfg.max_batch_size == 3 and cfg.experts.aesthetic.weight == 0.5
-    assert cfg.experts.aesthetic.head == "tiny"  # a nested env var overrides one field, not the whole expert
+    assert cfg.max_batch_size == 3 and cfg.experts["aesthetic"].weight == 0.5
+    assert cfg.experts["aesthetic"].head == "tiny"  # a nested env var overrides one field, not the whole expert
 
 
 def test_bad_configs_are_clear_errors(tmp_path):

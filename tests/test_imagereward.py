@@ -9,7 +9,6 @@ import torch
 
 from rewarders import ModelLoadError, create_rewarder
 from rewarders.imagereward import ImageRewardArch, ImageRewardModel, read_state_dict
-from rewarders.tiny import ensure_tiny
 
 from .conftest import smooth_image
 
@@ -19,13 +18,21 @@ LONG_PROMPT = (
 )
 
 
+def tiny_checkpoint(cache_dir) -> Path:
+    """The tiny ImageReward.pt, through the one resolver every checkpoint spec goes through."""
+    from rewarders.checkpoints import resolve_checkpoint
+    from rewarders.imagereward import CHECKPOINT_FILE, ImageRewardExpert
+
+    return resolve_checkpoint("tiny", CHECKPOINT_FILE, "ImageReward", ("imagereward", ImageRewardExpert.build_tiny, cache_dir)).path
+
+
 @pytest.fixture(scope="module")
 def ir_only(cache_dir):
     return create_rewarder(profile="tiny", cache_dir=cache_dir, experts={"aesthetic": None, "mlp": None})
 
 
 def test_tiny_checkpoint_has_the_official_keys(cache_dir):
-    tiny = read_state_dict(ensure_tiny(cache_dir).imagereward)
+    tiny = read_state_dict(tiny_checkpoint(cache_dir))
     with torch.device("meta"):
         full = ImageRewardModel(ImageRewardArch()).state_dict()
     assert len(full) == 625  # the released ImageReward.pt holds 625 tensors
@@ -38,13 +45,13 @@ def test_tiny_checkpoint_has_the_official_keys(cache_dir):
 
 
 def test_architecture_is_read_from_the_checkpoint(cache_dir):
-    arch = ImageRewardArch.from_state_dict(read_state_dict(ensure_tiny(cache_dir).imagereward))
+    arch = ImageRewardArch.from_state_dict(read_state_dict(tiny_checkpoint(cache_dir)))
     assert (arch.vision_width, arch.vision_depth, arch.text_width, arch.text_depth) == (128, 2, 64, 2)
     assert (arch.image_size, arch.patch_size, arch.vocab_size) == (224, 16, 30524)
 
 
 def test_local_file_and_directory_load_the_same(cache_dir, images):
-    path = ensure_tiny(cache_dir).imagereward
+    path = tiny_checkpoint(cache_dir)
     scores = []
     for spec in (str(path), str(path.parent)):
         r = create_rewarder(

@@ -69,8 +69,7 @@ def test_weights_override_per_call(tiny, images):
 def test_one_shared_clip_pass_per_batch(cache_dir):
     r = create_rewarder(profile="tiny", cache_dir=cache_dir, max_batch_size=2)
     calls = Counter()
-    r.on_timing = lambda name, seconds: calls.update([name])
-    r.score("a cat", [smooth_image(i, 64, 64) for i in range(5)])
+    r.score("a cat", [smooth_image(i, 64, 64) for i in range(5)], on_timing=lambda name, seconds: calls.update([name]))
     # 5 images in batches of 2: three batches, one CLIP pass each, shared by aesthetic and mlp
     assert calls == Counter({"clip:tiny": 3, "imagereward": 3, "aesthetic": 3, "mlp": 3})
 

@@ -3,7 +3,7 @@ import torch
 
 from rewarders import ModelLoadError, create_rewarder
 from rewarders.mlp import MLPRewardConfig, MLPRewardModel
-from rewarders.tiny import TINY_CLIP_CONFIG
+from rewarders.clip import TINY_CLIP_CONFIG
 
 
 def test_thesis_architecture():

@@ -161,7 +161,7 @@ def test_cli_train_eval_fit(colour_data, cache_dir, tmp_path, capsys, monkeypatc
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(report["weights"]) == {"imagereward", "aesthetic", "mlp"} and "val_accuracy_fitted" in report
     cfg = load_config(fitted)
-    assert cfg.experts.mlp.checkpoint == str(ckpt)
+    assert cfg.experts["mlp"].checkpoint == str(ckpt)
     assert cfg.experts.mlp.weight == pytest.approx(report["weights"]["mlp"], abs=1e-5)
     assert main(["train-reward", "--data", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x"), "--clip", "tiny"]) == 2
     assert "no such file" in capsys.readouterr().err

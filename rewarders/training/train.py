@@ -25,9 +25,8 @@ from pydantic import BaseModel, Field
 
 from ..config import DEFAULT_CACHE
 from ..errors import InvalidRequestError
-from ..mixture import resolve_device
+from ..factory import LoadContext, resolve_device
 from ..mlp import MLPRewardConfig, MLPRewardModel
-from ..registry import LoadContext
 from .data import (
     EmbeddingCache,
     embed_images,
