@@ -161,58 +161,24 @@ def _bad(message: str):
 
 
 def cmd_eval_preference(args) -> int:
-    from pathlib import Path
-
-    from rewarders.training import load_preference_data, preference_accuracy, score_records
-    from rewarders.training.evaluate import bar_chart, markdown_table
+    from rewarders.training import evaluate_preferences, load_preference_data, markdown_table
 
     records = load_preference_data(args.data, args.image_root, split=args.split)
     rewarder = _rewarder(args)
-    scores = score_records(records, rewarder)
-    results = {name: preference_accuracy(s, records, n_boot=args.bootstrap, seed=args.seed) for name, s in scores.items()}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(results)
-    (out / "preference_accuracy.md").write_text(table)
-    (out / "preference_accuracy.json").write_text(json.dumps(results, indent=2))
-    bar_chart(results, out / "preference_accuracy.png")
-    print(table, end="")
+    results = evaluate_preferences(records, rewarder, args.out, n_boot=args.bootstrap, seed=args.seed)
+    print(markdown_table(results), end="")
     if rewarder.random_weights:
         print("NOTE: some experts have random weights; these accuracies are for testing only")
     return 0
 
 
 def cmd_fit_mixture(args) -> int:
-    from pathlib import Path
-
-    import yaml
-
-    from rewarders.training import fit_weights, load_preference_data, pair_differences, score_records, split_by_prompt
-    from rewarders.training.evaluate import weighted_accuracy
+    from rewarders.training import fit_mixture, load_preference_data, write_fitted_config
 
     records = load_preference_data(args.data, args.image_root, split=args.split)
-    train, val = split_by_prompt(records, args.val_fraction, args.seed)
     rewarder = _rewarder(args)
-    names = list(rewarder.experts)
-    scale = {n: rewarder.norm[n][1] for n in names}
-    scores = score_records(train + val, rewarder)
-    tr = {n: scores[n][: len(train)] for n in names}
-    va = {n: scores[n][len(train):] for n in names}
-    d_train = pair_differences(tr, train, scale)
-    weights = fit_weights(d_train, names)
-    report = {"weights": weights, "train_pairs": len(d_train)}
-    if val:
-        d_val = pair_differences(va, val, scale)
-        report["val_accuracy_fitted"] = weighted_accuracy(d_val, [weights[n] for n in names])
-        report["val_accuracy_configured"] = weighted_accuracy(d_val, [rewarder.weights[n] for n in names])
-    base = yaml.safe_load(Path(args.config).read_text()) if args.config else {"profile": rewarder.config.profile}
-    base = base or {}
-    experts = base.setdefault("experts", {})
-    for n, w in weights.items():
-        if not isinstance(experts.get(n), dict):
-            experts[n] = {}
-        experts[n]["weight"] = round(w, 6)
-    Path(args.out).write_text(yaml.safe_dump(base, sort_keys=False))
+    report = fit_mixture(records, rewarder, args.val_fraction, args.seed)
+    write_fitted_config(report["weights"], args.out, args.config, rewarder.config.profile)
     print(json.dumps(report))
     print(f"wrote {args.out}: use it with --config", file=sys.stderr)
     return 0

@@ -147,7 +147,8 @@ def test_cli_train_eval_fit(colour_data, cache_dir, tmp_path, capsys, monkeypatc
                  "--batch-size", "32", "--lr", "1e-3", "--cache-dir", str(cache_dir)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["train_pairs"] > 0
     config = tmp_path / "with-mlp.yaml"
-    config.write_text(yaml.safe_dump({"profile": "tiny", "experts": {"mlp": {"checkpoint": str(ckpt)}}}))
+    # a file lists exactly the experts it enables; the profile gives their other fields
+    config.write_text(yaml.safe_dump({"profile": "tiny", "experts": {"imagereward": {}, "aesthetic": {}, "mlp": {"checkpoint": str(ckpt)}}}))
     out = tmp_path / "eval"
     assert main(["eval-preference", "--config", str(config), "--data", str(colour_data), "--out", str(out), "--bootstrap", "50"]) == 0
     table = capsys.readouterr().out
@@ -162,6 +163,6 @@ def test_cli_train_eval_fit(colour_data, cache_dir, tmp_path, capsys, monkeypatc
     assert set(report["weights"]) == {"imagereward", "aesthetic", "mlp"} and "val_accuracy_fitted" in report
     cfg = load_config(fitted)
     assert cfg.experts["mlp"].checkpoint == str(ckpt)
-    assert cfg.experts.mlp.weight == pytest.approx(report["weights"]["mlp"], abs=1e-5)
+    assert cfg.experts["mlp"].weight == pytest.approx(report["weights"]["mlp"], abs=1e-5)
     assert main(["train-reward", "--data", str(tmp_path / "missing.json"), "--out", str(tmp_path / "x"), "--clip", "tiny"]) == 2
     assert "no such file" in capsys.readouterr().err

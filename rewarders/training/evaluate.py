@@ -1,5 +1,5 @@
 """Preference accuracy of every expert, CLIP score and the mixture (`t2i-reward eval-preference`), and
-mixture weights learned from preferences (`t2i-reward fit-mixture`).
+the pieces of the mixture-weight fit (`fit.py`, `t2i-reward fit-mixture`).
 
 Preference accuracy: over every pair of images of a prompt with different human ranks (ties
 excluded), the share where the scorer gives the preferred image the higher score; equal scores count
@@ -8,6 +8,7 @@ half. 95% intervals: percentile bootstrap over prompts (pairs of one prompt are 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Sequence
 
@@ -113,6 +114,20 @@ def bar_chart(results: dict[str, dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def evaluate_preferences(records: Sequence[PreferenceRecord], rewarder: Mixture, out_dir: str | Path,
+                         n_boot: int = 1000, seed: int = 0, progress: bool = True) -> dict[str, dict]:
+    """Preference accuracy of every scorer on `records`, written to `out_dir` as
+    `preference_accuracy.md` (table), `.json` and `.png` (bar chart); returns the results by scorer."""
+    scores = score_records(records, rewarder, progress=progress)
+    results = {name: preference_accuracy(s, records, n_boot=n_boot, seed=seed) for name, s in scores.items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "preference_accuracy.md").write_text(markdown_table(results))
+    (out / "preference_accuracy.json").write_text(json.dumps(results, indent=2))
+    bar_chart(results, out / "preference_accuracy.png")
+    return results
 
 
 def pair_differences(scores: dict[str, Sequence[np.ndarray]], records: Sequence[PreferenceRecord],
