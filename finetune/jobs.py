@@ -34,6 +34,10 @@ class JobStore:
         self.redis = redis.Redis.from_url(url, decode_responses=True)
         self.queue = Queue(QUEUE, connection=redis.Redis.from_url(url))
 
+    def close(self) -> None:
+        self.redis.close()
+        self.queue.connection.close()
+
     # ---- API side
     def create(self, spec: JobSpec) -> str:
         job_id = secrets.token_urlsafe(16)  # unguessable: ids are capabilities to read a job's artifacts

@@ -2,7 +2,7 @@
 sentence-transformers."""
 
 from .corpus import default_prompts
-from .index import DEFAULT_MODEL, PromptIndex, PromptIndexError, build_index, default_index
+from .index import DEFAULT_MODEL, PromptIndex, PromptIndexError, build_index, default_index, open_index
 from .sources import DEFAULT_SOURCE, PromptSourceError, read_prompts
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "build_index",
     "default_index",
     "default_prompts",
+    "open_index",
     "read_prompts",
 ]

@@ -232,6 +232,11 @@ class PromptIndex:
         return [(int(ids[j]), float(relevance[j])) for j in chosen]
 
 
+def open_index(path: str | os.PathLike | None, cache_dir: str | os.PathLike) -> PromptIndex:
+    """The index at `path` (`t2i-reward prompts build` wrote it), or the built-in corpus's when None."""
+    return PromptIndex.load(path) if path is not None else default_index(cache_dir)
+
+
 def default_index(cache_dir: str | os.PathLike) -> PromptIndex:
     """The project's own corpus (prompter.corpus), built into the cache on first use."""
     from .corpus import default_prompts

@@ -17,7 +17,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from prompter import PromptIndex, default_index
+from finetune.jobs import JobStore
+from prompter import PromptIndex, open_index
 from rewarders import Mixture, create_rewarder
 
 from .batcher import MicroBatcher
@@ -29,13 +30,8 @@ log = logging.getLogger(__name__)
 
 
 def load_rewarder(settings: Settings) -> Mixture:
-    return create_rewarder(settings.reward_config, profile=settings.profile, **settings.rewarder_overrides())
-
-
-def load_prompter(settings: Settings, cache_dir) -> PromptIndex:
-    if settings.prompts_index is not None:
-        return PromptIndex.load(settings.prompts_index)
-    return default_index(cache_dir)
+    """The rewarder the settings name, with the service's limits and batch size."""
+    return create_rewarder(settings.rewarder_config(**settings.rewarder_overrides()))
 
 
 def create_app(settings: Settings | None = None, rewarder: Mixture | None = None, prompter: PromptIndex | None = None) -> FastAPI:
@@ -47,11 +43,13 @@ def create_app(settings: Settings | None = None, rewarder: Mixture | None = None
     async def lifespan(app: FastAPI):
         # one loader, models then prompt index, in sequence: importing transformers from two threads
         # at once races inside its lazy module and fails
+        app.state.job_store = JobStore(settings.redis_url)  # connects on first use: Redis may start later
         loader = asyncio.create_task(_load(app, settings, metrics, rewarder, prompter))
         yield
         loader.cancel()
         if app.state.batcher is not None:
             await app.state.batcher.stop()
+        app.state.job_store.close()
 
     app = FastAPI(
         title="t2i-reward",
@@ -82,15 +80,16 @@ async def _load(app: FastAPI, settings: Settings, metrics: Metrics, rewarder: Mi
         log.error("loading the models failed: %s", e)
         app.state.load_error = str(e)
         return
-    mixture.on_timing = lambda name, seconds: metrics.expert_seconds.labels(name).observe(seconds)
-    batcher = MicroBatcher(mixture, settings.max_batch_images, settings.max_wait_ms / 1000, settings.max_queue_images, metrics)
+    batcher = MicroBatcher(mixture, settings.limits(), settings.max_batch_images, settings.max_wait_ms / 1000,
+                           settings.max_queue_images, settings.max_queue_wait_s, metrics)
     batcher.start()
     app.state.batcher = batcher
     if mixture.random_weights:
         log.warning("serving RANDOM-weight experts (profile %s): scores are for testing only", mixture.config.profile)
     log.info("models ready: %s", ", ".join(mixture.experts))
     try:
-        app.state.prompter = prompter if prompter is not None else await asyncio.to_thread(load_prompter, settings, mixture.config.cache_dir)
+        app.state.prompter = prompter if prompter is not None else await asyncio.to_thread(
+            open_index, settings.prompts_index, mixture.config.cache_dir)
     except Exception as e:
         log.error("loading the prompt index failed: %s", e)
         app.state.prompter_error = str(e)

@@ -1,18 +1,27 @@
-"""Micro-batching, in one place: concurrent /reward requests share forward passes.
+"""Admission control and micro-batching, in one place: every model call of the service goes through here.
 
-Requests (already validated and decoded) wait in a queue; one task takes the first, then keeps taking
-more for up to `max_wait_s` or until `max_batch_images` images are collected, and scores them together
-with `Mixture.score_checked` on the single model thread. Every model call (scoring and gradients) runs on
-that one thread, so the event loop never blocks and the GPU sees one batch at a time.
+Requests (already validated and decoded by the library) wait in one queue:
+- admission: more than `max_queue_images` images waiting -> `QueueFullError` (429); a request still
+  waiting after `max_queue_wait_s` -> `QueueTimeoutError` (504), and it never runs;
+- `/reward` requests are batched: the loop takes the first, then keeps taking more scoring requests for
+  up to `max_wait_s` or until `max_batch_images` images are collected, and scores them together with
+  `Mixture.score_checked`; if a batch fails, each of its requests is scored alone, so a bad request
+  fails alone and its neighbours get their results;
+- `/reward/gradient` requests run one at a time (`Mixture.reward_and_gradient`).
+Every model call runs on the single model thread, so the event loop never blocks and the GPU sees one
+batch at a time. The metrics are the batcher's: queue depth, batch sizes, refusals, per-expert time.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
-from rewarders import Mixture, RewardResult
+from rewarders import Limits, Mixture, RewardResult
 
 from .metrics import Metrics
 
@@ -21,23 +30,36 @@ class QueueFullError(RuntimeError):
     """More images are waiting than `max_queue_images`; the caller should retry later (429)."""
 
 
+class QueueTimeoutError(RuntimeError):
+    """The request waited longer than `max_queue_wait_s` for the model (504)."""
+
+
 @dataclass
 class _Item:
-    prompt: str
-    images: list
-    weights: dict
+    n_images: int
     future: asyncio.Future = field(repr=False)
+    enqueued: float
+    request: Optional[tuple] = None  # a checked /reward request: (prompt, images, weights)
+    call: Optional[Callable[[], Any]] = None  # any other model call (a gradient), run alone
+    started: bool = False
+    abandoned: bool = False
 
 
 class MicroBatcher:
-    def __init__(self, rewarder: Mixture, max_batch_images: int, max_wait_s: float, max_queue_images: int, metrics: Metrics):
+    def __init__(self, rewarder: Mixture, limits: Limits, max_batch_images: int, max_wait_s: float,
+                 max_queue_images: int, max_queue_wait_s: float, metrics: Metrics):
+        if max_batch_images < 1 or max_queue_images < 1 or max_wait_s < 0 or max_queue_wait_s <= 0:
+            raise ValueError("batcher limits must be positive")
         self.rewarder = rewarder
+        self.limits = limits
         self.max_batch_images = max_batch_images
         self.max_wait_s = max_wait_s
         self.max_queue_images = max_queue_images
+        self.max_queue_wait_s = max_queue_wait_s
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2i-model")
-        self._queue: asyncio.Queue[_Item] = asyncio.Queue()
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._ready = asyncio.Event()
         self._waiting_images = 0
         self._task: asyncio.Task | None = None
 
@@ -53,47 +75,127 @@ class MicroBatcher:
                 pass
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def run_on_model_thread(self, fn, *args):
-        """Run any model call (e.g. a gradient) on the model thread, between batches."""
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    @property
+    def waiting_images(self) -> int:
+        return self._waiting_images
 
+    def _on_timing(self, name: str, seconds: float) -> None:
+        self.metrics.expert_seconds.labels(name).observe(seconds)
+
+    # ---- the requests' side
     async def score(self, prompt: str, images: list, weights: dict) -> RewardResult:
-        n = len(images)
-        if self._waiting_images + n > self.max_queue_images:
+        """Score one checked request, batched with its neighbours."""
+        return await self._submit(_Item(len(images), self._future(), time.monotonic(), request=(prompt, images, weights)))
+
+    async def reward_and_gradient(self, images, prompts, weights) -> dict:
+        """Rewards and pixel gradients of an image tensor (`Mixture.reward_and_gradient`, the service's limits)."""
+        call = lambda: self.rewarder.reward_and_gradient(images, prompts, weights, limits=self.limits, on_timing=self._on_timing)  # noqa: E731
+        n = int(images.shape[0]) if getattr(images, "ndim", 0) > 0 else 1  # the library refuses a bad shape
+        return await self._submit(_Item(max(n, 1), self._future(), time.monotonic(), call=call))
+
+    def _future(self) -> asyncio.Future:
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, item: _Item):
+        if self._waiting_images + item.n_images > self.max_queue_images:
             self.metrics.rejected.inc()
             raise QueueFullError(f"{self._waiting_images} images are already waiting (limit {self.max_queue_images}); retry later")
-        future = asyncio.get_running_loop().create_future()
-        self._waiting_images += n
+        self._waiting_images += item.n_images
         self.metrics.queue_images.set(self._waiting_images)
-        await self._queue.put(_Item(prompt, images, weights, future))
-        return await future
+        self._queue.append(item)
+        self._ready.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), self.max_queue_wait_s)
+        except asyncio.TimeoutError:
+            if item.started:  # it reached the model in time: wait for its answer
+                return await item.future
+            item.abandoned = True
+            self._dequeued(item)
+            raise QueueTimeoutError(f"waited {self.max_queue_wait_s:g} s in the queue for the model; retry later") from None
+
+    def _dequeued(self, item: _Item) -> None:
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            return
+        self._waiting_images -= item.n_images
+        self.metrics.queue_images.set(self._waiting_images)
+
+    # ---- the model's side
+    def _take(self) -> Optional[_Item]:
+        while self._queue:
+            item = self._queue.popleft()
+            self._waiting_images -= item.n_images
+            self.metrics.queue_images.set(self._waiting_images)
+            if not item.abandoned and not item.future.done():
+                item.started = True
+                return item
+        return None
+
+    async def _next(self) -> _Item:
+        while True:
+            item = self._take()
+            if item is not None:
+                return item
+            self._ready.clear()
+            await self._ready.wait()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            count = len(batch[0].images)
+            first = await self._next()
+            if first.call is not None:
+                await self._run_one(first, first.call)
+                continue
+            batch, count = [first], first.n_images
             deadline = loop.time() + self.max_wait_s
             while count < self.max_batch_images:
+                if self._queue:
+                    if self._queue[0].call is not None:
+                        break  # a gradient request takes the next turn, alone
+                    item = self._take()
+                    if item is not None:
+                        batch.append(item)
+                        count += item.n_images
+                    continue
                 timeout = deadline - loop.time()
-                try:
-                    item = self._queue.get_nowait() if timeout <= 0 else await asyncio.wait_for(self._queue.get(), timeout)
-                except (asyncio.QueueEmpty, asyncio.TimeoutError):
+                if timeout <= 0:
                     break
-                batch.append(item)
-                count += len(item.images)
-            self._waiting_images -= count
-            self.metrics.queue_images.set(self._waiting_images)
-            self.metrics.batch_images.observe(count)
-            self.metrics.batch_requests.observe(len(batch))
-            requests = [(i.prompt, i.images, i.weights) for i in batch]
-            try:
-                results = await loop.run_in_executor(self.executor, self.rewarder.score_checked, requests)
-            except Exception as e:  # a failure of the whole batch reaches every request in it
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(e)
-                continue
-            for item, result in zip(batch, results):
-                if not item.future.done():  # the client may have gone away
-                    item.future.set_result(result)
+                self._ready.clear()
+                try:
+                    await asyncio.wait_for(self._ready.wait(), timeout)
+                except asyncio.TimeoutError:
+                    break
+            await self._score_batch(batch, count)
+
+    async def _run_one(self, item: _Item, call: Callable[[], Any]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(self.executor, call)
+        except Exception as e:
+            if not item.future.done():
+                item.future.set_exception(e)
+            return
+        if not item.future.done():  # the client may have gone away
+            item.future.set_result(result)
+
+    async def _score_batch(self, batch: list[_Item], count: int) -> None:
+        loop = asyncio.get_running_loop()
+        self.metrics.batch_images.observe(count)
+        self.metrics.batch_requests.observe(len(batch))
+        requests = [i.request for i in batch]
+        try:
+            results = await loop.run_in_executor(
+                self.executor, lambda: self.rewarder.score_checked(requests, on_timing=self._on_timing))
+        except Exception as e:
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(e)
+                return
+            # one request's failure must not fail its neighbours: each one alone, with its own fate
+            for item in batch:
+                await self._run_one(item, lambda r=item.request: self.rewarder.score_checked([r])[0])
+            return
+        for item, result in zip(batch, results):
+            if not item.future.done():
+                item.future.set_result(result)

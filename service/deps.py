@@ -1,4 +1,4 @@
-"""FastAPI dependencies, as `Annotated` aliases the routers use."""
+"""Every FastAPI dependency of the service, as an `Annotated` alias the routers use."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
 
+from finetune.jobs import JobStore
+from prompter import PromptIndex
 from rewarders import Mixture
 
 from .batcher import MicroBatcher
@@ -27,6 +29,28 @@ def get_batcher(request: Request) -> MicroBatcher:
 
 def get_rewarder(batcher: Annotated[MicroBatcher, Depends(get_batcher)]) -> Mixture:
     return batcher.rewarder
+
+
+def get_prompter(request: Request) -> PromptIndex:
+    state = request.app.state
+    if state.prompter is None:
+        detail = f"prompt index failed to load: {state.prompter_error}" if state.prompter_error else "prompt index is loading; retry shortly"
+        raise HTTPException(503, detail, headers={"Retry-After": "5"})
+    return state.prompter
+
+
+def get_optional_prompter(request: Request) -> PromptIndex | None:
+    """The prompt index when it is loaded (a job with explicit prompts does not need it)."""
+    return request.app.state.prompter
+
+
+def get_store(request: Request) -> JobStore:
+    store: JobStore = request.app.state.job_store
+    try:
+        store.redis.ping()
+    except Exception as e:
+        raise HTTPException(503, f"the job queue (Redis) is unreachable: {e}") from None
+    return store
 
 
 def require_api_key(
@@ -52,4 +76,7 @@ def require_api_key(
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 BatcherDep = Annotated[MicroBatcher, Depends(get_batcher)]
 RewarderDep = Annotated[Mixture, Depends(get_rewarder)]
+PrompterDep = Annotated[PromptIndex, Depends(get_prompter)]
+OptionalPrompterDep = Annotated[PromptIndex | None, Depends(get_optional_prompter)]
+StoreDep = Annotated[JobStore, Depends(get_store)]
 AuthDep = Depends(require_api_key)

@@ -1,21 +1,18 @@
-"""The service's one Settings object: environment variables `T2I_SERVICE_*` (or a .env file)."""
+"""The service's one Settings object: environment variables `T2I_SERVICE_*` (or a .env file).
+
+It extends the fine-tuning settings (Redis, job directories and limits, the rewarder's config and the
+prompt index), so the API and the workers read the same variables.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
-
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from finetune.spec import JobLimits
+from finetune.settings import FinetuneSettings
+from rewarders import Limits
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="T2I_SERVICE_", env_file=".env", extra="ignore", env_nested_delimiter="__")
-
-    reward_config: Optional[Path] = Field(None, description="YAML config of the rewarder (see README: Configuration).")
-    profile: Optional[str] = Field(None, description="Built-in rewarder profile: default, tiny, random-full, ig-rewarding.")
+class Settings(FinetuneSettings):
     host: str = Field("127.0.0.1", description="Address `t2i-reward serve` binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port `t2i-reward serve` listens on.")
     api_keys: list[str] = Field(default_factory=list, description="Accepted API keys (JSON list); empty: no auth.")
@@ -26,23 +23,16 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(32, ge=1, description="Most images in one micro-batch (one forward pass per backbone).")
     max_wait_ms: float = Field(0.0, ge=0, description="Extra wait for more requests before a batch runs (0: run as soon as the model is free, batching what queued meanwhile).")
     max_queue_images: int = Field(256, ge=1, description="Most images waiting for the model; more gets 429.")
-
-    prompts_index: Optional[Path] = Field(None, description="Prompt index directory (t2i-reward prompts build); none: the built-in corpus.")
+    max_queue_wait_s: float = Field(60.0, gt=0, description="Longest a request waits in the queue for the model; then 504.")
     max_topics: int = Field(16, ge=1, description="Most topics in one /prompts request.")
     max_n_prompts: int = Field(100, ge=1, description="Most prompts per topic in one /prompts request.")
 
-    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the job queue and job state.")
-    jobs_dir: Path = Field(Path("jobs"), description="Where each job writes its checkpoints and artifacts (shared by API and workers).")
-    models_dir: Path = Field(Path("models"), description="Local base models a job may name (besides hub ids and 'tiny').")
-    data_dir: Path = Field(Path("data"), description="Folders a job may use as pretrain_data.")
-    job_limits: JobLimits = Field(default_factory=JobLimits, description="Limits of a job spec (T2I_SERVICE_JOB_LIMITS__MAX_STEPS=...).")
-    reward_service_url: Optional[str] = Field(None, description="Worker: take rewards from this reward service (none: in-process).")
-    reward_service_api_key: Optional[str] = Field(None, description="Worker: API key for the reward service.")
-    heartbeat_timeout_s: float = Field(60.0, gt=0, description="Worker: a running job silent this long is queued again and resumes.")
-    device: str = Field("auto", description="Worker: the device jobs run on.")
+    def limits(self) -> Limits:
+        """The limits of one request, which the library checks (`rewarders.Limits`)."""
+        return Limits(self.max_images, self.max_image_pixels, self.max_prompt_chars)
 
     def rewarder_overrides(self) -> dict:
-        """The limits the library enforces itself, so the service and the library agree."""
+        """The rewarder loaded by the service gets the same limits and batch size."""
         return {
             "max_images": self.max_images,
             "max_image_pixels": self.max_image_pixels,

@@ -8,8 +8,8 @@
     t2i-reward train-reward --data SRC [--image-root DIR] --out DIR [--clip SPEC] [--aux-weight W] ...
     t2i-reward eval-preference [--config FILE | --profile NAME] --data SRC [--image-root DIR] [--out DIR]
     t2i-reward fit-mixture [--config FILE | --profile NAME] --data SRC [--image-root DIR] --out FILE
-    t2i-reward worker [--config FILE | --profile NAME] [--burst]
-    t2i-reward finetune [--config FILE | --profile NAME] --spec job.json [--out DIR]
+    t2i-reward worker [--config FILE | --profile NAME] [--prompts-index DIR] [--burst]
+    t2i-reward finetune [--config FILE | --profile NAME] [--prompts-index DIR] --spec job.json [--out DIR]
     t2i-reward profiles | experts
 
 Errors caused by the input (bad images, unknown profiles, missing checkpoints) print one line on
@@ -184,17 +184,19 @@ def cmd_fit_mixture(args) -> int:
     return 0
 
 
-def _service_settings(args, **extra):
-    from service.settings import Settings
+def _finetune_settings(args):
+    """The worker's and the finetune command's settings: the environment, then the flags."""
+    from finetune import FinetuneSettings
 
-    overrides = {"reward_config": args.config, "profile": args.profile, **extra}
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    overrides = {"reward_config": args.config, "profile": args.profile, "prompts_index": args.prompts_index}
+    return FinetuneSettings(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def cmd_worker(args) -> int:
     from finetune.worker import run_worker
 
-    settings = _service_settings(args)
+    settings = _finetune_settings(args)
+    settings.rewarder_config()  # a bad --config or --profile stops here, not in the first job
     print(f"worker: queue at {settings.redis_url}, jobs in {settings.jobs_dir}, rewards from "
           f"{settings.reward_service_url or 'rewarders in-process'}", file=sys.stderr)
     run_worker(settings, burst=args.burst)
@@ -204,9 +206,8 @@ def cmd_worker(args) -> int:
 def cmd_finetune(args) -> int:
     from pathlib import Path
 
-    from finetune import JobCancelled, JobSpec, run_job, validate_spec
-    from finetune.spec import with_defaults
-    from finetune.worker import build_context
+    from finetune import JobCancelled, JobSpec, run_job
+    from finetune.worker import JobRunner
 
     try:
         spec = JobSpec.model_validate_json(Path(args.spec).read_text())
@@ -214,11 +215,8 @@ def cmd_finetune(args) -> int:
         raise _bad(f"cannot read the job spec: {e}")
     except ValueError as e:
         raise _bad(f"invalid job spec: {e}")
-    settings = _service_settings(args)
-    spec = with_defaults(spec, settings.profile)
     try:
-        validate_spec(spec, settings.job_limits, settings.models_dir, settings.data_dir)
-        ctx = build_context(settings, spec, Path(args.out))
+        spec, ctx = JobRunner(_finetune_settings(args)).context(spec, Path(args.out))
     except ValueError as e:
         raise _bad(str(e))
     try:
@@ -332,11 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run fine-tuning jobs from the Redis queue (one at a time)")
     _add_config_args(p)
+    p.add_argument("--prompts-index", help="prompt index for jobs given by topics (default: the built-in corpus)")
     p.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("finetune", help="run one fine-tuning job directly (works under accelerate launch)")
     _add_config_args(p)
+    p.add_argument("--prompts-index", help="prompt index for a spec given by topics (default: the built-in corpus)")
     p.add_argument("--spec", required=True, help="job spec JSON (the body of POST /jobs)")
     p.add_argument("--out", default="finetune-out", help="output directory (checkpoints, LoRA, report)")
     p.set_defaults(func=cmd_finetune)

@@ -1,4 +1,7 @@
+import contextlib
 import os
+import socket
+import threading
 
 import numpy as np
 import pytest
@@ -33,3 +36,29 @@ def smooth_image(seed: int, h: int, w: int) -> Image.Image:
 @pytest.fixture
 def images():
     return [smooth_image(i, 200 + 37 * i, 260 - 20 * i) for i in range(4)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(app, timeout: float = 60):
+    """Serve `app` with uvicorn on a free loopback port in a thread; yields the base URL once /readyz is 200."""
+    import uvicorn
+
+    from rewarders.client import RewardClient
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}"
+    try:
+        with RewardClient(url) as client:
+            client.wait_ready(timeout)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -14,6 +14,8 @@ from service.client import RewardClient, Validator
 from service.settings import Settings
 from t2i_reward.cli import main
 
+from .conftest import running_server
+
 CORPUS = [
     "a red fox sleeping in the snow",
     "a red fox sleeping in the snow, highly detailed",
@@ -150,7 +152,6 @@ def test_cli_build_and_search(tmp_path, capsys):
 def api(tiny, index):
     with TestClient(create_app(Settings(max_topics=3, max_n_prompts=5), rewarder=tiny, prompter=index)) as client:
         yield client
-    tiny.on_timing = None
 
 
 def test_prompts_endpoint(api):
@@ -185,10 +186,9 @@ def test_prompts_bad_requests(api, body, fragment):
     assert fragment in json.dumps(r.json()["detail"])
 
 
-def test_client_and_validator_prompts(api, index_dir, cache_dir):
-    client = RewardClient("http://testserver")
-    client._http = api
-    assert client.prompts(["ramen"], 1)["prompts"] == [["a bowl of ramen with a soft boiled egg"]]
+def test_client_and_validator_prompts(tiny, index, index_dir, cache_dir):
+    with running_server(create_app(Settings(), rewarder=tiny, prompter=index)) as url:
+        assert RewardClient(url).prompts(["ramen"], 1)["prompts"] == [["a bowl of ramen with a soft boiled egg"]]
     from rewarders import load_config
 
     local = Validator(config=load_config(profile="tiny", cache_dir=cache_dir), prompts_index=index_dir)

@@ -15,7 +15,7 @@ from service.app import create_app
 from service.client import RewardClient, RewardServiceError
 from service.settings import Settings
 
-from .conftest import smooth_image
+from .conftest import running_server, smooth_image
 from .test_images import bomb_png, png_bytes
 
 LIMITS = dict(max_images=4, max_body_bytes=2_000_000, max_image_pixels=1_000_000, max_prompt_chars=300, max_wait_ms=2)
@@ -45,7 +45,6 @@ def make_client(tiny):
     yield make
     for c in clients:
         c.__exit__(None, None, None)
-    tiny.on_timing = None
 
 
 @pytest.fixture
@@ -172,7 +171,6 @@ def test_503_until_ready_then_serves(tiny, monkeypatch, images):
         gate.set()
         wait_ready(client)
         assert client.post("/reward", json={"prompt": "a", "images": [b64(images[0])]}).status_code == 200
-    tiny.on_timing = None
 
 
 def test_failed_load_is_reported_by_readyz(cache_dir):
@@ -218,21 +216,21 @@ def test_full_queue_answers_429(make_client, images):
     assert "t2i_rejected_total 1.0" in client.get("/metrics").text
 
 
-def test_gradient_endpoint_matches_in_process_autograd(client, tiny):
+def test_gradient_endpoint_matches_in_process_autograd(tiny):
     torch.manual_seed(0)
     x = torch.rand(2, 3, 240, 200)
     prompts = ["a red apple", "a blue car"]
-    api = RewardClient("http://testserver")
-    api._http = client
-    rewards, grad = api.reward_gradient(x, prompts, weights={"aesthetic": 2.0})
+    with running_server(create_app(Settings(**LIMITS), rewarder=tiny)) as url:
+        api = RewardClient(url)
+        rewards, grad = api.reward_gradient(x, prompts, weights={"aesthetic": 2.0})
+        # half precision in, float32 gradient computed, returned in the caller's dtype
+        r16, g16 = api.reward_gradient(x.half(), "a red apple")
     ref = x.clone().requires_grad_(True)
     scores = tiny(ref, prompts, weights={"aesthetic": 2.0})
     scores.total.sum().backward()
     assert torch.allclose(rewards, scores.total.detach(), atol=1e-5)
     assert grad.shape == x.shape and grad.abs().sum() > 0
     assert torch.allclose(grad, ref.grad, atol=1e-6, rtol=1e-4)
-    # half precision in, float32 gradient computed, returned in the caller's dtype
-    r16, g16 = api.reward_gradient(x.half(), "a red apple")
     assert g16.dtype == torch.float16 and r16.shape == (2,)
 
 
@@ -262,9 +260,12 @@ def test_gradient_endpoint_bad_input(client):
     assert set(out) == {"rewards", "grad", "components.imagereward", "components.aesthetic", "components.mlp"}
 
 
-def test_client_raises_with_status_and_detail(client, images):
-    api = RewardClient("http://testserver")
-    api._http = client
+def test_client_raises_with_status_and_detail(tiny, images):
+    with running_server(create_app(Settings(**LIMITS), rewarder=tiny)) as url:
+        check_client(RewardClient(url), images)
+
+
+def check_client(api, images):
     with pytest.raises(RewardServiceError) as e:
         api.reward("", images[:1])
     assert e.value.status == 422 and "empty" in e.value.detail

@@ -5,14 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated, Any, Optional
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from finetune.jobs import JobStore
-from finetune.spec import JobSpec, confined, validate_spec, with_defaults
+from finetune.spec import JobSpec, confined, prepare_job
 
-from ..deps import AuthDep, SettingsDep
+from ..deps import AuthDep, OptionalPrompterDep, SettingsDep, StoreDep
 from ..schemas import ErrorResponse
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[AuthDep])
@@ -46,20 +46,6 @@ class Submitted(BaseModel):
     status: str
 
 
-def get_store(request: Request) -> JobStore:
-    state = request.app.state
-    if getattr(state, "job_store", None) is None:
-        state.job_store = JobStore(state.settings.redis_url)
-    try:
-        state.job_store.redis.ping()
-    except Exception as e:
-        raise HTTPException(503, f"the job queue (Redis) is unreachable: {e}") from None
-    return state.job_store
-
-
-StoreDep = Annotated[JobStore, Depends(get_store)]
-
-
 def _status(job: dict) -> JobStatus:
     return JobStatus(**{k: job[k] for k in ("id", "status", "progress", "metrics", "artifacts", "error")})
 
@@ -72,19 +58,14 @@ def _job(store: JobStore, job_id: str) -> dict:
 
 
 @router.post("", status_code=202, response_model=Submitted, responses=ERRORS, summary="Submit a fine-tuning job")
-async def submit(spec: JobSpec, store: StoreDep, settings: SettingsDep, request: Request) -> Submitted:
-    spec = with_defaults(spec, settings.profile)
-    try:
-        validate_spec(spec, settings.job_limits, settings.models_dir, settings.data_dir)
+async def submit(spec: JobSpec, store: StoreDep, settings: SettingsDep, prompter: OptionalPrompterDep) -> Submitted:
+    if spec.prompts is None and prompter is None:
+        raise HTTPException(503, "the prompt index is not loaded yet; retry, or give prompts", headers={"Retry-After": "5"})
+    try:  # defaults, limits, paths, and topics turned into prompts now, so the job is reproducible
+        prepared = await asyncio.to_thread(prepare_job, spec, settings, prompter)
     except ValueError as e:
         raise HTTPException(422, str(e)) from None
-    if spec.prompts is None:  # topics: the prompter picks the prompts now, so the job is reproducible
-        prompter = request.app.state.prompter
-        if prompter is None:
-            raise HTTPException(503, "the prompt index is not loaded yet; retry, or give prompts")
-        found, _ = await asyncio.to_thread(prompter.search, spec.topics, spec.n_prompts)
-        spec = spec.model_copy(update={"prompts": [p for per_topic in found for p in per_topic]})
-    job_id = await asyncio.to_thread(store.create, spec)
+    job_id = await asyncio.to_thread(store.create, prepared.spec)
     return Submitted(id=job_id, status="queued")
 
 

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Optional
+from typing import Optional
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, Field
 
-from prompter import PromptIndex
 from rewarders.errors import RewardError
 
-from ..deps import AuthDep, SettingsDep
+from ..deps import AuthDep, PrompterDep, SettingsDep
 from ..schemas import ErrorResponse
 
 router = APIRouter(prefix="/prompts", tags=["prompts"], dependencies=[AuthDep])
@@ -28,17 +27,6 @@ class PromptsRequest(BaseModel):
 class PromptsResponse(BaseModel):
     prompts: list[list[str]] = Field(..., description="Per topic, the prompts found, best first.")
     scores: list[list[float]] = Field(..., description="Per topic, each prompt's cosine similarity to the topic.")
-
-
-def get_prompter(request: Request) -> PromptIndex:
-    state = request.app.state
-    if state.prompter is None:
-        detail = f"prompt index failed to load: {state.prompter_error}" if state.prompter_error else "prompt index is loading; retry shortly"
-        raise HTTPException(503, detail, headers={"Retry-After": "5"})
-    return state.prompter
-
-
-PrompterDep = Annotated[PromptIndex, Depends(get_prompter)]
 
 
 @router.post("", response_model=PromptsResponse, summary="Prompts by topic",

@@ -1,4 +1,9 @@
-"""POST /reward (JSON or multipart) and POST /reward/gradient (safetensors in, safetensors out)."""
+"""POST /reward (JSON or multipart) and POST /reward/gradient (safetensors in, safetensors out).
+
+The router only decodes the body; the library checks the request against the service's limits
+(`Mixture.check_request`, `Mixture.check_tensor`), and the batcher admits it and runs the model.
+Error statuses are set in one place, `error_status`.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ import binascii
 import functools
 import json
 
-import torch
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -17,13 +21,13 @@ from safetensors.torch import save as save_safetensors
 
 from rewarders import ImageTooLargeError, InvalidImageError, RewardError
 
-from ..batcher import QueueFullError
-from ..deps import AuthDep, BatcherDep, SettingsDep
+from ..batcher import QueueFullError, QueueTimeoutError
+from ..deps import AuthDep, BatcherDep
 from ..schemas import ErrorResponse, RewardRequest, RewardResponse
 
 router = APIRouter(prefix="/reward", tags=["reward"], dependencies=[AuthDep])
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 415, 422, 429, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 415, 422, 429, 503, 504)}
 
 _MULTIPART_SCHEMA = {
     "type": "object",
@@ -36,12 +40,27 @@ _MULTIPART_SCHEMA = {
 }
 
 
-def error_status(e: RewardError) -> int:
+def error_status(e: Exception) -> int:
+    """The HTTP status of an error from the library or the batcher (anything else is a 500)."""
+    if isinstance(e, QueueFullError):
+        return 429
+    if isinstance(e, QueueTimeoutError):
+        return 504
     if isinstance(e, ImageTooLargeError):
         return 413
     if isinstance(e, InvalidImageError):
         return 400
     return 422
+
+
+async def run_model_call(coro):
+    """Await a batcher call, turning library and admission errors into their HTTP answers."""
+    try:
+        return await coro
+    except (RewardError, QueueFullError, QueueTimeoutError) as e:
+        status = error_status(e)
+        headers = {"Retry-After": "1"} if status in (429, 504) else None
+        raise HTTPException(status, str(e), headers=headers) from None
 
 
 def content_type(request: Request) -> str:
@@ -64,6 +83,8 @@ def decode_image_string(s: str, index: int) -> bytes:
 
 
 async def parse_reward_request(request: Request, max_images: int) -> tuple[str, list[bytes], dict | None]:
+    """The body's prompt, encoded images and weights. `max_images` only bounds how many multipart
+    parts the parser reads; the library checks the count."""
     ctype = content_type(request)
     if ctype == "application/json":
         body = await request.body()
@@ -71,8 +92,8 @@ async def parse_reward_request(request: Request, max_images: int) -> tuple[str, 
             req = RewardRequest.model_validate_json(body)
         except ValidationError as e:
             raise HTTPException(422, json.loads(e.json(include_url=False, include_input=False))) from None
-        if len(req.images) > max_images:
-            raise HTTPException(422, f"{len(req.images)} images; the limit is {max_images} per request")
+        if len(req.images) > max_images:  # don't decode base64 that will be refused
+            return req.prompt, req.images, req.weights
         return req.prompt, [decode_image_string(s, i) for i, s in enumerate(req.images)], req.weights
     if ctype == "multipart/form-data":
         try:
@@ -85,8 +106,6 @@ async def parse_reward_request(request: Request, max_images: int) -> tuple[str, 
         files = form.getlist("images")
         if any(isinstance(f, str) for f in files):
             raise HTTPException(422, "multipart field 'images' must hold files")
-        if len(files) > max_images:
-            raise HTTPException(422, f"{len(files)} images; the limit is {max_images} per request")
         weights = None
         if form.get("weights") is not None:
             try:
@@ -114,27 +133,13 @@ async def parse_reward_request(request: Request, max_images: int) -> tuple[str, 
         }
     },
 )
-async def reward(request: Request, batcher: BatcherDep, settings: SettingsDep) -> JSONResponse:
+async def reward(request: Request, batcher: BatcherDep) -> JSONResponse:
     """Score one or more images (base64 / data URLs in JSON, or files in multipart) against a prompt."""
-    prompt, images, weights = await parse_reward_request(request, settings.max_images)
-    try:
-        # decoding and validation off the event loop, in the default thread pool
-        prompt, decoded, weights = await asyncio.to_thread(
-            functools.partial(
-                batcher.rewarder.check_request,
-                max_prompt_chars=settings.max_prompt_chars,
-                max_images=settings.max_images,
-                max_image_pixels=settings.max_image_pixels,
-            ),
-            prompt,
-            images,
-            weights,
-        )
-        result = await batcher.score(prompt, decoded, weights)
-    except RewardError as e:
-        raise HTTPException(error_status(e), str(e)) from None
-    except QueueFullError as e:
-        raise HTTPException(429, str(e), headers={"Retry-After": "1"}) from None
+    prompt, images, weights = await parse_reward_request(request, batcher.limits.max_images)
+    check = functools.partial(batcher.rewarder.check_request, limits=batcher.limits)
+    # decoding and validation off the event loop, in the default thread pool
+    prompt, decoded, weights = await run_model_call(asyncio.to_thread(check, prompt, images, weights))
+    result = await run_model_call(batcher.score(prompt, decoded, weights))
     # the result is already typed; skip a second validation pass (the schema stays documented above)
     return JSONResponse(result.to_dict())
 
@@ -152,7 +157,7 @@ async def reward(request: Request, batcher: BatcherDep, settings: SettingsDep) -
         }
     },
 )
-async def reward_gradient(request: Request, batcher: BatcherDep, settings: SettingsDep) -> Response:
+async def reward_gradient(request: Request, batcher: BatcherDep) -> Response:
     """For workers that keep the diffusion model on their own GPU: send pixels, get rewards and gradients.
 
     The answer is safetensors with `rewards` (B,), `grad` (B, 3, H, W) = d(sum of totals)/d(images),
@@ -163,23 +168,12 @@ async def reward_gradient(request: Request, batcher: BatcherDep, settings: Setti
     body = await request.body()
     try:
         tensors = load_safetensors(body)
+        metadata = _safetensors_metadata(body)
     except Exception:
         raise HTTPException(400, "body is not a valid safetensors file") from None
-    metadata = _safetensors_metadata(body)
     images = tensors.get("images")
     if images is None:
         raise HTTPException(422, "safetensors must hold a tensor named 'images'")
-    if images.dtype not in (torch.float16, torch.float32, torch.bfloat16) or images.ndim != 4 or images.shape[1] != 3:
-        raise HTTPException(422, f"'images' must be float16/float32 of shape (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-    b, _, h, w = images.shape
-    if b == 0 or h == 0 or w == 0:
-        raise HTTPException(422, "'images' is empty")
-    if b > settings.max_images:
-        raise HTTPException(422, f"{b} images; the limit is {settings.max_images} per request")
-    if h * w > settings.max_image_pixels:
-        raise HTTPException(413, f"{w}x{h} images are over the limit of {settings.max_image_pixels} pixels")
-    if not bool(torch.isfinite(images).all()) or float(images.min()) < 0 or float(images.max()) > 1:
-        raise HTTPException(422, "'images' values must be finite and in [0, 1]")
     try:
         prompts = json.loads(metadata.get("prompts", "null"))
         weights = json.loads(metadata["weights"]) if "weights" in metadata else None
@@ -189,19 +183,7 @@ async def reward_gradient(request: Request, batcher: BatcherDep, settings: Setti
         raise HTTPException(422, "metadata 'prompts' must be a JSON list of strings (one per image) or one string")
     if weights is not None and not isinstance(weights, dict):
         raise HTTPException(422, "metadata 'weights' must be a JSON object")
-
-    def run():
-        x = images.float().requires_grad_(True)
-        scores = batcher.rewarder(x, prompts, weights, max_prompt_chars=settings.max_prompt_chars)
-        scores.total.sum().backward()
-        out = {"rewards": scores.total.detach().cpu(), "grad": x.grad.detach().cpu().contiguous()}
-        out.update({f"components.{n}": s.detach().cpu() for n, s in scores.components.items()})
-        return out
-
-    try:
-        out = await batcher.run_on_model_thread(run)
-    except RewardError as e:
-        raise HTTPException(error_status(e), str(e)) from None
+    out = await run_model_call(batcher.reward_and_gradient(images, prompts, weights))
     payload = save_safetensors(out, metadata={"experts": json.dumps(batcher.rewarder.sources())})
     return Response(payload, media_type="application/octet-stream")
 

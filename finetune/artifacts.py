@@ -1,0 +1,88 @@
+"""What a job leaves behind: resumable checkpoints, the evaluation of the base and fine-tuned models on
+the same seeds, and the artifacts (LoRA, metrics.json, samples/, report.png)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def artifact_names(out: Path) -> list[str]:
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
+
+
+def save_checkpoint(out: Path, step: int, unet, optimizer, metrics: dict, base_eval: dict) -> None:
+    """LoRA + optimiser + metrics at `step`, written whole or not at all; older checkpoints removed."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    root = out / "checkpoints"
+    tmp = root / f".step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}, tmp / "lora.safetensors")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "metrics": metrics, "base_eval": base_eval}))
+    final = root / f"step-{step}"
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    for old in root.glob("step-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def resume(out: Path, unet, optimizer, metrics: dict) -> tuple[int, Optional[dict]]:
+    """Load the last checkpoint, if any: (the step to start at, the base model's evaluation)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not ckpts:
+        return 0, None
+    last = ckpts[-1]
+    set_peft_model_state_dict(unet, load_file(last / "lora.safetensors"))
+    optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
+    state = json.loads((last / "state.json").read_text())
+    metrics.clear()
+    metrics.update(state["metrics"])
+    metrics.setdefault("resumed_at", []).append(int(state["step"]))  # shows the job did not restart from zero
+    log.warning("resuming from %s", last)
+    return int(state["step"]), state["base_eval"]
+
+
+def summarise(total: torch.Tensor, components: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Per scorer (the total and each expert): mean and standard error over the evaluation images."""
+    out = {}
+    for name, values in {"total": total, **components}.items():
+        v = values.detach().float().cpu()
+        se = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0
+        out[name] = {"mean": float(v.mean()), "se": se}
+    return out
+
+
+def save_images(images: torch.Tensor, folder: Path, prefix: str) -> None:
+    from torchvision.transforms.functional import to_pil_image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for k, img in enumerate(images.detach().float().cpu()):
+        to_pil_image(img).save(folder / f"{prefix}-{k:03d}.png")
+
+
+def write_final(out: Path, metrics: dict, eval_prompts: list[str], base_eval: dict, tuned_eval: dict,
+                base_images: torch.Tensor, tuned_images: torch.Tensor) -> dict:
+    """metrics.json and report.png; the checkpoints go (the LoRA is saved). Returns the final metrics."""
+    from .report import write_report
+
+    final = {**metrics, "eval": {"prompts": eval_prompts, "base": base_eval, "tuned": tuned_eval}}
+    (out / "metrics.json").write_text(json.dumps(final, indent=2))
+    write_report(out / "report.png", metrics, base_images, tuned_images.cpu(), base_eval, tuned_eval)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return final

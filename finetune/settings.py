@@ -1,0 +1,39 @@
+"""The settings of fine-tuning: where jobs live (Redis, directories), their limits, and where a worker
+takes its models and rewards from. Environment variables `T2I_SERVICE_*` (or a .env file), or flags of
+`t2i-reward worker` / `finetune`. The service's `Settings` extends these, so the API and the workers
+read one set of variables.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from rewarders import RewardConfig, load_config
+
+from .spec import JobLimits
+
+
+class FinetuneSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="T2I_SERVICE_", env_file=".env", extra="ignore", env_nested_delimiter="__")
+
+    reward_config: Optional[Path] = Field(None, description="YAML config of the rewarder (see README: Configuration); `--config`.")
+    profile: Optional[str] = Field(None, description="Built-in rewarder profile: default, tiny, random-full, ig-rewarding; `--profile`.")
+    prompts_index: Optional[Path] = Field(None, description="Prompt index directory (t2i-reward prompts build); none: the built-in corpus; `--prompts-index`.")
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the job queue and job state.")
+    jobs_dir: Path = Field(Path("jobs"), description="Where each job writes its checkpoints and artifacts (shared by API and workers).")
+    models_dir: Path = Field(Path("models"), description="Local base models a job may name (besides hub ids and 'tiny').")
+    data_dir: Path = Field(Path("data"), description="Folders a job may use as pretrain_data.")
+    job_limits: JobLimits = Field(default_factory=JobLimits, description="Limits of a job spec (T2I_SERVICE_JOB_LIMITS__MAX_STEPS=...).")
+    reward_service_url: Optional[str] = Field(None, description="Worker: take rewards from this reward service (none: in-process).")
+    reward_service_api_key: Optional[str] = Field(None, description="Worker: API key for the reward service.")
+    heartbeat_timeout_s: float = Field(60.0, gt=0, description="Worker: a running job silent this long is queued again and resumes.")
+    device: str = Field("auto", description="Worker: the device jobs run on.")
+
+    def rewarder_config(self, **overrides) -> RewardConfig:
+        """The rewarder's config: the YAML file and/or profile these settings name, then `overrides`."""
+        return load_config(self.reward_config, profile=self.profile, **overrides)
