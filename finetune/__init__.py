@@ -1,7 +1,8 @@
 """Reward fine-tuning of diffusion models with LoRA: ReFL with KL, and reward-weighted likelihood."""
 
 from .settings import FinetuneSettings
-from .spec import JobLimits, JobSpec, PreparedJob, prepare_job, validate_spec
+from .prepare import PreparedJob, prepare_job
+from .spec import JobLimits, JobSpec, validate_spec
 from .train import JobCancelled, JobContext, run_job
 
 __all__ = ["FinetuneSettings", "JobCancelled", "JobContext", "JobLimits", "JobSpec", "PreparedJob", "prepare_job",

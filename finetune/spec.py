@@ -1,5 +1,5 @@
-"""The typed spec of a fine-tuning job, with every field documented and defaulted, and `prepare_job`,
-the one place a spec becomes a runnable job (the API, the worker and the CLI all call it).
+"""The typed spec of a fine-tuning job, with every field documented and defaulted (`prepare.py` turns a
+spec into a runnable job).
 
 Paths are confined: `base_model` is a hub id or a path under the configured models directory, and
 `pretrain_data` a folder under the configured data directory; the job writes only under its own
@@ -9,16 +9,10 @@ directory. `validate_spec` applies the operator's limits (steps, batch size, res
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-
-if TYPE_CHECKING:
-    from prompter import PromptIndex
-
-    from .settings import FinetuneSettings
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -122,32 +116,3 @@ def resolve_base_model(base_model: str, models_dir: Path) -> str:
     if not (full / "model_index.json").is_file():
         raise ValueError(f"base_model {base_model!r}: no diffusers pipeline (model_index.json) under the models directory")
     return str(full)
-
-
-@dataclass(frozen=True)
-class PreparedJob:
-    """A spec ready to run: defaults applied, prompts drawn, paths resolved under these settings."""
-
-    spec: JobSpec  # what is stored with the job: base_model as given (or defaulted), prompts filled in
-    base_model: str  # 'tiny', a hub id, or an absolute pipeline directory under the models directory
-    pretrain_dir: Optional[Path]
-
-
-def prepare_job(spec: JobSpec, settings: "FinetuneSettings", prompter: "PromptIndex | None" = None) -> PreparedJob:
-    """Apply the defaults (the base model follows the rewarder's profile), check the operator's limits and
-    the confined paths, and turn `topics` into prompts with `prompter`. Raises ValueError with a message.
-
-    Idempotent: a prepared spec prepares to itself, so the worker re-checks what the API accepted against
-    its own directories.
-    """
-    profile = settings.rewarder_config().profile
-    spec = with_defaults(spec, profile)
-    validate_spec(spec, settings.job_limits, settings.models_dir, settings.data_dir)
-    if spec.prompts is None:  # topics: drawn once, when the job is prepared, so the job is reproducible
-        if prompter is None:
-            raise ValueError("the spec gives topics but no prompt index is loaded; give prompts")
-        found, _ = prompter.search(spec.topics, spec.n_prompts)
-        spec = spec.model_copy(update={"prompts": [p for per_topic in found for p in per_topic]})
-        validate_spec(spec, settings.job_limits, settings.models_dir, settings.data_dir)
-    pretrain = confined(spec.pretrain_data, settings.data_dir, "pretrain_data") if spec.pretrain_data else None
-    return PreparedJob(spec, resolve_base_model(spec.base_model, settings.models_dir), pretrain)

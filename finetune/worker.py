@@ -16,7 +16,8 @@ from typing import Optional
 
 from .jobs import TERMINAL, JobStore
 from .settings import FinetuneSettings
-from .spec import JobSpec, prepare_job
+from .prepare import prepare_job
+from .spec import JobSpec
 from .train import JobCancelled, JobContext, artifact_names, run_job
 
 log = logging.getLogger(__name__)

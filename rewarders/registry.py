@@ -26,16 +26,13 @@ import importlib
 import logging
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from .errors import InvalidRequestError
-
-if TYPE_CHECKING:
-    from .images import Preprocess
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +73,7 @@ class Expert(nn.Module):
     build_tiny: ClassVar[Optional[Callable[[Path], None]]] = None
     clip_spec: str | None = None  # the shared CLIP backbone whose embeddings this expert reads
     needs_text_embeds: bool = False
-    preprocess: "Preprocess"
+    preprocess: Any  # an images.Preprocess: the input size and normalisation the expert's pixels need
     checkpoint: str
     random_weights: bool
 

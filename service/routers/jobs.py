@@ -10,7 +10,8 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from finetune.jobs import JobStore
-from finetune.spec import JobSpec, confined, prepare_job
+from finetune.prepare import prepare_job
+from finetune.spec import JobSpec, confined
 
 from ..deps import AuthDep, OptionalPrompterDep, SettingsDep, StoreDep
 from ..schemas import ErrorResponse
