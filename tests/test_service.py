@@ -281,3 +281,76 @@ def test_wait_ready_times_out_on_a_closed_port():
         port = s.getsockname()[1]  # nothing listens here once the socket closes
     with pytest.raises(TimeoutError, match="not ready within"):
         RewardClient(f"http://127.0.0.1:{port}").wait_ready(timeout=0.5, interval=0.1)
+
+
+def test_gradient_requests_go_through_admission_control(make_client, images):
+    """/reward/gradient shares the queue with /reward: 429 when it is full, 504 after max_queue_wait_s."""
+    client = make_client(max_queue_images=2, max_queue_wait_s=1.0)
+    batcher = client.app.state.batcher
+    gate = threading.Event()
+    batcher.executor.submit(gate.wait, 60)  # keep the model thread busy
+    octet = {"content-type": "application/octet-stream"}
+    grad_body = save_safetensors({"images": torch.rand(2, 3, 16, 16)}, metadata={"prompts": '"a cat"'})
+    results = {}
+
+    def send(name, **kwargs):
+        path = "/reward" if "json" in kwargs else "/reward/gradient"
+        results[name] = client.post(path, **kwargs).status_code
+
+    def until(condition, timeout=30):
+        end = time.time() + timeout
+        while not condition():
+            assert time.time() < end, "the batcher never reached the expected state"
+            time.sleep(0.01)
+
+    try:
+        running = threading.Thread(target=send, args=("running",), kwargs={"json": {"prompt": "a cat", "images": [b64(images[0])]}})
+        running.start()
+        until(lambda: client.app.state.metrics.batch_images._sum.get() >= 1)  # taken; the model thread is busy
+        t = time.time()
+        r = client.post("/reward/gradient", content=grad_body, headers=octet)
+        assert r.status_code == 504 and "queue" in r.json()["detail"] and time.time() - t < 10
+        assert batcher.waiting_images == 0  # a timed-out request leaves the queue and never runs
+        waiting = threading.Thread(target=send, args=("waiting",), kwargs={"content": grad_body, "headers": octet})
+        waiting.start()
+        until(lambda: batcher.waiting_images == 2)
+        full = client.post("/reward/gradient", content=grad_body, headers=octet)
+        assert full.status_code == 429 and "retry later" in full.json()["detail"]
+        assert client.post("/reward", json={"prompt": "a cat", "images": [b64(images[0])]}).status_code == 429
+        waiting.join(30)
+    finally:
+        gate.set()
+    running.join(60)
+    assert results == {"running": 200, "waiting": 504}  # the request the model had taken still gets its answer
+    r = client.post("/reward/gradient", content=grad_body, headers=octet)
+    assert r.status_code == 200 and load_safetensors(r.content)["rewards"].shape == (2,)
+
+
+def test_a_failing_request_does_not_fail_its_batch(make_client, images, monkeypatch):
+    """Requests batched together keep their own fate: one that breaks the model call fails alone."""
+    client = make_client(max_wait_ms=300)
+    rewarder = client.app.state.batcher.rewarder
+    real = rewarder.score_checked
+
+    def flaky(requests, **kw):
+        if any(p == "poison" for p, _, _ in requests):
+            raise RuntimeError("the model broke on this input")
+        return real(requests, **kw)
+
+    monkeypatch.setattr(rewarder, "score_checked", flaky)
+    results = {}
+
+    def send(prompt):
+        try:
+            results[prompt] = client.post("/reward", json={"prompt": prompt, "images": [b64(images[0])]}).status_code
+        except RuntimeError:  # the test client re-raises what the server answers 500 for
+            results[prompt] = 500
+
+    threads = [threading.Thread(target=send, args=(p,)) for p in ("a cat", "poison", "a dog")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {"a cat": 200, "poison": 500, "a dog": 200}
+    batches = client.app.state.metrics.batch_requests
+    assert batches._sum.get() == 3 and batches._buckets[0].get() < 3  # some of them shared a batch
