@@ -246,7 +246,6 @@ def test_finetune_under_torchrun_with_two_processes(env, tmp_path):
 def test_remote_reward_matches_local_autograd(tiny):
     """The chain rule across the network: rewards and pixel gradients from /reward/gradient equal autograd in-process."""
     from finetune.rewards import LocalReward, RemoteReward
-    from rewarders.client import RewardClient
 
     with running_server(create_app(Settings(), rewarder=tiny)) as url:
         remote = RemoteReward(url, weights={"aesthetic": 2.0})
