@@ -28,12 +28,10 @@ class JobRunner:
 
     def __init__(self, settings: FinetuneSettings):
         self.settings = settings
+        self.reward_config = settings.rewarder_config()  # read once; a bad --config or --profile stops here
+        self.cache_dir = self.reward_config.cache_dir
         self._mixture = None
         self._prompter = None
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.settings.rewarder_config().cache_dir
 
     def prompter(self):
         if self._prompter is None:
@@ -51,7 +49,7 @@ class JobRunner:
         if self._mixture is None:
             from rewarders import create_rewarder
 
-            self._mixture = create_rewarder(s.rewarder_config())
+            self._mixture = create_rewarder(self.reward_config)
         return LocalReward(self._mixture, spec.reward_weights)
 
     def context(self, spec: JobSpec, out_dir: Path, **callbacks) -> tuple[JobSpec, JobContext]:
@@ -66,8 +64,9 @@ class JobRunner:
         """Run one queued job to a terminal state, writing status, progress and metrics to Redis."""
         settings = self.settings
         store = JobStore(settings.redis_url)
-        if store.status(job_id) in TERMINAL:  # cancelled while it waited in the queue
-            log.info("job %s was %s before it started", job_id, store.status(job_id))
+        status = store.status(job_id)
+        if status in TERMINAL:  # cancelled while it waited in the queue
+            log.info("job %s was %s before it started", job_id, status)
             return
         spec = store.spec(job_id)
         out_dir = settings.jobs_dir / job_id

@@ -80,12 +80,8 @@ class AestheticExpert(Expert):
     build_tiny = staticmethod(build_tiny)
 
     def __init__(self, head: AestheticHead, clip_spec: str, preprocess, checkpoint: str, random_weights: bool):
-        super().__init__()
+        super().__init__(preprocess, checkpoint, random_weights, clip_spec)
         self.head = head
-        self.clip_spec = clip_spec
-        self.preprocess = preprocess
-        self.checkpoint = checkpoint
-        self.random_weights = random_weights
 
     @classmethod
     def from_config(cls, cfg: AestheticConfig, ctx) -> "AestheticExpert":

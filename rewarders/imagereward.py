@@ -301,12 +301,9 @@ class ImageRewardExpert(Expert):
     build_tiny = staticmethod(build_tiny)
 
     def __init__(self, model: ImageRewardModel, tokenizer, checkpoint: str, random_weights: bool):
-        super().__init__()
+        super().__init__(Preprocess(model.arch.image_size), checkpoint, random_weights)
         self.model = model
         self.tokenizer = tokenizer
-        self.checkpoint = checkpoint
-        self.random_weights = random_weights
-        self.preprocess = Preprocess(model.arch.image_size)
 
     @classmethod
     def from_config(cls, cfg: ImageRewardConfig, ctx) -> "ImageRewardExpert":

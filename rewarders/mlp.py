@@ -103,12 +103,8 @@ class MLPExpert(Expert):
     build_tiny = staticmethod(build_tiny)
 
     def __init__(self, model: MLPRewardModel, clip_spec: str, preprocess, checkpoint: str, random_weights: bool):
-        super().__init__()
+        super().__init__(preprocess, checkpoint, random_weights, clip_spec)
         self.model = model
-        self.clip_spec = clip_spec
-        self.preprocess = preprocess
-        self.checkpoint = checkpoint
-        self.random_weights = random_weights
         self.default_mean = model.config.mean
         self.default_std = model.config.std
 

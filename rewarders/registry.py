@@ -63,7 +63,7 @@ class Expert(nn.Module):
     Class attributes an expert sets: `name`, `Config` (its pydantic config model), `default_mean` /
     `default_std` (its normalisation unless the config sets one), and `build_tiny` (writes the expert's
     tiny random-weight checkpoint into a folder, in the real format; None when it has none).
-    Instances set `preprocess`, `checkpoint`, `random_weights` and, for CLIP-based experts, `clip_spec`.
+    Instances pass `preprocess`, `checkpoint`, `random_weights` and `clip_spec` to this `__init__`.
     """
 
     name: ClassVar[str]
@@ -71,11 +71,17 @@ class Expert(nn.Module):
     default_mean: ClassVar[float] = 0.0
     default_std: ClassVar[float] = 1.0
     build_tiny: ClassVar[Optional[Callable[[Path], None]]] = None
-    clip_spec: str | None = None  # the shared CLIP backbone whose embeddings this expert reads
-    needs_text_embeds: bool = False
-    preprocess: Any  # an images.Preprocess: the input size and normalisation the expert's pixels need
-    checkpoint: str
-    random_weights: bool
+    needs_text_embeds: ClassVar[bool] = False  # True: forward gets the shared CLIP's text embeddings
+
+    def __init__(self, preprocess: Any = None, checkpoint: str = "", random_weights: bool = False,
+                 clip_spec: str | None = None):
+        """`preprocess`: an `images.Preprocess` (input size, normalisation); `checkpoint`: the spec it was
+        loaded from; `clip_spec`: the shared CLIP backbone whose embeddings `forward` reads, if any."""
+        super().__init__()
+        self.preprocess = preprocess
+        self.checkpoint = checkpoint
+        self.random_weights = random_weights
+        self.clip_spec = clip_spec
 
     @classmethod
     def from_config(cls, cfg: ExpertConfig, ctx: Any) -> "Expert":

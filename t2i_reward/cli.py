@@ -196,7 +196,6 @@ def cmd_worker(args) -> int:
     from finetune.worker import run_worker
 
     settings = _finetune_settings(args)
-    settings.rewarder_config()  # a bad --config or --profile stops here, not in the first job
     print(f"worker: queue at {settings.redis_url}, jobs in {settings.jobs_dir}, rewards from "
           f"{settings.reward_service_url or 'rewarders in-process'}", file=sys.stderr)
     run_worker(settings, burst=args.burst)
