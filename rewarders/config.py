@@ -47,6 +47,7 @@ class RewardConfig(BaseSettings):
     normalize: bool = Field(True, description="Normalise each expert by its mean/std before weighting (False: raw weighted sum).")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Images with more pixels are refused before decoding.")
     max_prompt_chars: int = Field(2000, ge=1, description="Longer prompts are refused.")
+    max_aspect_ratio: float = Field(32.0, ge=1, le=1024, description="Images whose long side is more than this times the short side are refused (bounds the resize's work).")
     max_images: int = Field(64, ge=1, description="Most images in one scoring call.")
     cache_dir: Path = Field(DEFAULT_CACHE, description="Where tiny models are built and hub files cached by us.")
     seed: int = Field(0, description="Seed for 'random' weights, so benchmarks are repeatable.")

@@ -32,19 +32,23 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # so lift PIL's to a level our checks always hit first.
 Image.MAX_IMAGE_PIXELS = None
 
+# Longest side / shortest side accepted by default (panoramas up to 32:1; a 20000x1 strip is refused).
+MAX_ASPECT_RATIO = 32.0
+
 # Modes that PIL resizes natively; the reference resizes in the image's own mode and converts to RGB
 # after cropping, and so do we. Anything else (16-bit, float, CMYK...) is converted to RGB first.
 _NATIVE_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"}
 
 
-def open_image(src: ImageLike, max_pixels: int) -> Image.Image:
-    """Open and fully decode one image, refusing oversized or broken ones with a clear error.
+def open_image(src: ImageLike, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """Open and fully decode one image, refusing oversized, extremely elongated or broken ones with a
+    clear error.
 
-    The pixel count is checked from the header, before any pixel is decoded, so decompression
-    bombs cost nothing. Animated images use their first frame.
+    The pixel count and the aspect ratio are checked from the header, before any pixel is decoded, so
+    decompression bombs cost nothing. Animated images use their first frame.
     """
     if isinstance(src, Image.Image):
-        _check_size(src.size, max_pixels, "image")
+        check_size(src.size, max_pixels, max_aspect_ratio, "image")
         return src
     if isinstance(src, (bytes, bytearray)):
         if not src:
@@ -66,7 +70,7 @@ def open_image(src: ImageLike, max_pixels: int) -> Image.Image:
             raise InvalidImageError(f"{name}: not a recognised image format") from None
         except Exception as e:  # PIL raises many types for garbage headers
             raise InvalidImageError(f"{name}: cannot read image header ({e})") from None
-        _check_size(im.size, max_pixels, name)
+        check_size(im.size, max_pixels, max_aspect_ratio, name)
         try:
             im.load()
         except Exception as e:  # truncated data, bad chunks, decoder errors
@@ -77,13 +81,20 @@ def open_image(src: ImageLike, max_pixels: int) -> Image.Image:
             fp.close()
 
 
-def _check_size(size: tuple[int, int], max_pixels: int, name: str) -> None:
+def check_size(size: tuple[int, int], max_pixels: int, max_aspect_ratio: float, name: str) -> None:
+    """Refuse images with no pixels, too many pixels (ImageTooLargeError) or a long side more than
+    `max_aspect_ratio` times the short one (InvalidImageError): such a strip, resized so its short side
+    fills the model input, would be a huge intermediate image in the differentiable path."""
     w, h = size
     if w <= 0 or h <= 0:
         raise InvalidImageError(f"{name}: image has no pixels ({w}x{h})")
     if w * h > max_pixels:
         raise ImageTooLargeError(
             f"{name}: {w}x{h} = {w * h} pixels is over the limit of {max_pixels} pixels"
+        )
+    if max(w, h) > max_aspect_ratio * min(w, h):
+        raise InvalidImageError(
+            f"{name}: {w}x{h} has an aspect ratio of {max(w, h) / min(w, h):.1f}:1; the limit is {max_aspect_ratio:g}:1"
         )
 
 
@@ -96,7 +107,13 @@ class Preprocess:
     std: tuple[float, float, float] = CLIP_STD
 
     def pil(self, images: list[Image.Image]) -> torch.Tensor:
-        """The reference pipeline on PIL images -> float32 tensor (B, 3, size, size)."""
+        """The reference pipeline on PIL images -> float32 tensor (B, 3, size, size).
+
+        The full image is resized before the crop, exactly as the reference does (resizing only the
+        crop window with PIL's `box` moves a few pixels by one level). The work stays bounded because
+        callers bound the aspect ratio (`check_size`): the intermediate has at most
+        max(source pixels, size^2 * aspect ratio) pixels.
+        """
         resize = T.Resize(self.size, interpolation=T.InterpolationMode.BICUBIC)
         crop = T.CenterCrop(self.size)
         out = []
@@ -108,16 +125,20 @@ class Preprocess:
             out.append(T.functional.to_tensor(crop(resize(im)).convert("RGB")))
         return T.functional.normalize(torch.stack(out), self.mean, self.std)
 
+    def resized_size(self, w: int, h: int) -> tuple[int, int]:
+        """(width, height) after torchvision's `Resize(size)`: short side to `size`, long side truncated."""
+        if w <= h:
+            return self.size, int(self.size * h / w)
+        return int(self.size * w / h), self.size
+
     def tensor(self, images: torch.Tensor) -> torch.Tensor:
         """The same steps in torch, differentiable: (B, 3, H, W) in [0, 1] -> normalised (B, 3, size, size)."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise InvalidImageError(f"expected an image tensor of shape (B, 3, H, W), got {tuple(images.shape)}")
         h, w = images.shape[-2:]
-        # torchvision's rule for the long side: int(size * long / short), so both paths crop the same window
-        if h <= w:
-            new_h, new_w = self.size, int(self.size * w / h)
-        else:
-            new_h, new_w = int(self.size * h / w), self.size
+        # torchvision's rule for the long side, so both paths crop the same window (callers bound the
+        # aspect ratio: the intermediate is size^2 * aspect pixels)
+        new_w, new_h = self.resized_size(w, h)
         x = images
         if (new_h, new_w) != (h, w):
             x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable, Mapping, Sequence
@@ -35,9 +36,13 @@ import torch
 from torch import nn
 
 from .config import RewardConfig
-from .errors import ImageTooLargeError, InvalidPromptError, InvalidRequestError
-from .images import ImageLike, Preprocess, open_image
+from .errors import InvalidPromptError, InvalidRequestError
+from .images import MAX_ASPECT_RATIO, ImageLike, Preprocess, check_size, open_image
 from .registry import Expert
+
+# Largest |weight| a call may give an expert: weights beyond make totals overflow float32 (and JSON).
+MAX_WEIGHT = 1e6
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +56,11 @@ class Limits:
     max_images: int = 64
     max_image_pixels: int = 40_000_000
     max_prompt_chars: int = 2000
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
 
     @classmethod
     def from_config(cls, config: RewardConfig) -> "Limits":
-        return cls(config.max_images, config.max_image_pixels, config.max_prompt_chars)
+        return cls(config.max_images, config.max_image_pixels, config.max_prompt_chars, config.max_aspect_ratio)
 
 
 @dataclass
@@ -128,8 +134,8 @@ class Mixture(nn.Module):
         for name, w in (override or {}).items():
             if name not in weights:
                 raise InvalidRequestError(f"unknown expert {name!r} in weights; configured: {', '.join(weights)}")
-            if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w):
-                raise InvalidRequestError(f"weight for {name!r} must be a finite number, got {w!r}")
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or abs(w) > MAX_WEIGHT:
+                raise InvalidRequestError(f"weight for {name!r} must be a finite number in [-{MAX_WEIGHT:g}, {MAX_WEIGHT:g}], got {w!r}")
             weights[name] = float(w)
         return weights
 
@@ -140,6 +146,10 @@ class Mixture(nn.Module):
             raise InvalidPromptError("prompt is empty")
         if len(prompt) > limits.max_prompt_chars:
             raise InvalidPromptError(f"prompt has {len(prompt)} characters; the limit is {limits.max_prompt_chars}")
+        if _SURROGATE.search(prompt):  # a lone UTF-16 surrogate from JSON "\ud800": not text, cannot be encoded
+            raise InvalidPromptError("prompt holds a lone UTF-16 surrogate: not valid Unicode text")
+        if "\x00" in prompt:
+            raise InvalidPromptError("prompt holds a NUL character")
         return prompt
 
     def _prompts_for(self, prompts, n: int, limits: Limits) -> list[str]:
@@ -238,8 +248,7 @@ class Mixture(nn.Module):
             raise InvalidRequestError("'images' is empty")
         if b > limits.max_images:
             raise InvalidRequestError(f"{b} images; the limit is {limits.max_images} per call")
-        if h * w > limits.max_image_pixels:
-            raise ImageTooLargeError(f"{w}x{h} images are over the limit of {limits.max_image_pixels} pixels")
+        check_size((w, h), limits.max_image_pixels, limits.max_aspect_ratio, "'images'")
         if not bool(torch.isfinite(images).all()) or float(images.min()) < 0 or float(images.max()) > 1:
             raise InvalidRequestError("'images' values must be finite and in [0, 1]")
 
@@ -327,4 +336,4 @@ class Mixture(nn.Module):
             raise InvalidRequestError("no images to score")
         if len(images) > limits.max_images:
             raise InvalidRequestError(f"{len(images)} images; the limit is {limits.max_images} per call")
-        return [open_image(im, limits.max_image_pixels) for im in images]
+        return [open_image(im, limits.max_image_pixels, limits.max_aspect_ratio) for im in images]

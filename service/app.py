@@ -10,9 +10,7 @@ Models and the prompt index load in background threads at start-up: /healthz ans
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -24,6 +22,7 @@ from rewarders import Mixture, create_rewarder
 from .batcher import MicroBatcher
 from .metrics import Metrics
 from .routers import health, jobs, prompts, reward
+from .middleware import LimitsAndMetrics
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ def create_app(settings: Settings | None = None, rewarder: Mixture | None = None
     app.include_router(prompts.router)
     app.include_router(jobs.router)
     app.state.job_store = None
-    app.add_middleware(LimitsAndMetrics, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(LimitsAndMetrics, settings=settings, metrics=metrics)
     return app
 
 
@@ -95,72 +94,3 @@ async def _load(app: FastAPI, settings: Settings, metrics: Metrics, rewarder: Mi
         app.state.prompter_error = str(e)
         return
     log.info("prompt index ready: %d prompts", len(app.state.prompter))
-
-
-class LimitsAndMetrics:
-    """ASGI middleware: refuses bodies over the limit with 413 before any handler reads them, and
-    records request counts and latencies per route."""
-
-    def __init__(self, app, max_body_bytes: int, metrics: Metrics):
-        self.app = app
-        self.max_body_bytes = max_body_bytes
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        start = time.perf_counter()
-        status = {"code": 500}
-
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            body = await self._read_body(scope, receive)
-            if body is None:
-                status["code"] = 413
-                await _send_json(send, 413, f"request body is over the limit of {self.max_body_bytes} bytes")
-                return
-            replayed = False
-
-            async def replay():
-                nonlocal replayed
-                if not replayed:
-                    replayed = True
-                    return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
-
-            await self.app(scope, replay, send_wrapper)
-        finally:
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-
-    async def _read_body(self, scope, receive) -> bytes | None:
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return None
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                break
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        return b"".join(chunks)
-
-
-async def _send_json(send, status: int, detail: str) -> None:
-    body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})

@@ -93,6 +93,13 @@ class MicroBatcher:
         n = int(images.shape[0]) if getattr(images, "ndim", 0) > 0 else 1  # the library refuses a bad shape
         return await self._submit(_Item(max(n, 1), self._future(), time.monotonic(), call=call))
 
+    def check_admission(self) -> None:
+        """Refuse at once (QueueFullError) when the queue is full: called before a body is read or
+        decoded, so clients that retry immediately cost the server almost nothing."""
+        if self._waiting_images >= self.max_queue_images:
+            self.metrics.rejected.inc()
+            raise QueueFullError(f"{self._waiting_images} images are already waiting (limit {self.max_queue_images}); retry later")
+
     def _future(self) -> asyncio.Future:
         return asyncio.get_running_loop().create_future()
 

@@ -53,24 +53,37 @@ def get_store(request: Request) -> JobStore:
     return store
 
 
-def require_api_key(
-    settings: Annotated[Settings, Depends(get_settings)],
-    authorization: Annotated[str | None, Header()] = None,
-    x_api_key: Annotated[str | None, Header()] = None,
-) -> None:
-    """With keys configured, every protected endpoint needs `Authorization: Bearer KEY` or `X-API-Key: KEY`."""
-    if not settings.api_keys:
-        return
+# Paths anyone may call; with API keys configured, every other path needs a key. The middleware checks
+# the key from the headers before any body is read; `require_api_key` documents it in the OpenAPI schema.
+OPEN_PATHS = ("/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+
+
+def api_key_error(api_keys: list[str], authorization: str | None, x_api_key: str | None) -> HTTPException | None:
+    """The 401/403 for these headers, or None when the key is good (or no keys are configured).
+    Keys are compared in constant time, and every configured key is compared."""
+    if not api_keys:
+        return None
     key = x_api_key
     if key is None and authorization is not None:
         scheme, _, value = authorization.partition(" ")
         if scheme.lower() == "bearer" and value:
             key = value.strip()
     if not key:
-        raise HTTPException(status_code=401, detail="missing API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
-                            headers={"WWW-Authenticate": "Bearer"})
-    if not any(secrets.compare_digest(key.encode(), k.encode()) for k in settings.api_keys):
-        raise HTTPException(status_code=403, detail="invalid API key")
+        return HTTPException(status_code=401, detail="missing API key: send 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
+                             headers={"WWW-Authenticate": "Bearer"})
+    matches = [secrets.compare_digest(key.encode("utf-8", "surrogateescape"), k.encode()) for k in api_keys]
+    return None if any(matches) else HTTPException(status_code=403, detail="invalid API key")
+
+
+def require_api_key(
+    settings: Annotated[Settings, Depends(get_settings)],
+    authorization: Annotated[str | None, Header()] = None,
+    x_api_key: Annotated[str | None, Header()] = None,
+) -> None:
+    """With keys configured, every protected endpoint needs `Authorization: Bearer KEY` or `X-API-Key: KEY`."""
+    error = api_key_error(settings.api_keys, authorization, x_api_key)
+    if error is not None:
+        raise error
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]

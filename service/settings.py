@@ -17,9 +17,12 @@ class Settings(FinetuneSettings):
     port: int = Field(8000, ge=1, le=65535, description="Port `t2i-reward serve` listens on.")
     api_keys: list[str] = Field(default_factory=list, description="Accepted API keys (JSON list); empty: no auth.")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest request body; larger gets 413.")
+    body_timeout_s: float = Field(30.0, gt=0, description="Longest time a request body may take to arrive; slower gets 408.")
+    max_concurrent_uploads: int = Field(32, ge=1, description="Request bodies being received at once; more gets 429.")
     max_images: int = Field(16, ge=1, description="Most images in one request; more gets 422.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Most pixels per image, checked from the header; more gets 413.")
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt in characters; longer gets 422.")
+    max_aspect_ratio: float = Field(32.0, ge=1, le=1024, description="Longest image side over the shortest; more gets 400 (bounds the resize's work).")
     max_batch_images: int = Field(32, ge=1, description="Most images in one micro-batch (one forward pass per backbone).")
     max_wait_ms: float = Field(0.0, ge=0, description="Extra wait for more requests before a batch runs (0: run as soon as the model is free, batching what queued meanwhile).")
     max_queue_images: int = Field(256, ge=1, description="Most images waiting for the model; more gets 429.")
@@ -29,7 +32,7 @@ class Settings(FinetuneSettings):
 
     def limits(self) -> Limits:
         """The limits of one request, which the library checks (`rewarders.Limits`)."""
-        return Limits(self.max_images, self.max_image_pixels, self.max_prompt_chars)
+        return Limits(self.max_images, self.max_image_pixels, self.max_prompt_chars, self.max_aspect_ratio)
 
     def rewarder_overrides(self) -> dict:
         """The rewarder loaded by the service gets the same limits and batch size."""
@@ -37,5 +40,6 @@ class Settings(FinetuneSettings):
             "max_images": self.max_images,
             "max_image_pixels": self.max_image_pixels,
             "max_prompt_chars": self.max_prompt_chars,
+            "max_aspect_ratio": self.max_aspect_ratio,
             "max_batch_size": self.max_batch_images,
         }

@@ -53,14 +53,25 @@ def error_status(e: Exception) -> int:
     return 422
 
 
+def http_error(e: Exception) -> HTTPException:
+    status = error_status(e)
+    return HTTPException(status, str(e), headers={"Retry-After": "1"} if status in (429, 504) else None)
+
+
 async def run_model_call(coro):
     """Await a batcher call, turning library and admission errors into their HTTP answers."""
     try:
         return await coro
     except (RewardError, QueueFullError, QueueTimeoutError) as e:
-        status = error_status(e)
-        headers = {"Retry-After": "1"} if status in (429, 504) else None
-        raise HTTPException(status, str(e), headers=headers) from None
+        raise http_error(e) from None
+
+
+def admit(batcher) -> None:
+    """429 before the body is read when the queue is already full."""
+    try:
+        batcher.check_admission()
+    except QueueFullError as e:
+        raise http_error(e) from None
 
 
 def content_type(request: Request) -> str:
@@ -96,6 +107,8 @@ async def parse_reward_request(request: Request, max_images: int) -> tuple[str, 
     if ctype == "multipart/form-data":
         try:
             form = await request.form(max_files=max_images + 1, max_fields=16)
+        except HTTPException:  # the body's own limits (size, time), raised while it streams in
+            raise
         except Exception as e:  # starlette raises for malformed bodies and too many parts
             raise HTTPException(400, f"cannot read multipart body: {e}") from None
         prompt = form.get("prompt")
@@ -133,6 +146,7 @@ async def parse_reward_request(request: Request, max_images: int) -> tuple[str, 
 )
 async def reward(request: Request, batcher: BatcherDep) -> JSONResponse:
     """Score one or more images (base64 / data URLs in JSON, or files in multipart) against a prompt."""
+    admit(batcher)
     prompt, images, weights = await parse_reward_request(request, batcher.limits.max_images)
     check = functools.partial(batcher.rewarder.check_request, limits=batcher.limits)
     # decoding and validation off the event loop, in the default thread pool
@@ -163,6 +177,7 @@ async def reward_gradient(request: Request, batcher: BatcherDep) -> Response:
     """
     if content_type(request) != "application/octet-stream":
         raise HTTPException(415, "send the image tensors as safetensors with content type application/octet-stream")
+    admit(batcher)
     body = await request.body()
     try:
         tensors = load_safetensors(body)

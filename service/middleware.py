@@ -1,0 +1,137 @@
+"""The ASGI middleware in front of every route: the API key, the request body's limits, and metrics.
+
+Order matters, and this is where it is fixed:
+1. the API key is checked from the headers before a byte of the body is read (401 / 403), so an
+   unauthenticated client can make the server buffer nothing;
+2. a Content-Length over the limit is refused at once (413);
+3. the body is then read by the handler itself, through a guarded `receive`: more than
+   `max_body_bytes` -> 413, slower than `body_timeout_s` -> 408, more than `max_concurrent_uploads`
+   bodies arriving at once -> 429. Because the handler reads it, a handler can refuse work before
+   the upload (the reward routes answer 429 on a full queue without reading the body);
+4. every request is counted and timed per route.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+from fastapi import HTTPException
+
+from .deps import OPEN_PATHS, api_key_error
+from .metrics import Metrics
+from .settings import Settings
+
+
+class LimitsAndMetrics:
+    def __init__(self, app, settings: Settings, metrics: Metrics):
+        self.app = app
+        self.api_keys = list(settings.api_keys)
+        self.max_body_bytes = settings.max_body_bytes
+        self.body_timeout_s = settings.body_timeout_s
+        self.max_uploads = settings.max_concurrent_uploads
+        self.metrics = metrics
+        self.uploads = 0  # bodies being received now (one event loop: a plain counter is enough)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            refusal = self._refuse_from_headers(scope)
+            if refusal is not None:
+                await send_error(send_wrapper, refusal)
+                return
+            body = _GuardedBody(self, receive, _has_body(scope))
+            try:
+                await self.app(scope, body.receive, send_wrapper)
+            finally:
+                body.done()
+        finally:
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
+
+    def _refuse_from_headers(self, scope) -> HTTPException | None:
+        headers = _headers(scope)
+        if scope["path"] not in OPEN_PATHS:
+            error = api_key_error(self.api_keys, headers.get("authorization"), headers.get("x-api-key"))
+            if error is not None:
+                return error
+        length = headers.get("content-length")
+        if length is not None and length.strip().isdigit() and int(length) > self.max_body_bytes:
+            return HTTPException(413, f"request body is over the limit of {self.max_body_bytes} bytes")
+        return None
+
+
+class _GuardedBody:
+    """One request's `receive`, counting bytes against the limit and the clock against the timeout."""
+
+    def __init__(self, limits: LimitsAndMetrics, receive, has_body: bool):
+        self.limits = limits
+        self._receive = receive
+        self.has_body = has_body
+        self.size = 0
+        self.deadline: float | None = None
+        self.counted = False
+        self.finished = not has_body
+
+    async def receive(self):
+        if self.finished:  # after the body: disconnect notifications and the like, unguarded
+            return await self._receive()
+        if self.deadline is None:  # the first read of the body: take an upload slot
+            if self.limits.uploads >= self.limits.max_uploads:
+                raise HTTPException(429, f"{self.limits.uploads} request bodies are being received; retry shortly",
+                                    headers={"Retry-After": "1"})
+            self.limits.uploads += 1
+            self.counted = True
+            self.deadline = time.monotonic() + self.limits.body_timeout_s
+        try:
+            message = await asyncio.wait_for(self._receive(), max(self.deadline - time.monotonic(), 0.001))
+        except asyncio.TimeoutError:
+            self.done()
+            raise HTTPException(408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s") from None
+        if message["type"] == "http.request":
+            self.size += len(message.get("body", b""))
+            if self.size > self.limits.max_body_bytes:
+                self.done()
+                raise HTTPException(413, f"request body is over the limit of {self.limits.max_body_bytes} bytes")
+            if not message.get("more_body", False):
+                self.done()
+        else:
+            self.done()
+        return message
+
+    def done(self) -> None:
+        self.finished = True
+        if self.counted:
+            self.counted = False
+            self.limits.uploads -= 1
+
+
+def _headers(scope) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+
+
+def _has_body(scope) -> bool:
+    headers = _headers(scope)
+    length = headers.get("content-length", "").strip()
+    return "chunked" in headers.get("transfer-encoding", "").lower() or (length.isdigit() and int(length) > 0)
+
+
+async def send_error(send, error: HTTPException) -> None:
+    """A JSON error answer sent straight from the middleware, in the app's `{"detail": ...}` shape."""
+    body = json.dumps({"detail": error.detail}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (error.headers or {}).items()]
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
