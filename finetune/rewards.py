@@ -46,7 +46,9 @@ class _ChainRule(torch.autograd.Function):
 class RemoteReward:
     def __init__(self, base_url: str, api_key: str | None = None, weights: Mapping[str, float] | None = None,
                  client: RewardClient | None = None):
-        self.client = client or RewardClient(base_url, api_key=api_key)
+        # a worker rides out a replica restart: 5 retries back off 0.5 + 1 + 2 + 4 + 8 s, then the job fails
+        # with the service's last answer (`RewardServiceError`)
+        self.client = client or RewardClient(base_url, api_key=api_key, retries=5)
         self.weights = dict(weights) if weights else None
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
