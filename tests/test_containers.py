@@ -44,6 +44,15 @@ def test_compose_services(services):
     assert services["service-cpu"]["environment"]["T2I_SERVICE_PROFILE"] == "tiny"
 
 
+def test_redis_needs_its_password_and_the_api_scales_out(services):
+    redis = services["redis"]
+    password = redis["command"][redis["command"].index("--requirepass") + 1]
+    assert password and redis["environment"]["REDIS_PASSWORD"] == password  # the healthcheck authenticates too
+    for name in ("service", "worker", "service-cpu", "worker-cpu"):
+        assert services[name]["environment"]["T2I_SERVICE_REDIS_URL"] == f"redis://:{password}@redis:6379/0"
+    assert int(services["service"]["deploy"]["replicas"]) >= 1
+
+
 def test_dockerfile_targets():
     text = (ROOT / "docker/Dockerfile").read_text()
     assert re.search(r"^FROM nvidia/cuda:\S+runtime\S* AS base", text, re.M)
