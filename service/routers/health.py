@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..deps import AuthDep, RewarderDep
+from ..schemas import ErrorResponse
 
 router = APIRouter(tags=["health"])
 
@@ -34,7 +35,8 @@ def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/models", summary="Experts, checkpoints, devices, dtypes, weights and normalisation", dependencies=[AuthDep])
+@router.get("/models", summary="Experts, checkpoints, devices, dtypes, weights and normalisation", dependencies=[AuthDep],
+            responses={code: {"model": ErrorResponse} for code in (401, 403, 503)})
 def models(rewarder: RewarderDep) -> dict:
     return {
         "profile": rewarder.config.profile,
