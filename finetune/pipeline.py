@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .spec import JobSpec
+from .spec import JobSpec, is_hub_id
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 WEIGHT_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
@@ -32,12 +32,25 @@ class Models:
 
 
 def load_pipeline(base_model: str, cache_dir: Path):
-    """`base_model` as `prepare_job` resolved it: 'tiny', a hub id, or a local pipeline directory."""
+    """`base_model` as `prepare_job` resolved it: 'tiny', a hub id, or an absolute local pipeline directory.
+
+    A hub id is fetched into (or, offline, read from) the hub cache first and loaded from there: given the
+    id itself, `from_pretrained` would load a directory of that name relative to the working directory."""
     from diffusers import StableDiffusionPipeline
 
     from .tiny import ensure_tiny_sd
 
-    path = str(ensure_tiny_sd(cache_dir)) if base_model == "tiny" else base_model
+    if base_model == "tiny":
+        path = str(ensure_tiny_sd(cache_dir))
+    elif Path(base_model).is_absolute():
+        path = base_model
+    elif is_hub_id(base_model):
+        try:
+            path = StableDiffusionPipeline.download(base_model)
+        except Exception as e:  # offline, unknown, gated: one clear error, without the cache's paths
+            raise ValueError(f"base_model {base_model!r}: cannot get it from the hub or the hub cache ({type(e).__name__})") from e
+    else:
+        raise ValueError(f"base_model {base_model!r} is not 'tiny', a hub id or an absolute pipeline directory")
     return StableDiffusionPipeline.from_pretrained(path, safety_checker=None, requires_safety_checker=False)
 
 

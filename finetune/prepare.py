@@ -10,7 +10,7 @@ from typing import Optional
 from prompter import PromptIndex
 
 from .settings import FinetuneSettings
-from .spec import JobSpec, confined, resolve_base_model, validate_spec, with_defaults
+from .spec import JobSpec, pretrain_folder, resolve_base_model, validate_spec, with_defaults
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,8 @@ def prepare_job(spec: JobSpec, settings: FinetuneSettings, prompter: PromptIndex
         if prompter is None:
             raise ValueError("the spec gives topics but no prompt index is loaded; give prompts")
         found, _ = prompter.search(spec.topics, spec.n_prompts)
-        spec = spec.model_copy(update={"prompts": [p for per_topic in found for p in per_topic]})
+        # validated, not copied: drawn prompts get the same bounds as given ones (the worker re-reads the spec)
+        spec = JobSpec.model_validate({**spec.model_dump(), "prompts": [p for per_topic in found for p in per_topic]})
         validate_spec(spec, settings.job_limits, settings.models_dir, settings.data_dir)
-    pretrain = confined(spec.pretrain_data, settings.data_dir, "pretrain_data") if spec.pretrain_data else None
+    pretrain = pretrain_folder(spec.pretrain_data, settings.data_dir) if spec.pretrain_data else None
     return PreparedJob(spec, resolve_base_model(spec.base_model, settings.models_dir), pretrain)

@@ -1,21 +1,74 @@
-"""The typed spec of a fine-tuning job, with every field documented and defaulted (`prepare.py` turns a
-spec into a runnable job).
+"""The typed spec of a fine-tuning job, with every field documented, defaulted and bounded (`prepare.py`
+turns a spec into a runnable job).
 
-Paths are confined: `base_model` is a hub id or a path under the configured models directory, and
-`pretrain_data` a folder under the configured data directory; the job writes only under its own
-directory. `validate_spec` applies the operator's limits (steps, batch size, resolution, ...).
+Every field has a hard bound in the schema (`/openapi.json` shows it), so no request can ask for a job the
+service cannot run in finite time and memory; `JobLimits` (the operator's, from settings) may tighten the
+bounds of steps, batch size, resolution, prompts and LoRA rank, never loosen them. Floats must be finite,
+ints are strict (no `true` for 1), and text must be valid Unicode without NUL (a lone UTF-16 surrogate
+cannot even be written back as UTF-8).
+
+Paths are confined: `base_model` is 'tiny', a hub id, or a pipeline directory under the configured models
+directory, and `pretrain_data` a folder under the configured data directory; the job writes only under its
+own directory. Hub ids are never looked up relative to the working directory (`pipeline.load_pipeline`
+resolves them through the hub cache).
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+# Hard bounds of every spec (README: Fine-tuning jobs). Shared with the /prompts endpoint.
+MAX_TEXT_CHARS = 2000  # a prompt or topic (the service's max_prompt_chars default)
+MAX_NAME_CHARS = 256  # base_model, pretrain_data
+MAX_TOPICS = 16
+MAX_N_PROMPTS = 100  # per topic
+MAX_PROMPTS = 10_000
+MAX_EVAL_PROMPTS = 16
+MAX_STEPS = 100_000
+MAX_BATCH_SIZE = 64
+MIN_RESOLUTION, MAX_RESOLUTION = 32, 2048  # 32: the tiny test pipeline; real SD wants 512
+MAX_LORA_RANK = 512
+MAX_INFERENCE_STEPS = 1000  # the DDPM schedule SD was trained on has 1000 timesteps
+MAX_WEIGHT = 1e3  # any loss or mixture weight, in absolute value
+MAX_SEED = 2**63 - 1  # what torch.manual_seed takes
+
+# Hub ids as the hub spells them: two parts of letters, digits, '_', '.', '-', neither starting nor ending
+# with '.' or '-', at most 96 characters each; '..' and '--' are refused (the hub refuses them too).
+_HUB_PART = r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?"
+HUB_ID = re.compile(rf"^{_HUB_PART}/{_HUB_PART}$", re.ASCII)
+
+
+def is_hub_id(name: str) -> bool:
+    return bool(HUB_ID.match(name)) and ".." not in name and "--" not in name
+
+
+def _no_nul(s: str) -> str:
+    """NUL breaks paths, C libraries and logs. (Lone UTF-16 surrogates, which cannot be stored or echoed as
+    UTF-8, are refused by pydantic's length-constrained str itself: 'unable to parse ... unicode'.) Right-to-left
+    marks and other format characters are ordinary text."""
+    if "\x00" in s:
+        raise ValueError("contains a NUL character")
+    return s
+
+
+def _non_blank(s: str) -> str:
+    if not s.strip():
+        raise ValueError("must be a non-empty string, not only spaces")
+    return s
+
+
+Text = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS), AfterValidator(_no_nul), AfterValidator(_non_blank)]
+PathName = Annotated[str, StringConstraints(min_length=1, max_length=MAX_NAME_CHARS), AfterValidator(_no_nul)]
+ModuleName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.]+$")]
+ExpertName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+Weight = Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT, strict=True)]
+StepIndex = Annotated[int, Field(ge=0, le=MAX_INFERENCE_STEPS, strict=True)]
 
 
 def default_base_model(profile: Optional[str]) -> str:
@@ -27,60 +80,66 @@ def with_defaults(spec: "JobSpec", profile: Optional[str]) -> "JobSpec":
     return spec if spec.base_model else spec.model_copy(update={"base_model": default_base_model(profile)})
 
 
+def _int(default: int, lo: int, hi: int, description: str):
+    return Field(default, ge=lo, le=hi, strict=True, description=description)  # strict: `true` is not 1
+
+
+def _float(default: float, lo: float, hi: float, description: str, gt: bool = False):
+    bounds = {"gt": lo} if gt else {"ge": lo}
+    return Field(default, le=hi, strict=True, description=description, **bounds)
+
+
 class JobSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN/inf in any float field: 422
 
     method: Literal["refl", "reward_weighted"] = Field("refl", description="ReFL with KL (thesis) or reward-weighted likelihood (Lee et al.).")
-    base_model: Optional[str] = Field(None, description="Hub id, a path under the models directory, or 'tiny' (the tiny random pipeline); default: Stable Diffusion 1.5, or 'tiny' under the tiny profile.")
-    prompts: Optional[list[str]] = Field(None, description="Training prompts (cycled); or give topics + n_prompts.")
-    topics: Optional[list[str]] = Field(None, description="Topics whose prompts the prompter supplies.")
-    n_prompts: int = Field(8, ge=1, description="Prompts drawn per topic when topics are given.")
-    steps: int = Field(100, ge=1, description="Optimiser steps.")
-    learning_rate: float = Field(1e-4, gt=0, description="AdamW learning rate of the LoRA parameters.")
-    lora_rank: int = Field(4, ge=1, description="LoRA rank.")
-    lora_alpha: float = Field(4.0, gt=0, description="LoRA alpha (scale = alpha / rank).")
-    target_modules: list[str] = Field(["to_q", "to_k", "to_v", "to_out.0"], description="UNet attention projections that get LoRA adapters.")
-    batch_size: int = Field(1, ge=1, description="Prompts per step.")
-    resolution: int = Field(512, ge=8, description="Image side in pixels (a multiple of the VAE's scale factor).")
-    num_inference_steps: int = Field(40, ge=2, description="DDIM steps of the sampling chain.")
-    refl_step_range: tuple[int, int] = Field((30, 40), description="ReFL: the step index with gradients is drawn from [a, b).")
-    guidance_scale: float = Field(7.5, ge=1.0, description="Classifier-free guidance scale while sampling (1: off).")
-    reward_weight: float = Field(1.0, ge=0, description="alpha: weight of the reward term.")
-    kl_weight: float = Field(0.01, ge=0, description="beta: weight of the KL term to the frozen base model.")
+    base_model: Optional[PathName] = Field(None, description="Hub id (org/name), a pipeline directory under the models directory, or 'tiny' (the tiny random pipeline); default: Stable Diffusion 1.5, or 'tiny' under the tiny profile.")
+    prompts: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_PROMPTS, description="Training prompts (cycled); or give topics + n_prompts.")
+    topics: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_TOPICS, description="Topics whose prompts the prompter supplies.")
+    n_prompts: int = _int(8, 1, MAX_N_PROMPTS, "Prompts drawn per topic when topics are given.")
+    steps: int = _int(100, 1, MAX_STEPS, "Optimiser steps (the operator's limit may be lower).")
+    learning_rate: float = _float(1e-4, 0, 1.0, "AdamW learning rate of the LoRA parameters.", gt=True)
+    lora_rank: int = _int(4, 1, MAX_LORA_RANK, "LoRA rank (the operator's limit may be lower).")
+    lora_alpha: float = _float(4.0, 0, 4096.0, "LoRA alpha (scale = alpha / rank).", gt=True)
+    target_modules: list[ModuleName] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1, max_length=32, description="UNet attention projections that get LoRA adapters.")
+    batch_size: int = _int(1, 1, MAX_BATCH_SIZE, "Prompts per step (the operator's limit may be lower).")
+    resolution: int = Field(512, ge=MIN_RESOLUTION, le=MAX_RESOLUTION, multiple_of=8, strict=True, description="Image side in pixels, a multiple of 8 (the VAE's scale factor); the operator's limit may be lower.")
+    num_inference_steps: int = _int(40, 2, MAX_INFERENCE_STEPS, "DDIM steps of the sampling chain.")
+    refl_step_range: tuple[StepIndex, StepIndex] = Field((30, 40), description="ReFL: the step index with gradients is drawn from [a, b).")
+    guidance_scale: float = _float(7.5, 1.0, 30.0, "Classifier-free guidance scale while sampling (1: off).")
+    reward_weight: float = _float(1.0, 0, MAX_WEIGHT, "alpha: weight of the reward term.")
+    kl_weight: float = _float(0.01, 0, MAX_WEIGHT, "beta: weight of the KL term to the frozen base model.")
     reward_loss: Literal["linear", "hinge"] = Field("linear", description="ReFL: -alpha*reward, or ImageReward's hinge relu(2 - reward).")
     regularizer: Literal["kl", "pretrain", "none"] = Field("kl", description="reward_weighted: the KL term, the pre-training loss on pretrain_data, or none.")
-    pretrain_data: Optional[str] = Field(None, description="Folder of image-text pairs (x.png + x.txt) under the data directory, for the pre-training loss.")
-    pretrain_weight: float = Field(1.0, ge=0, description="Weight of the pre-training denoising loss when pretrain_data is given.")
-    reward_weights: Optional[dict[str, float]] = Field(None, description="Per-expert weights of the reward mixture for this job.")
+    pretrain_data: Optional[PathName] = Field(None, description="Folder of image-text pairs (x.png + x.txt) under the data directory, for the pre-training loss.")
+    pretrain_weight: float = _float(1.0, 0, MAX_WEIGHT, "Weight of the pre-training denoising loss when pretrain_data is given.")
+    reward_weights: Optional[dict[ExpertName, Weight]] = Field(None, max_length=32, description="Per-expert weights of the reward mixture for this job.")
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast dtype on GPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward to save memory.")
-    seed: int = Field(0, description="Seed of the noise, the prompt order and the step draws.")
-    checkpoint_every: int = Field(50, ge=1, description="Save LoRA and optimiser state every N steps (resume point).")
-    eval_prompts: Optional[list[str]] = Field(None, description="Prompts of the before/after evaluation (default: the first 4 training prompts).")
-    eval_images_per_prompt: int = Field(2, ge=1, description="Images per evaluation prompt, for the base and the fine-tuned model.")
+    seed: int = _int(0, 0, MAX_SEED, "Seed of the noise, the prompt order and the step draws.")
+    checkpoint_every: int = _int(50, 1, MAX_STEPS, "Save LoRA and optimiser state every N steps (resume point).")
+    eval_prompts: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_EVAL_PROMPTS, description="Prompts of the before/after evaluation (default: the first 4 training prompts).")
+    eval_images_per_prompt: int = _int(2, 1, 16, "Images per evaluation prompt, for the base and the fine-tuned model.")
 
     @model_validator(mode="after")
     def _check(self) -> "JobSpec":
         if not self.prompts and not self.topics:
             raise ValueError("give prompts, or topics and n_prompts")
-        if self.prompts is not None and any(not p.strip() for p in self.prompts):
-            raise ValueError("prompts must be non-empty strings")
         a, b = self.refl_step_range
         if not 0 <= a < b <= self.num_inference_steps:
             raise ValueError(f"refl_step_range must satisfy 0 <= a < b <= num_inference_steps, got ({a}, {b})")
-        if not self.target_modules:
-            raise ValueError("target_modules is empty")
         return self
 
 
 class JobLimits(BaseModel):
-    """What the operator allows; a spec beyond these is refused (422)."""
+    """What the operator allows; a spec beyond these is refused (422). Each is capped by the spec's hard
+    bound: settings can tighten the bounds, never loosen them (a larger value fails at start-up)."""
 
-    max_steps: int = Field(10_000, description="Most steps per job.")
-    max_batch_size: int = Field(16, description="Largest batch.")
-    max_resolution: int = Field(1024, description="Largest image side.")
-    max_prompts: int = Field(10_000, description="Most training prompts.")
-    max_lora_rank: int = Field(256, description="Largest LoRA rank.")
+    max_steps: int = Field(10_000, ge=1, le=MAX_STEPS, description="Most steps per job.")
+    max_batch_size: int = Field(16, ge=1, le=MAX_BATCH_SIZE, description="Largest batch.")
+    max_resolution: int = Field(1024, ge=MIN_RESOLUTION, le=MAX_RESOLUTION, description="Largest image side.")
+    max_prompts: int = Field(MAX_PROMPTS, ge=1, le=MAX_PROMPTS, description="Most training prompts.")
+    max_lora_rank: int = Field(256, ge=1, le=MAX_LORA_RANK, description="Largest LoRA rank.")
 
 
 def validate_spec(spec: JobSpec, limits: JobLimits, models_dir: Path, data_dir: Path) -> None:
@@ -93,26 +152,53 @@ def validate_spec(spec: JobSpec, limits: JobLimits, models_dir: Path, data_dir: 
             raise ValueError(f"{name} is {value}; the limit is {limit}")
     resolve_base_model(spec.base_model or SD15, models_dir)
     if spec.pretrain_data is not None:
-        folder = confined(spec.pretrain_data, data_dir, "pretrain_data")
-        if not folder.is_dir():
-            raise ValueError(f"pretrain_data {spec.pretrain_data!r}: no such folder under the data directory")
+        pretrain_folder(spec.pretrain_data, data_dir)
 
 
 def confined(path: str, root: Path, name: str) -> Path:
-    """`path` (relative, or absolute inside `root`) resolved inside `root`, or ValueError."""
+    """`path` (relative, or absolute inside `root`) resolved inside `root`, or ValueError. The message never
+    names `root`: an API answer must not describe the server's filesystem."""
     root = root.resolve()
     p = Path(path)
     full = (p if p.is_absolute() else root / p).resolve()
     if full != root and root not in full.parents:
-        raise ValueError(f"{name} {path!r} is outside the allowed directory {root}")
+        raise ValueError(f"{name} {path!r} is outside the allowed directory")
     return full
 
 
+def pretrain_folder(path: str, data_dir: Path) -> Path:
+    """The pretrain_data folder under `data_dir`. One message whether it is missing or outside, so the
+    answer does not tell which folders exist elsewhere."""
+    try:
+        folder = confined(path, data_dir, "pretrain_data")
+    except ValueError:
+        folder = None
+    if folder is None or not folder.is_dir():
+        raise ValueError(f"pretrain_data {path!r}: no such folder in the data directory (paths outside it are refused)")
+    return folder
+
+
 def resolve_base_model(base_model: str, models_dir: Path) -> str:
-    """'tiny', a hub id, or a directory under `models_dir` (returned as an absolute path)."""
-    if base_model == "tiny" or (HUB_ID.match(base_model) and not Path(base_model).is_absolute() and not (models_dir / base_model).exists()):
+    """'tiny'; a pipeline directory under `models_dir` (returned as an absolute path); else a hub id
+    (returned as is: `pipeline.load_pipeline` loads it through the hub cache, never from the working
+    directory). Anything else, missing or outside, gets one message that discloses nothing about the
+    filesystem."""
+    if base_model == "tiny":
         return base_model
-    full = confined(base_model, models_dir, "base_model")
-    if not (full / "model_index.json").is_file():
-        raise ValueError(f"base_model {base_model!r}: no diffusers pipeline (model_index.json) under the models directory")
-    return str(full)
+    local = _local_pipeline(base_model, models_dir)
+    if local is not None:
+        return str(local)
+    if is_hub_id(base_model):
+        return base_model
+    raise ValueError(f"base_model {base_model!r} is not 'tiny', a hub id (org/name) or a pipeline directory "
+                     "in the models directory (paths outside it are refused)")
+
+
+def _local_pipeline(name: str, models_dir: Path) -> Optional[Path]:
+    if any(part in (".", "..") for part in name.split("/")):  # no walking up, even to come back
+        return None
+    try:
+        full = confined(name, models_dir, "base_model")
+    except (ValueError, OSError):
+        return None
+    return full if (full / "model_index.json").is_file() else None

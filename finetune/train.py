@@ -9,6 +9,7 @@ prompts; gradients are averaged in `average_gradients`, and the main process eva
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ class JobContext:
     device: str = "auto"
     on_progress: Optional[Callable[[dict], None]] = None
     should_stop: Optional[Callable[[], bool]] = None
+    # raises when this process may no longer write (its job was taken over, or it is cut off from the job
+    # store): checked at every step and before every write to the job directory, so a stale runner stops
+    guard: Optional[Callable[[], None]] = None
     metrics: dict = field(default_factory=lambda: {"reward": [], "loss": [], "kl": []})
 
 
@@ -83,6 +87,7 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
     if base_eval is None and main:
         base_images = sampler.sample(eval_p, eval_seeds, base=True)
         base_eval = evaluate(ctx.reward, base_images, eval_p)
+        _guard(ctx)
         save_images(base_images, out / "samples", "base")
 
     # ---- loop
@@ -90,6 +95,7 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
     bar = tqdm(range(start, spec.steps), initial=start, total=spec.steps, desc=f"{spec.method} job", mininterval=1.0,
                disable=not main)
     for step in bar:
+        _guard(ctx)
         if ctx.should_stop is not None and ctx.should_stop():
             if main:
                 save_checkpoint(out, step, models.unet, models.optimizer, ctx.metrics, base_eval)
@@ -114,10 +120,15 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
         torch.nn.utils.clip_grad_norm_(models.params, 1.0)
         models.optimizer.step()
         record(ctx.metrics, accelerator, result)
+        step_loss, step_reward = ctx.metrics["loss"][-1], ctx.metrics["reward"][-1]  # averaged over processes: all stop together
+        if not (math.isfinite(step_loss) and math.isfinite(step_reward)):  # a NaN step ruins the LoRA: fail, never "succeed"
+            raise FloatingPointError(f"step {step + 1}: the loss ({step_loss}) or the reward ({step_reward}) is not finite; "
+                                     "try a lower learning_rate or guidance_scale")
         done = step + 1
         eta = (time.perf_counter() - t0) / (done - first) * (spec.steps - done)
         bar.set_postfix(reward=f"{ctx.metrics['reward'][-1]:.3f}", loss=f"{ctx.metrics['loss'][-1]:.3f}")
         if done % spec.checkpoint_every == 0 and done < spec.steps and main:
+            _guard(ctx)
             save_checkpoint(out, done, models.unet, models.optimizer, ctx.metrics, base_eval)
         if ctx.on_progress is not None and main:
             ctx.on_progress({"step": done, "total": spec.steps, "eta_s": round(eta, 1)})
@@ -129,11 +140,17 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
     models.unet.eval()
     tuned_images = sampler.sample(eval_p, eval_seeds)
     tuned_eval = evaluate(ctx.reward, tuned_images, eval_p)
+    _guard(ctx)
     save_images(tuned_images, out / "samples", "tuned")
     save_lora(models.unet, out)
     base_images = torch.stack([image_tensor(p, spec.resolution) for p in sorted((out / "samples").glob("base-*.png"))])
     metrics = write_final(out, ctx.metrics, eval_prompts, base_eval, tuned_eval, base_images, tuned_images)
     return {"status": "succeeded", "metrics": metrics, "artifacts": artifact_names(out), "main_process": True}
+
+
+def _guard(ctx: JobContext) -> None:
+    if ctx.guard is not None:
+        ctx.guard()
 
 
 def evaluate(reward: RewardFn, images: torch.Tensor, prompts: list[str]) -> dict[str, dict[str, float]]:

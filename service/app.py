@@ -20,9 +20,10 @@ from prompter import PromptIndex, open_index
 from rewarders import Mixture, create_rewarder
 
 from .batcher import MicroBatcher
+from .errors import install_error_handlers
 from .metrics import Metrics
-from .routers import health, jobs, prompts, reward
 from .middleware import LimitsAndMetrics
+from .routers import health, jobs, prompts, reward
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None, rewarder: Mixture | None = None
     app.include_router(reward.router)
     app.include_router(prompts.router)
     app.include_router(jobs.router)
+    install_error_handlers(app)  # every 4xx answer is JSON-safe, never an echo of the input
     app.state.job_store = None
     app.add_middleware(LimitsAndMetrics, settings=settings, metrics=metrics)
     return app

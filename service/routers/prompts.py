@@ -6,22 +6,29 @@ import asyncio
 from typing import Optional
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from finetune.spec import MAX_N_PROMPTS, MAX_TOPICS, Text
 from rewarders.errors import RewardError
 
 from ..deps import AuthDep, PrompterDep, SettingsDep
 from ..schemas import ErrorResponse
 
 router = APIRouter(prefix="/prompts", tags=["prompts"], dependencies=[AuthDep])
+MAX_LENGTH = 100_000  # min_length / max_length filters: beyond any prompt of a corpus
 
 
 class PromptsRequest(BaseModel):
-    topics: list[str] = Field(..., description="Topics to find prompts for.", examples=[["artistic style", "animated style"]])
-    n_prompts: int = Field(..., ge=1, description="Prompts per topic.", examples=[3])
-    diversity: float = Field(0.0, ge=0.0, le=1.0, description="0: most similar first; above 0: maximal marginal relevance re-ranking, so the prompts differ from each other.")
-    min_length: Optional[int] = Field(None, ge=0, description="Shortest prompt, in characters.")
-    max_length: Optional[int] = Field(None, ge=1, description="Longest prompt, in characters.")
+    """Hard bounds in the schema; the settings (`max_topics`, `max_n_prompts`, `max_prompt_chars`) may
+    tighten them. Ints are strict (`false` is not 0), floats finite, topics valid text without NUL."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    topics: list[Text] = Field(..., min_length=1, max_length=MAX_TOPICS, description="Topics to find prompts for.", examples=[["artistic style", "animated style"]])
+    n_prompts: int = Field(..., ge=1, le=MAX_N_PROMPTS, strict=True, description="Prompts per topic.", examples=[3])
+    diversity: float = Field(0.0, ge=0.0, le=1.0, strict=True, description="0: most similar first; above 0: maximal marginal relevance re-ranking, so the prompts differ from each other.")
+    min_length: Optional[int] = Field(None, ge=0, le=MAX_LENGTH, strict=True, description="Shortest prompt, in characters.")
+    max_length: Optional[int] = Field(None, ge=1, le=MAX_LENGTH, strict=True, description="Longest prompt, in characters.")
 
 
 class PromptsResponse(BaseModel):
@@ -33,14 +40,10 @@ class PromptsResponse(BaseModel):
              responses={code: {"model": ErrorResponse} for code in (401, 403, 422, 503)})
 async def prompts(body: PromptsRequest, prompter: PrompterDep, settings: SettingsDep) -> PromptsResponse:
     """For each topic, the `n_prompts` most similar prompts of the corpus (optionally diversified)."""
-    if not body.topics:
-        raise HTTPException(422, "topics is empty")
     if len(body.topics) > settings.max_topics:
         raise HTTPException(422, f"{len(body.topics)} topics; the limit is {settings.max_topics}")
     if body.n_prompts > settings.max_n_prompts:
         raise HTTPException(422, f"n_prompts is {body.n_prompts}; the limit is {settings.max_n_prompts}")
-    if any(not t.strip() for t in body.topics):
-        raise HTTPException(422, "every topic must be a non-empty string")
     if any(len(t) > settings.max_prompt_chars for t in body.topics):
         raise HTTPException(422, f"a topic is longer than {settings.max_prompt_chars} characters")
     if body.min_length is not None and body.max_length is not None and body.min_length > body.max_length:
