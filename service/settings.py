@@ -27,8 +27,8 @@ class Settings(FinetuneSettings):
     max_wait_ms: float = Field(0.0, ge=0, description="Extra wait for more requests before a batch runs (0: run as soon as the model is free, batching what queued meanwhile).")
     max_queue_images: int = Field(256, ge=1, description="Most images waiting for the model; more gets 429.")
     max_queue_wait_s: float = Field(60.0, gt=0, description="Longest a request waits in the queue for the model; then 504.")
-    max_topics: int = Field(16, ge=1, description="Most topics in one /prompts request.")
-    max_n_prompts: int = Field(100, ge=1, description="Most prompts per topic in one /prompts request.")
+    max_topics: int = Field(16, ge=1, le=16, description="Most topics in one /prompts request (at most the schema's 16).")
+    max_n_prompts: int = Field(100, ge=1, le=100, description="Most prompts per topic in one /prompts request (at most the schema's 100).")
 
     def limits(self) -> Limits:
         """The limits of one request, which the library checks (`rewarders.Limits`)."""

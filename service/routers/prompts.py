@@ -37,7 +37,7 @@ class PromptsResponse(BaseModel):
 
 
 @router.post("", response_model=PromptsResponse, summary="Prompts by topic",
-             responses={code: {"model": ErrorResponse} for code in (401, 403, 422, 503)})
+             responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 408, 413, 422, 429, 503)})
 async def prompts(body: PromptsRequest, prompter: PrompterDep, settings: SettingsDep) -> PromptsResponse:
     """For each topic, the `n_prompts` most similar prompts of the corpus (optionally diversified)."""
     if len(body.topics) > settings.max_topics:

@@ -27,7 +27,7 @@ from ..schemas import ErrorResponse, RewardRequest, RewardResponse
 
 router = APIRouter(prefix="/reward", tags=["reward"], dependencies=[AuthDep])
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 415, 422, 429, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 408, 413, 415, 422, 429, 503, 504)}
 
 _MULTIPART_SCHEMA = {
     "type": "object",
