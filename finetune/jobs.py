@@ -4,62 +4,209 @@ Why rq: it is a small, well-kept Redis queue with long job timeouts and a worker
 in its own process without forking (`SimpleWorker`), which keeps CUDA safe. State, progress and metrics
 live in one Redis hash per job, written by the worker and read by the API.
 
-A worker heartbeats into the job while it runs. When a worker dies, its heartbeat goes stale; any live
-worker's reaper then puts the job back on the queue, and `run_job` resumes from the last checkpoint.
+Ownership (why: a Redis blip must never let two workers run one job in the same directory). Every run of
+a job is an *attempt*, numbered in the hash and passed with the rq job. A runner starts only if the
+stored attempt is still the one it was queued with and it takes the job's *lease* (`<job>:lease`, SET NX
+PX heartbeat_timeout, holding the attempt and a per-runner nonce). Every worker-side write goes through
+one Lua script that applies it only while the attempt is still the runner's and the lease is the
+runner's (or has lapsed with nobody taking over), and renews the lease. The reaper re-queues only
+running jobs whose lease expired, bumping the attempt in the same transaction as the enqueue, so a runner
+that was cut off finds its writes refused when it comes back.
+
+Keys: `t2i:job:<id>` (hash), `t2i:job:<id>:lease`, `t2i:jobs` (index, by creation time),
+`t2i:jobs:running` (what the reaper scans), `t2i:jobs:expiry` (when terminal jobs leave the index; their
+hash expires by itself after the retention).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import secrets
 import socket
 import time
 from typing import Optional
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 from rq import Queue
+from rq.serializers import JSONSerializer
 
 from .spec import JobSpec
 
 PREFIX = "t2i:job:"
 INDEX = "t2i:jobs"
+RUNNING = "t2i:jobs:running"
+EXPIRY = "t2i:jobs:expiry"
 QUEUE = "t2i-finetune"
 TERMINAL = ("succeeded", "failed", "cancelled")
 JOB_TIMEOUT_S = 7 * 24 * 3600
+DEFAULT_RETENTION_S = 7 * 24 * 3600
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # secrets.token_urlsafe's alphabet; nothing else reaches a key
+MAX_OFFSET = 1_000_000  # of a listing page (the API bounds it too)
+METRIC_POINTS = 1000  # most points per curve kept in Redis (metrics.json keeps them all)
+MAX_ERROR_CHARS = 4000
+SUMMARY = ("id", "status", "progress", "error", "created_at", "updated_at")
+JSON_FIELDS = ("progress", "metrics", "artifacts")
+
+# KEYS: hash, lease, running, expiry. ARGV: token, attempt, lease_ms, ttl_s (> 0: terminal), now, job id,
+# then field, value, ... Applied only while the attempt is the caller's and the lease is the caller's or
+# lapsed (the reaper bumps the attempt when it re-queues, so a lapsed lease with our attempt means nobody
+# took over). Returns -1 (refused: superseded) or the cancel flag.
+_OWNED_WRITE = """
+if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[2] then return -1 end
+local lease = redis.call('GET', KEYS[2])
+if lease and lease ~= ARGV[1] then return -1 end
+if #ARGV > 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 7)) end
+local ttl = tonumber(ARGV[4])
+if ttl > 0 then
+  redis.call('DEL', KEYS[2])
+  redis.call('SREM', KEYS[3], ARGV[6])
+  redis.call('EXPIRE', KEYS[1], math.ceil(ttl))
+  redis.call('ZADD', KEYS[4], tonumber(ARGV[5]) + ttl, ARGV[6])
+else
+  redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+end
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 1 end
+return 0
+"""
+
+# KEYS: hash, lease, running. ARGV: token, attempt, lease_ms, now, job id, worker. Returns {state, spec}:
+# 'ok' (we hold the lease; idempotent for a retried call), 'gone', a terminal status, 'stale' (a newer
+# attempt exists) or 'busy' (another runner holds this attempt: a duplicate delivery).
+_START = """
+local h = redis.call('HMGET', KEYS[1], 'status', 'attempt', 'spec')
+if not h[1] then return {'gone', ''} end
+if h[1] == 'succeeded' or h[1] == 'failed' or h[1] == 'cancelled' then return {h[1], ''} end
+if h[2] ~= ARGV[2] then return {'stale', ''} end
+local lease = redis.call('GET', KEYS[2])
+if lease == ARGV[1] then return {'ok', h[3]} end
+if lease then return {'busy', ''} end
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
+redis.call('HSET', KEYS[1], 'status', 'running', 'heartbeat', ARGV[4], 'updated_at', ARGV[4], 'worker', ARGV[6],
+           'run:' .. ARGV[2], ARGV[6] .. '@' .. ARGV[4])
+redis.call('SADD', KEYS[3], ARGV[5])
+return {'ok', h[3]}
+"""
+
+# KEYS: hash, expiry. ARGV: now, ttl_s, job id. A queued job is cancelled at once (and starts its retention).
+_CANCEL = """
+local s = redis.call('HGET', KEYS[1], 'status')
+if not s then return false end
+if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return s end
+redis.call('HSET', KEYS[1], 'cancel', 1, 'updated_at', ARGV[1])
+if s ~= 'queued' then return s end
+redis.call('HSET', KEYS[1], 'status', 'cancelled')
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])))
+redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[3])
+return 'cancelled'
+"""
+
+# KEYS: index, expiry. ARGV: now, offset, limit, prefix, fields... Drops expired jobs from the index, then
+# returns {total, {fields of each job on the page}}: one round trip, without the per-step metrics.
+_LIST = """
+local gone = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 1000)
+if #gone > 0 then
+  redis.call('ZREM', KEYS[1], unpack(gone))
+  redis.call('ZREM', KEYS[2], unpack(gone))
+end
+local out = {redis.call('ZCARD', KEYS[1])}
+local ids = redis.call('ZREVRANGE', KEYS[1], ARGV[2], tonumber(ARGV[2]) + tonumber(ARGV[3]) - 1)
+for _, id in ipairs(ids) do
+  out[#out + 1] = redis.call('HMGET', ARGV[4] .. id, unpack(ARGV, 5))
+end
+return out
+"""
+
+
+class LeaseLost(Exception):
+    """This runner no longer owns its job (a newer attempt took over, or it was cut off from Redis)."""
+
+
+def check_id(job_id: str) -> str:
+    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+        raise ValueError("a job id is 1 to 64 characters of A-Z, a-z, 0-9, '_' and '-'")
+    return job_id
+
+
+def key(job_id: str) -> str:
+    return PREFIX + check_id(job_id)
+
+
+def bounded_metrics(metrics: dict, points: int = METRIC_POINTS) -> dict:
+    """A copy of `metrics` whose per-step curves longer than `points` are thinned to every k-th step
+    (`stride` = k), so a job's hash stays small whatever its length (metrics.json keeps every step). A copy,
+    because the training thread appends to the curves while the state writer encodes them."""
+    curves = [v for v in metrics.values() if isinstance(v, list)] + list((metrics.get("components") or {}).values())
+    k = max(1, math.ceil(max(map(len, curves), default=0) / points))
+    thin = lambda n, v: list(v[::k]) if isinstance(v, list) and n != "resumed_at" else v  # noqa: E731
+    out = {n: thin(n, v) for n, v in list(metrics.items())}
+    if isinstance(metrics.get("components"), dict):
+        out["components"] = {n: thin(n, v) for n, v in list(metrics["components"].items())}
+    if k > 1:
+        out["stride"] = k
+    return out
+
+
+def encode(fields: dict) -> dict:
+    """Hash values for the fields of a job: JSON where structured, metrics and errors bounded."""
+    out = {}
+    for k, v in fields.items():
+        if k == "metrics":
+            v = bounded_metrics(v)
+        if k == "error" and v:
+            v = str(v)[:MAX_ERROR_CHARS]
+        out[k] = json.dumps(v) if k in JSON_FIELDS else v
+    return out
 
 
 class JobStore:
-    def __init__(self, url: str):
-        self.redis = redis.Redis.from_url(url, decode_responses=True)
-        self.queue = Queue(QUEUE, connection=redis.Redis.from_url(url))
+    """Job state and the queue. `socket_timeout` turns a hung Redis into an error; `retries` are redis-py's
+    own retries per command (0 for a worker, which retries on its own schedule)."""
+
+    def __init__(self, url: str, socket_timeout: Optional[float] = 10.0, retries: int = 1):
+        opts = dict(socket_timeout=socket_timeout, socket_connect_timeout=socket_timeout, retry=Retry(NoBackoff(), retries))
+        self.redis = redis.Redis.from_url(url, decode_responses=True, **opts)
+        # rq wants bytes; JSON, not pickle: a queued call is only (function path, job id, attempt), and a
+        # worker must never unpickle what it finds in Redis
+        self.queue = Queue(QUEUE, connection=redis.Redis.from_url(url, **opts), serializer=JSONSerializer)
+        self._owned_write = self.redis.register_script(_OWNED_WRITE)
+        self._start = self.redis.register_script(_START)
+        self._cancel = self.redis.register_script(_CANCEL)
+        self._list = self.redis.register_script(_LIST)
 
     def close(self) -> None:
         self.redis.close()
         self.queue.connection.close()
 
-    # ---- API side
-    def create(self, spec: JobSpec) -> str:
-        job_id = secrets.token_urlsafe(16)  # unguessable: ids are capabilities to read a job's artifacts
-        now = time.time()
-        self.redis.hset(PREFIX + job_id, mapping={
-            "id": job_id, "spec": spec.model_dump_json(), "status": "queued", "attempt": 0,
-            "progress": json.dumps({"step": 0, "total": spec.steps, "eta_s": None}),
-            "metrics": json.dumps({"reward": [], "loss": [], "kl": []}), "artifacts": "[]", "error": "",
-            "created_at": now, "updated_at": now, "heartbeat": 0, "cancel": 0,
-        })
-        self.redis.zadd(INDEX, {job_id: now})
-        self.enqueue(job_id)
-        return job_id
-
-    def enqueue(self, job_id: str) -> None:
-        attempt = self.redis.hincrby(PREFIX + job_id, "attempt", 1)
-        self.queue.enqueue("finetune.worker.execute_job", job_id, job_id=f"{job_id}-{attempt}",
+    def _enqueue(self, job_id: str, attempt: int, pipe) -> None:
+        self.queue.enqueue("finetune.worker.execute_job", job_id, attempt, job_id=f"{job_id}-{attempt}", pipeline=pipe,
                            job_timeout=JOB_TIMEOUT_S, result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600)
 
+    # ---- API side
+    def create(self, spec: JobSpec) -> str:
+        """The hash, the index entry and the rq job in one MULTI/EXEC: all or nothing."""
+        job_id = secrets.token_urlsafe(16)  # unguessable: ids are capabilities to read a job's artifacts
+        now = time.time()
+        with self.queue.connection.pipeline() as pipe:
+            pipe.multi()
+            pipe.hset(key(job_id), mapping=encode({
+                "id": job_id, "spec": spec.model_dump_json(), "status": "queued", "attempt": 1,
+                "progress": {"step": 0, "total": spec.steps, "eta_s": None},
+                "metrics": {"reward": [], "loss": [], "kl": []}, "artifacts": [], "error": "",
+                "created_at": now, "updated_at": now, "heartbeat": 0, "cancel": 0,
+            }))
+            pipe.zadd(INDEX, {job_id: now})
+            self._enqueue(job_id, 1, pipe)
+            pipe.execute()
+        return job_id
+
     def get(self, job_id: str) -> Optional[dict]:
-        raw = self.redis.hgetall(PREFIX + job_id)
-        if not raw:
+        raw = self.redis.hgetall(key(job_id))
+        if not raw or "status" not in raw:
             return None
         return {
             "id": raw["id"], "status": raw["status"], "progress": json.loads(raw["progress"]),
@@ -69,52 +216,86 @@ class JobStore:
         }
 
     def list(self, offset: int, limit: int) -> tuple[int, list[dict]]:
-        ids = self.redis.zrevrange(INDEX, offset, offset + limit - 1)
-        return self.redis.zcard(INDEX), [j for j in (self.get(i) for i in ids) if j is not None]
+        """Summaries (no metrics) of one page of jobs, newest first, in one round trip; expired jobs leave the index."""
+        if not (0 <= offset <= MAX_OFFSET and 1 <= limit <= 1000):
+            raise ValueError(f"offset must be in [0, {MAX_OFFSET}] and limit in [1, 1000]")
+        total, *rows = self._list(keys=[INDEX, EXPIRY], args=[time.time(), offset, limit, PREFIX, *SUMMARY])
+        jobs = []
+        for row in rows:
+            job = dict(zip(SUMMARY, row))
+            if job["status"] is None:  # expired between two prunes
+                continue
+            jobs.append({**job, "progress": json.loads(job["progress"]), "error": job["error"] or None,
+                         "created_at": float(job["created_at"]), "updated_at": float(job["updated_at"])})
+        return total, jobs
 
-    def cancel(self, job_id: str) -> str:
+    def cancel(self, job_id: str, retention_s: float = DEFAULT_RETENTION_S) -> Optional[str]:
         """Ask a job to stop. A queued job is cancelled at once; a running one at its next step."""
-        status = self.redis.hget(PREFIX + job_id, "status")
-        if status in TERMINAL:
-            return status
-        self.redis.hset(PREFIX + job_id, mapping={"cancel": 1, "updated_at": time.time()})
-        if status == "queued":
-            self.update(job_id, status="cancelled")
-            return "cancelled"
-        return status
+        return self._cancel(keys=[key(job_id), EXPIRY], args=[time.time(), retention_s, job_id])
 
     # ---- worker side
-    def spec(self, job_id: str) -> JobSpec:
-        return JobSpec.model_validate_json(self.redis.hget(PREFIX + job_id, "spec"))
+    def start(self, job_id: str, attempt: int, token: str, lease_s: float) -> tuple[str, Optional[str]]:
+        """Claim `attempt` of the job: ('ok', the spec's JSON) when this runner may run it, else (why not, None)."""
+        now = time.time()
+        state, spec = self._start(keys=[key(job_id), key(job_id) + ":lease", RUNNING],
+                                  args=[token, attempt, int(lease_s * 1000), now, job_id, worker_name()])
+        return state, (spec if state == "ok" else None)
 
-    def status(self, job_id: str) -> Optional[str]:
-        return self.redis.hget(PREFIX + job_id, "status")
+    def attempt(self, job_id: str) -> int:
+        return int(self.redis.hget(key(job_id), "attempt") or 0)
 
-    def cancel_requested(self, job_id: str) -> bool:
-        return self.redis.hget(PREFIX + job_id, "cancel") == "1"
+    def owned_write(self, job_id: str, attempt: int, token: str, lease_s: float, fields: dict,
+                    retention_s: float = 0) -> Optional[bool]:
+        """Write `fields` (and a heartbeat) if this runner still owns the job, renewing its lease; with
+        `retention_s` > 0 the write is terminal: the lease goes and the job expires after the retention.
+        Returns None when refused (superseded), else whether a cancel was requested."""
+        now = time.time()
+        mapping = encode({**fields, "updated_at": now, "heartbeat": now, "worker": worker_name()})
+        flat = [x for kv in mapping.items() for x in kv]
+        r = self._owned_write(keys=[key(job_id), key(job_id) + ":lease", RUNNING, EXPIRY],
+                              args=[token, attempt, int(lease_s * 1000), retention_s, now, job_id, *flat])
+        return None if r == -1 else bool(r)
 
-    def update(self, job_id: str, **fields) -> None:
-        mapping = {k: (json.dumps(v) if k in ("progress", "metrics", "artifacts") else v) for k, v in fields.items()}
-        mapping["updated_at"] = time.time()
-        self.redis.hset(PREFIX + job_id, mapping=mapping)
-
-    def heartbeat(self, job_id: str) -> None:
-        self.redis.hset(PREFIX + job_id, mapping={"heartbeat": time.time(), "worker": worker_name()})
-
-    def requeue_stale(self, timeout_s: float) -> list[str]:
-        """Put running jobs whose worker stopped heartbeating back on the queue (they resume)."""
+    def requeue_stale(self) -> list[str]:
+        """Queue again the running jobs whose lease expired (their runner died or was cut off); they resume.
+        Only the running set is scanned, not every job ever created."""
+        ids = sorted(self.redis.smembers(RUNNING))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.exists(key(job_id) + ":lease")
+                pipe.hget(key(job_id), "status")
+            found = pipe.execute()
         requeued = []
-        for job_id in self.redis.zrange(INDEX, 0, -1):
-            raw = self.redis.hmget(PREFIX + job_id, "status", "heartbeat", "attempt")
-            status, beat, attempt = raw
-            if status != "running" or time.time() - float(beat or 0) < timeout_s:
-                continue
-            # one reaper wins per attempt, even with several workers
-            if self.redis.set(f"{PREFIX}{job_id}:requeue:{attempt}", worker_name(), nx=True, ex=3600):
-                self.update(job_id, status="queued")
-                self.enqueue(job_id)
+        for job_id, held, status in zip(ids, found[::2], found[1::2]):
+            if status != "running":  # finished or expired: not ours to scan any more
+                self.redis.srem(RUNNING, job_id)
+            elif not held and self._requeue(job_id):
                 requeued.append(job_id)
         return requeued
+
+    def _requeue(self, job_id: str) -> bool:
+        """Bump the attempt and enqueue it, in one transaction that fails if the lease or the job changed
+        meanwhile (the runner came back, or another reaper won)."""
+        h, lease = key(job_id), key(job_id) + ":lease"
+        with self.queue.connection.pipeline() as pipe:
+            try:
+                pipe.watch(h, lease)
+                status, attempt = pipe.hmget(h, "status", "attempt")
+                if pipe.exists(lease) or status != b"running":
+                    return False
+                attempt = int(attempt) + 1
+                pipe.multi()
+                pipe.hset(h, mapping={"status": "queued", "attempt": attempt, "updated_at": time.time()})
+                pipe.srem(RUNNING, job_id)
+                self._enqueue(job_id, attempt, pipe)
+                pipe.execute()
+                return True
+            except redis.WatchError:
+                return False
+
+    def prune(self) -> None:
+        """Drop expired jobs from the index (listing does it too)."""
+        self._list(keys=[INDEX, EXPIRY], args=[time.time(), 0, 1, PREFIX, "status"])
 
 
 def worker_name() -> str:

@@ -32,6 +32,8 @@ class FinetuneSettings(BaseSettings):
     reward_service_url: Optional[str] = Field(None, description="Worker: take rewards from this reward service (none: in-process).")
     reward_service_api_key: Optional[str] = Field(None, description="Worker: API key for the reward service.")
     heartbeat_timeout_s: float = Field(60.0, gt=0, description="Worker: a running job silent this long is queued again and resumes.")
+    job_retention_s: float = Field(7 * 24 * 3600, gt=0, description="How long a finished (succeeded, failed, cancelled) job's "
+                                   "state stays in Redis and in GET /jobs; its directory is not touched.")
     device: str = Field("auto", description="Worker: the device jobs run on.")
 
     def rewarder_config(self, **overrides) -> RewardConfig:

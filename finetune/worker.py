@@ -5,16 +5,27 @@ runs jobs in the worker process itself: nothing forks after CUDA is initialised.
 settings the worker was started with (its flags, config file and environment) and its prompt index;
 rewards come from the reward service when `reward_service_url` is set (`/reward/gradient`), else from
 `rewarders` in-process, loaded once per worker.
+
+Redis outages are ridden out: the rq loop is restarted with back-off, a running job keeps training while
+its state writes are retried (only the newest progress matters), and its terminal state is written once
+Redis is back. Ownership (see `jobs.py`): a runner holds its job's lease through `Lease`; when its writes
+are refused, or it has not renewed the lease for 0.8 x `heartbeat_timeout_s`, it stops at the next step
+and writes nothing more, and the job resumes from its last checkpoint under a newer attempt.
 """
 
 from __future__ import annotations
 
 import logging
+import secrets
+import signal
 import threading
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
-from .jobs import TERMINAL, JobStore
+import redis
+
+from .jobs import QUEUE, JobStore, LeaseLost, bounded_metrics, worker_name
 from .settings import FinetuneSettings
 from .prepare import prepare_job
 from .spec import JobSpec
@@ -32,6 +43,15 @@ class JobRunner:
         self.cache_dir = self.reward_config.cache_dir
         self._mixture = None
         self._prompter = None
+        self._store: Optional[JobStore] = None
+
+    @property
+    def store(self) -> JobStore:
+        """The worker's state client: short socket timeouts (a hung Redis is an error, not a hang) and no
+        redis-py retries (ours follow the lease's clock)."""
+        if self._store is None:
+            self._store = JobStore(self.settings.redis_url, socket_timeout=_socket_timeout(self.settings), retries=0)
+        return self._store
 
     def prompter(self):
         if self._prompter is None:
@@ -60,81 +80,229 @@ class JobRunner:
                          device=self.settings.device, **callbacks)
         return prepared.spec, ctx
 
-    def execute(self, job_id: str) -> None:
-        """Run one queued job to a terminal state, writing status, progress and metrics to Redis."""
-        settings = self.settings
-        store = JobStore(settings.redis_url)
-        status = store.status(job_id)
-        if status in TERMINAL:  # cancelled while it waited in the queue
-            log.info("job %s was %s before it started", job_id, status)
+    def execute(self, job_id: str, attempt: Optional[int] = None) -> None:
+        """Run one attempt of a queued job to a terminal state, unless another attempt owns it."""
+        settings, store = self.settings, self.store
+        if attempt is None:  # queued by a version that did not pass the attempt
+            attempt = _retry(f"job {job_id}", lambda: store.attempt(job_id))
+        lease = Lease(store, job_id, attempt, settings.heartbeat_timeout_s)
+        state, raw_spec = _retry(f"job {job_id}", lease.claim)
+        if state != "ok":  # cancelled while queued, superseded by a newer attempt, or a duplicate delivery
+            log.info("job %s attempt %d not run: %s", job_id, attempt, state)
             return
-        spec = store.spec(job_id)
+        log.info("job %s attempt %d: running on %s", job_id, attempt, worker_name())
         out_dir = settings.jobs_dir / job_id
-        store.update(job_id, status="running")
-        store.heartbeat(job_id)
-        stop_beating = threading.Event()
-
-        def beat():  # also during model loading and long steps; a Redis error must not stop it
-            while not stop_beating.wait(max(settings.heartbeat_timeout_s / 4, 0.5)):
-                try:
-                    store.heartbeat(job_id)
-                except Exception as e:
-                    log.warning("job %s: heartbeat failed (%s); retrying", job_id, e)
-
-        threading.Thread(target=beat, daemon=True).start()
-        ctx = None
+        error = None
         try:
-            spec, ctx = self.context(spec, out_dir,
-                                     on_progress=lambda p: store.update(job_id, progress=p, metrics=ctx.metrics),
-                                     should_stop=lambda: store.cancel_requested(job_id))
+            ctx = None
+
+            def progress(p: dict) -> None:  # a copy, thinned: the reporter thread encodes it while training goes on
+                lease.report(progress=p, metrics=bounded_metrics(ctx.metrics))
+
+            # parsed here, so a stored spec this version cannot read fails the job instead of looping
+            spec, ctx = self.context(JobSpec.model_validate_json(raw_spec), out_dir, on_progress=progress,
+                                     should_stop=lambda: lease.cancel, guard=lease.check)
             result = run_job(spec, ctx)
-            store.update(job_id, status="succeeded", metrics=result["metrics"], artifacts=result["artifacts"],
+            final = dict(status="succeeded", metrics=result["metrics"], artifacts=result["artifacts"],
                          progress={"step": spec.steps, "total": spec.steps, "eta_s": 0})
-            log.info("job %s succeeded", job_id)
+        except LeaseLost as e:
+            lease.abandon()
+            log.warning("job %s attempt %d: %s; stopped without writing anything more", job_id, attempt, e)
+            return
         except JobCancelled as e:
             log.info("job %s: %s", job_id, e)
-            store.update(job_id, status="cancelled", artifacts=artifact_names(out_dir) if out_dir.exists() else [])
+            final = dict(status="cancelled", artifacts=artifact_names(out_dir) if out_dir.exists() else [])
         except Exception as e:
-            store.update(job_id, status="failed", error=f"{type(e).__name__}: {e}")
-            log.error("job %s failed: %s: %s", job_id, type(e).__name__, e)
-            raise  # rq records the job as failed and logs the traceback; the worker lives on
-        finally:
-            stop_beating.set()
+            error = e
+            final = dict(status="failed", error=f"{type(e).__name__}: {e}")
+        except BaseException:  # a cold shutdown: the lease lapses and another worker resumes the job
+            lease.abandon()
+            raise
+        if lease.finish(final, settings.job_retention_s):
+            log.info("job %s attempt %d: %s", job_id, attempt, final["status"])
+        if error is not None:
+            log.error("job %s failed: %s: %s", job_id, type(error).__name__, error)
+            raise error  # rq records the job as failed and logs the traceback; the worker lives on
+
+
+class Lease:
+    """A runner's hold on one attempt of a job. A thread renews the lease every timeout/4 and writes the
+    newest reported state with it; Redis errors are retried with back-off, so training never waits on
+    Redis. The lease is lost when a write is refused (superseded) or when no write got through for
+    0.8 x timeout (cut off: by then a reaper may be about to hand the job on); from then on nothing is
+    written, and `check()` (the training loop's guard) raises."""
+
+    def __init__(self, store: JobStore, job_id: str, attempt: int, timeout_s: float):
+        self.store, self.job_id, self.attempt, self.lease_s = store, job_id, attempt, timeout_s
+        self.token = f"{attempt}:{worker_name()}:{secrets.token_hex(4)}"  # tells duplicate deliveries apart
+        # stop before the lease can lapse in Redis: a reaper may hand the job on only after that
+        self.limit = 0.8 * timeout_s
+        self.interval = timeout_s / 4
+        self.last_ok = time.monotonic()  # when the last write that Redis accepted was sent
+        self.superseded: Optional[str] = None
+        self.cut_off: Optional[str] = None
+        self.cancel = False
+        self._pending: dict = {}
+        self._lock = threading.Lock()
+        self._wake, self._stop = threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"lease-{job_id}")
+
+    def claim(self):
+        sent = time.monotonic()
+        state, spec = self.store.start(self.job_id, self.attempt, self.token, self.lease_s)
+        if state == "ok":
+            self.last_ok = sent
+            self._thread.start()
+        return state, spec
+
+    @property
+    def lost(self) -> Optional[str]:
+        if self.superseded is None and self.cut_off is None and time.monotonic() - self.last_ok > self.limit:
+            self.cut_off = f"cut off from Redis for {time.monotonic() - self.last_ok:.1f} s (lease {self.lease_s:g} s)"
+        return self.superseded or self.cut_off
+
+    def check(self) -> None:
+        if self.lost is not None:
+            raise LeaseLost(self.lost)
+
+    def report(self, **fields) -> None:
+        with self._lock:
+            self._pending.update(fields)
+        self._wake.set()
+
+    def _write(self, fields: dict, retention_s: float = 0) -> bool:
+        """One owned write; False (and lost) when refused. Redis errors propagate."""
+        sent = time.monotonic()
+        r = self.store.owned_write(self.job_id, self.attempt, self.token, self.lease_s, fields, retention_s)
+        if r is None:
+            self.superseded = f"superseded (attempt {self.attempt} is no longer current)"
+            return False
+        self.last_ok, self.cancel = sent, r
+        return True
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            # retry well inside the lease, so a short outage never costs it
+            self._wake.wait(self.interval if not failures else min(0.25 * 2 ** failures, self.interval / 2, 5.0))
+            self._wake.clear()
+            if self._stop.is_set() or self.lost is not None:
+                return
+            with self._lock:
+                fields, self._pending = self._pending, {}
+            try:
+                if not self._write(fields):
+                    return
+                failures = 0
+                self._stop.wait(0.2)  # at most ~5 writes a second, however fast the steps
+            except redis.RedisError as e:
+                with self._lock:  # keep the unsent state; newer reports win
+                    self._pending = {**fields, **self._pending}
+                failures += 1
+                log.warning("job %s: state write failed (%s: %s); retrying", self.job_id, type(e).__name__, e)
+
+    def abandon(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def finish(self, fields: dict, retention_s: float) -> bool:
+        """Write the terminal state, retrying until Redis answers; False when the job was taken over. A
+        runner cut off after its last step still tries: the job's files are written, and Redis accepts the
+        write only if no newer attempt exists."""
+        self.abandon()
+        with self._lock:
+            fields = {**self._pending, **fields}
+        if self.superseded is None and _retry(f"job {self.job_id}: terminal state", lambda: self._write(fields, retention_s)):
+            return True
+        log.warning("job %s attempt %d: %s not recorded: %s", self.job_id, self.attempt, fields.get("status"), self.superseded)
+        return False
+
+
+def _retry(what: str, fn: Callable):
+    """Call `fn` until Redis answers, backing off from 0.5 s to 10 s."""
+    delay = 0.5
+    while True:
+        try:
+            return fn()
+        except redis.RedisError as e:
+            log.warning("%s: Redis unavailable (%s: %s); retrying in %.1f s", what, type(e).__name__, e, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+def _socket_timeout(settings: FinetuneSettings) -> float:
+    return min(5.0, max(0.5, settings.heartbeat_timeout_s / 4))
 
 
 # the runner of this worker process; rq calls `execute_job` by import path, so it is found here
 _runner: Optional[JobRunner] = None
 
 
-def execute_job(job_id: str) -> None:
+def execute_job(job_id: str, attempt: Optional[int] = None) -> None:
     """The function rq runs for each job. In `t2i-reward worker` it uses the worker's settings; in a plain
     `rq worker` process it reads them from the environment."""
     global _runner
     if _runner is None:
         log.warning("no t2i-reward worker settings in this process: reading them from the environment")
         _runner = JobRunner(FinetuneSettings())
-    _runner.execute(job_id)
+    _runner.execute(job_id, attempt)
 
 
 def run_worker(settings: FinetuneSettings, burst: bool = False) -> None:
-    from rq import SimpleWorker
+    """rq's SimpleWorker, restarted with back-off whenever it quits on a Redis error (rq's loop gives up on
+    one), plus a reaper thread that re-queues jobs whose lease expired."""
+    from rq import Queue, SimpleWorker
+    from rq.serializers import JSONSerializer
 
     global _runner
     _runner = JobRunner(settings)
-    store = JobStore(settings.redis_url)
+    store = _runner.store
     stop = threading.Event()
 
     def reap():
+        failing = False
         while not stop.wait(max(settings.heartbeat_timeout_s / 3, 0.5)):
             try:
-                for job_id in store.requeue_stale(settings.heartbeat_timeout_s):
+                for job_id in store.requeue_stale():
                     log.warning("job %s lost its worker: queued again, it will resume from its last checkpoint", job_id)
-            except Exception:  # Redis hiccups must not kill the reaper
+                store.prune()
+                failing = False
+            except redis.RedisError as e:  # an outage must not kill the reaper; say so once per outage
+                if not failing:
+                    log.warning("reaper: Redis unavailable (%s); retrying", e)
+                failing = True
+            except Exception:
                 log.exception("reaper")
 
-    threading.Thread(target=reap, daemon=True).start()
-    worker = SimpleWorker([store.queue], connection=store.queue.connection)
+    threading.Thread(target=reap, daemon=True, name="reaper").start()
+    connection = redis.Redis.from_url(settings.redis_url)  # rq's own: it sets a socket timeout above its blocking pop
+    delay = 1.0
     try:
-        worker.work(burst=burst, with_scheduler=False)
+        while True:
+            worker, started = None, time.monotonic()
+            try:
+                queue = Queue(QUEUE, connection=connection, serializer=JSONSerializer)  # no pickle from Redis
+                worker = SimpleWorker([queue], connection=connection, serializer=JSONSerializer)  # talks to Redis
+                worker.work(burst=burst, with_scheduler=False)
+                if worker._shutdown_requested_date is not None:  # SIGTERM / SIGINT: a warm shutdown
+                    return
+                if burst and len(worker.queues[0]) == 0:  # drained (rq also returns on errors: look)
+                    return
+                problem = "rq's loop quit (see its log)"
+            except redis.RedisError as e:
+                problem = f"{type(e).__name__}: {e}"
+            if worker is not None and worker._shutdown_requested_date is not None:
+                return
+            if time.monotonic() - started > 60:  # it ran a while: a new outage starts the back-off again
+                delay = 1.0
+            log.warning("worker: Redis unavailable (%s); restarting in %.0f s", problem, delay)
+            # rq's signal handlers point at the old worker: ours, while we wait
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            if stop.wait(delay):
+                return
+            delay = min(delay * 2, 30.0)
     finally:
         stop.set()

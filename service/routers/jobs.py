@@ -1,15 +1,21 @@
-"""Fine-tuning jobs over REST: submit, list, inspect, cancel, download artifacts."""
+"""Fine-tuning jobs over REST: submit, list, inspect, cancel, download artifacts.
+
+Job ids are checked against the token alphabet (`[A-Za-z0-9_-]{1,64}`) before anything reaches Redis
+(422 otherwise), a failing Redis is a 503 with a message, and the listing returns summaries fetched in
+one round trip (the per-step metrics only come with GET /jobs/{id}).
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, Callable, Optional, TypeVar
 
-from fastapi import APIRouter, HTTPException, Query
+import redis
+from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
-from finetune.jobs import JobStore
+from finetune.jobs import JOB_ID, MAX_OFFSET, JobStore
 from finetune.prepare import prepare_job
 from finetune.spec import JobSpec, confined
 
@@ -17,7 +23,7 @@ from ..deps import AuthDep, OptionalPrompterDep, SettingsDep, StoreDep
 from ..schemas import ErrorResponse
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[AuthDep])
-ERRORS = {code: {"model": ErrorResponse} for code in (401, 403, 404, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 408, 413, 422, 429, 503)}
 
 
 class Progress(BaseModel):
@@ -26,20 +32,27 @@ class Progress(BaseModel):
     eta_s: Optional[float] = Field(None, description="Estimated seconds left.")
 
 
-class JobStatus(BaseModel):
+class JobSummary(BaseModel):
     id: str
     status: str = Field(..., description="queued | running | succeeded | failed | cancelled")
     progress: Progress
-    metrics: dict[str, Any] = Field(..., description="Per step: reward, loss, kl; eval (base and fine-tuned) once done; resumed_at.")
-    artifacts: list[str] = Field(..., description="Files under the job directory, for GET /jobs/{id}/artifacts/{name}.")
     error: Optional[str] = None
+    created_at: float = Field(..., description="Unix time the job was submitted.")
+    updated_at: float = Field(..., description="Unix time of its last state change or progress.")
+
+
+class JobStatus(JobSummary):
+    metrics: dict[str, Any] = Field(..., description="Per step: reward, loss, kl (curves over 1000 points are thinned to "
+                                    "every `stride`-th step; metrics.json has all); eval (base and fine-tuned) once done; resumed_at.")
+    artifacts: list[str] = Field(..., description="Files under the job directory, for GET /jobs/{id}/artifacts/{name}.")
+    attempt: int = Field(..., description="Which run of the job this is (it grows when a job resumes on another worker).")
 
 
 class JobList(BaseModel):
     total: int
     offset: int
     limit: int
-    jobs: list[JobStatus]
+    jobs: list[JobSummary]
 
 
 class Submitted(BaseModel):
@@ -47,14 +60,22 @@ class Submitted(BaseModel):
     status: str
 
 
-def _status(job: dict) -> JobStatus:
-    return JobStatus(**{k: job[k] for k in ("id", "status", "progress", "metrics", "artifacts", "error")})
+JobId = Annotated[str, Path(pattern=JOB_ID.pattern, description="A job id: 1 to 64 characters of A-Z, a-z, 0-9, '_', '-'.")]
+T = TypeVar("T")
+
+
+def _redis(fn: Callable[..., T], *args) -> T:
+    """A Redis failure mid-request is a 503 with a message (never a 500)."""
+    try:
+        return fn(*args)
+    except redis.RedisError as e:
+        raise HTTPException(503, f"the job queue (Redis) failed: {type(e).__name__}: {e}", headers={"Retry-After": "5"}) from None
 
 
 def _job(store: JobStore, job_id: str) -> dict:
-    job = store.get(job_id)
+    job = _redis(store.get, job_id)
     if job is None:
-        raise HTTPException(404, f"no job {job_id!r}")
+        raise HTTPException(404, f"no job {job_id!r} (unknown, or finished longer ago than the retention)")
     return job
 
 
@@ -66,29 +87,33 @@ async def submit(spec: JobSpec, store: StoreDep, settings: SettingsDep, prompter
         prepared = await asyncio.to_thread(prepare_job, spec, settings, prompter)
     except ValueError as e:
         raise HTTPException(422, str(e)) from None
-    job_id = await asyncio.to_thread(store.create, prepared.spec)
+    # the hash, the index entry and the queue entry are written in one transaction: all or nothing
+    job_id = await asyncio.to_thread(_redis, store.create, prepared.spec)
     return Submitted(id=job_id, status="queued")
 
 
-@router.get("", response_model=JobList, responses=ERRORS, summary="Jobs, newest first")
-def list_jobs(store: StoreDep, offset: Annotated[int, Query(ge=0)] = 0, limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
-    total, jobs = store.list(offset, limit)
-    return JobList(total=total, offset=offset, limit=limit, jobs=[_status(j) for j in jobs])
+@router.get("", response_model=JobList, responses=ERRORS, summary="Jobs, newest first (summaries)")
+def list_jobs(store: StoreDep, offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
+              limit: Annotated[int, Query(ge=1, le=100)] = 20) -> JobList:
+    total, jobs = _redis(store.list, offset, limit)
+    return JobList(total=total, offset=offset, limit=limit, jobs=[JobSummary(**j) for j in jobs])
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=ERRORS, summary="A job's status, progress and metrics")
-def get_job(job_id: str, store: StoreDep) -> JobStatus:
-    return _status(_job(store, job_id))
+def get_job(job_id: JobId, store: StoreDep) -> JobStatus:
+    return JobStatus(**_job(store, job_id))
 
 
 @router.post("/{job_id}/cancel", response_model=Submitted, responses=ERRORS, summary="Cancel a job")
-def cancel_job(job_id: str, store: StoreDep) -> Submitted:
-    _job(store, job_id)
-    return Submitted(id=job_id, status=store.cancel(job_id))
+def cancel_job(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Submitted:
+    status = _redis(store.cancel, job_id, settings.job_retention_s)
+    if status is None:
+        raise HTTPException(404, f"no job {job_id!r} (unknown, or finished longer ago than the retention)")
+    return Submitted(id=job_id, status=status)
 
 
 @router.get("/{job_id}/artifacts/{name:path}", responses=ERRORS, summary="Download one artifact of a job")
-def artifact(job_id: str, name: str, store: StoreDep, settings: SettingsDep) -> FileResponse:
+def artifact(job_id: JobId, name: str, store: StoreDep, settings: SettingsDep) -> FileResponse:
     job = _job(store, job_id)
     if name not in job["artifacts"]:
         raise HTTPException(404, f"job {job_id} has no artifact {name!r}")
