@@ -125,6 +125,20 @@ def test_reward_weighted_job(api, worker):
     assert "pytorch_lora_weights.safetensors" in job["artifacts"]
 
 
+def test_api_restarted_mid_job(env, worker, tiny):
+    """The API holds no job state: a job submitted through one API process finishes while that process is
+    gone, and a new one reports it."""
+    settings = Settings(redis_url=REDIS_URL, jobs_dir=Path(env["T2I_SERVICE_JOBS_DIR"]), models_dir=Path(env["T2I_SERVICE_MODELS_DIR"]),
+                        data_dir=Path(env["T2I_SERVICE_DATA_DIR"]), job_limits=JobLimits(max_steps=1000))
+    with TestClient(create_app(settings, rewarder=tiny)) as first:
+        job_id = first.post("/jobs", json={"method": "refl", "prompts": ["a lighthouse"], "steps": 8, **FAST}).json()["id"]
+        wait_for(first, job_id, {"running", "succeeded"}, step=1)
+    # the first API is shut down (lifespan closed); the worker goes on
+    with TestClient(create_app(settings, rewarder=tiny)) as second:
+        job = wait_for(second, job_id, {"succeeded"})
+        assert job["attempt"] == 1 and len(job["metrics"]["reward"]) == 8
+
+
 def test_cancel_a_running_job(api, worker):
     spec = {"method": "refl", "prompts": ["a castle"], "steps": 500, **FAST}
     job_id = api.post("/jobs", json=spec).json()["id"]
