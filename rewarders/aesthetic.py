@@ -3,6 +3,9 @@
 Head layout as released (`sac+logos+ava1-l14-linearMSE.pth`, keys `layers.{0,2,4,6,7}.*`):
 Linear(768, 1024), Dropout, Linear(1024, 128), Dropout, Linear(128, 64), Dropout, Linear(64, 16),
 Linear(16, 1), no activations. Sizes are read from the file, so the tiny head loads the same way.
+The head was trained on OpenAI's CLIP, whose ViT uses QuickGELU: the shared backbone (`clip.py`) builds
+QuickGELU for the `openai` tag and for OpenAI-format local files (`ViT-L-14//path/ViT-L-14.pt`), so a
+local copy scores as `ViT-L-14/openai` does; the CLIP pass is shared with `mlp` and `clip_score`.
 """
 
 from __future__ import annotations

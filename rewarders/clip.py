@@ -1,14 +1,24 @@
-"""The CLIP backbone shared by the CLIP-based experts (aesthetic, MLP), loaded through open_clip.
+"""The CLIP backbone shared by the CLIP-based experts (aesthetic, MLP, clip_score), loaded through open_clip.
 
 Specs: `ViT-L-14/openai` (open_clip model / pretrained tag), `ViT-L-14//models/clip.bin` (model / local
 file), `hf-hub:org/repo`, `ViT-L-14/random` (random weights) or `tiny` (the project's tiny CLIP).
 One backbone object is built per distinct spec and shared, so each image goes through it once.
+
+Activation: OpenAI trained CLIP with QuickGELU, open_clip's plain model names (`ViT-L-14`) build GELU,
+and open_clip 3 only *warns* when the two disagree. GELU on OpenAI weights moves scores (about 0.06 on
+the aesthetic scale), so QuickGELU is built whenever the weights are OpenAI's: a pretrained tag that
+open_clip marks `quick_gelu` (`openai`), a `-quickgelu` model name, or a local file in OpenAI's release
+format (a TorchScript archive, or OpenAI's key layout with float16 projections, as OpenAI's `clip`
+package saves them; open_clip and LAION save float32).
+Any other local file for a model that OpenAI released gets GELU with a warning naming the override
+(`ViT-L-14-quickgelu//path`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import zipfile
 from pathlib import Path
 
 import torch
@@ -50,6 +60,69 @@ def parse_clip_spec(spec: str) -> tuple[str, str | None]:
     return model, None if pretrained == "random" else pretrained
 
 
+def _is_torchscript(path: Path) -> bool:
+    """OpenAI's released CLIP files are TorchScript archives: a zip holding compiled code and constants."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") or "/code/" in n for n in z.namelist())
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a local CLIP file; TorchScript archives (which open_clip's weights-only load refuses) too."""
+    if _is_torchscript(path):
+        sd = torch.jit.load(str(path), map_location="cpu").state_dict()
+        return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)  # mmap: only dtypes are read here
+    except RuntimeError:  # legacy (non-zip) serialisation cannot be memory-mapped
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
+    return {k.removeprefix("module."): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def openai_format(path: Path) -> str | None:
+    """Why the local file at `path` holds OpenAI's CLIP release (then it needs QuickGELU), or None."""
+    if _is_torchscript(path):
+        return "a TorchScript archive, as OpenAI releases CLIP"
+    if path.suffix == ".safetensors":
+        return None
+    try:
+        sd = _read_state_dict(path)
+    except Exception:
+        return None  # open_clip reports unreadable files itself
+    # OpenAI's `clip.model.convert_weights` stores the linear layers and both projections in float16 (layer
+    # norms and embeddings may stay float32); open_clip and LAION checkpoints are float32
+    keys = ("text_projection", "visual.proj", "token_embedding.weight")
+    if all(k in sd for k in keys) and all(sd[k].dtype == torch.float16 for k in keys[:2]):
+        return "float16 weights in OpenAI's key layout, as OpenAI's CLIP saves them"
+    return None
+
+
+def quick_gelu_for(model_name: str, pretrained: str | None) -> tuple[bool, str]:
+    """(QuickGELU?, why) for an open_clip model name and pretrained tag or local file."""
+    import open_clip
+
+    if model_name.startswith("hf-hub:"):
+        return False, "the hub config decides"
+    cfg = open_clip.get_model_config(model_name) or {}
+    if cfg.get("quick_gelu"):
+        return True, f"{model_name} is a QuickGELU model"
+    if not pretrained:
+        return False, f"open_clip's {model_name} (random weights)"
+    path = Path(pretrained).expanduser()
+    if not path.is_file():
+        tag = open_clip.get_pretrained_cfg(model_name, pretrained)
+        return bool(tag.get("quick_gelu")), f"pretrained tag {pretrained!r}"
+    why = openai_format(path)
+    if why:
+        return True, f"{path.name} is {why}"
+    if "openai" in open_clip.list_pretrained_tags_by_model(model_name):
+        log.warning("CLIP %s//%s: built with GELU, as open_clip's %s; if these are OpenAI's weights (QuickGELU) "
+                    "saved in another format, use %s-quickgelu//%s", model_name, path, model_name, model_name, path)
+    return False, f"{path.name} is not in OpenAI's release format"
+
+
 class ClipBackbone(nn.Module):
     """An open_clip model with its tokenizer and its preprocessing spec."""
 
@@ -67,7 +140,15 @@ class ClipBackbone(nn.Module):
             model_name, pretrained = parse_clip_spec(spec)
             self.random_weights = pretrained is None and not model_name.startswith("hf-hub:")
         try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, device="cpu")
+            self.quick_gelu, why = quick_gelu_for(model_name, pretrained)
+            log.info("CLIP %s: %s activation (%s)", spec, "QuickGELU" if self.quick_gelu else "GELU", why)
+            archive = pretrained is not None and Path(pretrained).is_file() and _is_torchscript(Path(pretrained))
+            model = open_clip.create_model(model_name, pretrained=None if archive else pretrained, device="cpu",
+                                           force_quick_gelu=self.quick_gelu)
+            if archive:
+                # TorchScript saves non-persistent buffers (open_clip's attn_mask) too: skip those, strict on the rest
+                keep, buffers = model.state_dict().keys(), dict(model.named_buffers())
+                model.load_state_dict({k: v for k, v in _read_state_dict(Path(pretrained)).items() if k in keep or k not in buffers})
         except Exception as e:
             raise ModelLoadError(
                 f"CLIP {spec!r}: could not load open_clip model {model_name!r} with pretrained={pretrained!r} "

@@ -115,15 +115,25 @@ def _random_full() -> dict[str, Any]:
 
 
 def _ig_rewarding() -> dict[str, Any]:
-    # toilaluan/ig-rewarding's baseline: weighted sum of the raw per-expert means, no normalisation
-    return {"normalize": False, "experts": {"imagereward": {"weight": 1.0}, "aesthetic": {"weight": 0.0125}}}
+    # toilaluan/ig-rewarding's baseline.yaml: the weighted sum of the raw per-expert means, no normalisation;
+    # PickScore and HPSv2 as its code computes them: the raw image-text cosine (no logit scale), HPSv2 v2.0
+    # (HPS_v2_compressed.pt, the file its hpsv2 version loads)
+    return {
+        "normalize": False,
+        "experts": {
+            "aesthetic": {"weight": 0.0125},
+            "pickscore": {"weight": 0.1, "logit_scale": False},
+            "imagereward": {"weight": 1.0},
+            "hpsv2": {"weight": 0.1, "checkpoint": "xswu/HPSv2/HPS_v2_compressed.pt"},
+        },
+    }
 
 
 PROFILES = {
     "default": (_default, "the published checkpoints (ImageReward-v1.0, OpenAI CLIP ViT-L/14, the LAION aesthetic head)"),
     "tiny": (_tiny, "tiny random-weight models in the real formats, built on first use (tests, demos, offline)"),
     "random-full": (_random_full, "full-size architectures with random weights (benchmarks)"),
-    "ig-rewarding": (_ig_rewarding, "the published checkpoints combined as ig-rewarding does (raw weighted sum)"),
+    "ig-rewarding": (_ig_rewarding, "ig-rewarding's baseline: aesthetic, PickScore, ImageReward, HPSv2 as its raw weighted sum of means"),
 }
 
 

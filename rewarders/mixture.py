@@ -14,7 +14,10 @@ How the total is computed, per image i:
 
 Images are preprocessed once per distinct input spec, every CLIP backbone runs once per image and is
 shared by the experts that read it, and all images of a call go through each backbone in batches of
-at most `max_batch_size`. `forward` (alias `score_tensor`) is the differentiable path for ReFL, and
+at most `max_batch_size`. Batch-level experts (`batch_level = True`, e.g. diversity) score each image
+against the other images of its own request: they run once per request on the pooled CLIP embeddings,
+after every batch, so requests sharing a micro-batch never mix. `forward` (alias `score_tensor`) is the
+differentiable path for ReFL (the tensor is one request), and
 `reward_and_gradient` the whole computation behind the service's `/reward/gradient`.
 
 Limits (`Limits`: images per call, pixels per image, prompt length) are checked here, once, before any
@@ -25,6 +28,7 @@ service's metrics come in that way).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import re
@@ -174,8 +178,10 @@ class Mixture(nn.Module):
         return out
 
     def _raw_scores(self, pixels_for: Callable[[Preprocess], torch.Tensor], prompts: list[str],
-                    on_timing: Timing | None) -> dict[str, torch.Tensor]:
-        """Each expert's raw score for one batch; `pixels_for(spec)` gives the batch preprocessed for `spec`."""
+                    on_timing: Timing | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Each per-image expert's raw score for one batch, and the CLIP image embeddings by spec (which
+        the batch-level experts read once all batches have run); `pixels_for(spec)` gives the batch
+        preprocessed for `spec`."""
         pixels: dict[Preprocess, torch.Tensor] = {}
 
         def get(spec: Preprocess) -> torch.Tensor:
@@ -198,9 +204,35 @@ class Mixture(nn.Module):
                 text_embeds[e.clip_spec] = emb[index]
         out = {}
         for name, e in self.experts.items():
+            if name in self._batch_level:
+                continue
             out[name] = self._timed(
                 on_timing, name, e, get(e.preprocess), prompts, image_embeds.get(e.clip_spec), text_embeds.get(e.clip_spec)
             ).float()
+        return out, image_embeds
+
+    @property
+    def _batch_level(self) -> dict[str, Expert]:
+        """Experts whose score depends on the other images of the request (`batch_level = True`: diversity)."""
+        return {n: e for n, e in self.experts.items() if getattr(e, "batch_level", False)}
+
+    def check_group_sizes(self, sizes: Sequence[int]) -> None:
+        """Refuse requests with fewer images than a batch-level expert needs (`min_images`), before any model runs."""
+        for name, e in self._batch_level.items():
+            need = getattr(e, "min_images", 1)
+            if sizes and min(sizes) < need:
+                raise InvalidRequestError(f"expert {name!r} needs at least {need} images per request, got {min(sizes)}")
+
+    def _group_scores(self, image_embeds: Mapping[str, torch.Tensor], prompts: Sequence[str], sizes: Sequence[int],
+                      on_timing: Timing | None) -> dict[str, torch.Tensor]:
+        """The batch-level experts, called once per request on its images' CLIP embeddings, so requests
+        pooled in one micro-batch never see each other's images."""
+        out = {}
+        for name, e in self._batch_level.items():
+            embeds, starts = image_embeds[e.clip_spec], [0, *itertools.accumulate(sizes)]
+            out[name] = self._timed(on_timing, name, lambda: torch.cat([
+                e(None, list(prompts[a:b]), embeds[a:b]).float() for a, b in zip(starts, starts[1:])
+            ]))
         return out
 
     def combine(self, raw: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
@@ -229,8 +261,11 @@ class Mixture(nn.Module):
             raise InvalidRequestError("no images to score")
         prompt_list = self._prompts_for(prompts, images.shape[0], limits)
         w = self._weights(weights)
+        self.check_group_sizes([len(prompt_list)])  # the tensor is one request
         images = images.to(self.device, torch.float32)
-        raw = self._raw_scores(lambda spec: spec.tensor(images), prompt_list, on_timing)
+        raw, embeds = self._raw_scores(lambda spec: spec.tensor(images), prompt_list, on_timing)
+        raw.update(self._group_scores(embeds, prompt_list, [len(prompt_list)], on_timing))
+        raw = {n: raw[n] for n in self.experts}
         return TensorScores(self.combine(raw, w), raw)
 
     score_tensor = forward
@@ -287,7 +322,7 @@ class Mixture(nn.Module):
         """Score requests already returned by `check_request` (prompt, decoded images, weights)."""
         flat_images = [im for _, ims, _ in checked for im in ims]
         flat_prompts = [p for p, ims, _ in checked for _ in ims]
-        raw = self.raw_scores(flat_images, flat_prompts, on_timing=on_timing)
+        raw = self.raw_scores(flat_images, flat_prompts, groups=[len(ims) for _, ims, _ in checked], on_timing=on_timing)
         results, start = [], 0
         sources = self.sources()
         for _, ims, weights in checked:
@@ -317,17 +352,32 @@ class Mixture(nn.Module):
         limits = limits or self.limits
         return self._check_prompt(prompt, limits), self._load_images(images, limits), self._weights(weights)
 
-    def raw_scores(self, images: Sequence, prompts: Sequence[str], *, on_timing: Timing | None = None) -> dict[str, torch.Tensor]:
-        """Raw per-expert scores (CPU float32) for decoded PIL images, one prompt per image, in batches."""
-        out: dict[str, list[torch.Tensor]] = {n: [] for n in self.experts}
+    def raw_scores(self, images: Sequence, prompts: Sequence[str], *, groups: Sequence[int] | None = None,
+                   on_timing: Timing | None = None) -> dict[str, torch.Tensor]:
+        """Raw per-expert scores (CPU float32) for decoded PIL images, one prompt per image, in batches.
+
+        `groups`: the sizes of the consecutive requests the images belong to, which the batch-level
+        experts (diversity) score separately; by default each run of equal consecutive prompts is one.
+        """
+        if groups is None:
+            groups = [len(list(run)) for _, run in itertools.groupby(prompts)]
+        if sum(groups) != len(images):
+            raise InvalidRequestError(f"groups add up to {sum(groups)} images, not {len(images)}")
+        self.check_group_sizes(groups)
+        out: dict[str, list[torch.Tensor]] = {n: [] for n in self.experts if n not in self._batch_level}
+        specs = {e.clip_spec for e in self._batch_level.values()}
+        embeds: dict[str, list[torch.Tensor]] = {s: [] for s in specs}
         bs = self.config.max_batch_size
         with torch.inference_mode():
             for i in range(0, len(images), bs):
                 batch = images[i : i + bs]
-                raw = self._raw_scores(lambda spec: spec.pil(batch), list(prompts[i : i + bs]), on_timing)
+                raw, emb = self._raw_scores(lambda spec: spec.pil(batch), list(prompts[i : i + bs]), on_timing)
                 for n, s in raw.items():
                     out[n].append(s.cpu())
-        return {n: torch.cat(v) for n, v in out.items()}
+                for s in specs:
+                    embeds[s].append(emb[s].cpu())
+            grouped = self._group_scores({s: torch.cat(v) for s, v in embeds.items()}, prompts, groups, on_timing)
+        return {n: grouped[n] if n in grouped else torch.cat(out[n]) for n in self.experts}
 
     def _load_images(self, images, limits: Limits) -> list:
         if isinstance(images, (str, bytes, bytearray)) or not isinstance(images, Sequence):

@@ -43,6 +43,11 @@ BUILTIN = {
     "imagereward": "rewarders.imagereward:ImageRewardExpert",
     "aesthetic": "rewarders.aesthetic:AestheticExpert",
     "mlp": "rewarders.mlp:MLPExpert",
+    "blip_score": "rewarders.blip_score:BlipScoreExpert",
+    "diversity": "rewarders.diversity:DiversityExpert",
+    "pickscore": "rewarders.pickscore:PickScoreExpert",
+    "hpsv2": "rewarders.hpsv2:HPSv2Expert",
+    "clip_score": "rewarders.clip_score:ClipScoreExpert",
 }
 
 

@@ -5,7 +5,7 @@ from rewarders import InvalidRequestError, ModelLoadError, create_rewarder, list
 
 def test_registries():
     assert list(list_profiles()) == ["default", "tiny", "random-full", "ig-rewarding"]
-    assert list_experts() == ["imagereward", "aesthetic", "mlp"]
+    assert list_experts() == ["imagereward", "aesthetic", "mlp", "blip_score", "diversity", "pickscore", "hpsv2", "clip_score"]
 
 
 def test_default_profile_names_the_published_checkpoints():

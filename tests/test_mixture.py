@@ -41,16 +41,18 @@ def test_total_is_the_weighted_sum_of_normalised_scores(cache_dir, images):
 
 
 def test_ig_rewarding_arithmetic(cache_dir, images):
-    # the ig-rewarding profile on tiny models: raw weighted sum of the per-expert means
+    # the ig-rewarding profile on tiny models: raw weighted sum of the four per-expert means
     r = create_rewarder(
         profile="ig-rewarding",
         cache_dir=cache_dir,
-        experts={"imagereward": {"checkpoint": "tiny", "tokenizer": "packaged"}, "aesthetic": {"clip": "tiny", "head": "tiny"}},
+        experts={"imagereward": {"checkpoint": "tiny", "tokenizer": "packaged"}, "aesthetic": {"clip": "tiny", "head": "tiny"},
+                 "pickscore": {"checkpoint": "tiny", "processor": "tiny"}, "hpsv2": {"checkpoint": "tiny"}},
     )
-    assert r.config.normalize is False and "mlp" not in r.experts
+    assert r.config.normalize is False and set(r.experts) == {"aesthetic", "pickscore", "imagereward", "hpsv2"}
     res = r.score("an astronaut riding a horse", images)
     c = res.component_rewards
-    assert res.mean_reward == pytest.approx(1.0 * c["imagereward"] + 0.0125 * c["aesthetic"], abs=1e-6)
+    expected = 1.0 * c["imagereward"] + 0.0125 * c["aesthetic"] + 0.1 * c["pickscore"] + 0.1 * c["hpsv2"]
+    assert res.mean_reward == pytest.approx(expected, abs=1e-6)
 
 
 def test_weights_override_per_call(tiny, images):
