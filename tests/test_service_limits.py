@@ -237,3 +237,29 @@ def test_a_full_queue_answers_429_before_the_body(tiny):
         assert status == 429
         for t in held:
             t.join(30)
+
+
+# ---- structure: deep nesting and lying safetensors headers
+
+
+@pytest.mark.parametrize("path", ["/reward", "/prompts", "/jobs"])
+def test_deeply_nested_json_is_a_4xx(make_client, path):
+    client = make_client(redis_url="redis://127.0.0.1:6379/13")
+    body = '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code in (400, 422), r.text
+    assert r.json()["detail"]
+
+
+@pytest.mark.parametrize("header_len,header", [
+    (10**12, b"{}"),  # claims a terabyte of header
+    (60, b'{"images": {"dtype": "F32", "shape": [1, 3, 64, 64], "data_offsets": [0, 49152]}}'),  # length lies
+    (None, b'{"images": {"dtype": "F32", "shape": [1, 3, 64, 64], "data_offsets": [0, 999999999]}}'),  # offsets past the end
+    (None, b'{"images": {"dtype": "F32", "shape": [100000, 3, 100000, 100000], "data_offsets": [0, 16]}}'),  # shape lies
+])
+def test_lying_safetensors_headers_are_400(make_client, header_len, header):
+    client = make_client()
+    n = len(header) if header_len is None else header_len
+    body = n.to_bytes(8, "little") + header + b"\0" * 16
+    r = client.post("/reward/gradient", content=body, headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 400 and "not a valid safetensors file" in r.json()["detail"]
