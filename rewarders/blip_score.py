@@ -13,7 +13,6 @@ encoders, queues, an ITM head and a text decoder; only the tensors the score rea
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from torch import nn
 from .checkpoints import resolve_checkpoint
 from .errors import ModelLoadError
 from .images import Preprocess
-from .imagereward import MAX_TOKENS, ImageRewardArch, _Blip, _count, load_bert_tokenizer
+from .imagereward import MAX_TOKENS, ImageRewardArch, _Blip, load_bert_tokenizer
 from .registry import Expert, ExpertConfig, register_expert
 
 log = logging.getLogger(__name__)
@@ -60,23 +59,7 @@ class BlipScoreModel(_Blip):
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "BlipScoreModel":
         """The architecture read from the tensor shapes; the needed tensors loaded by name, the rest ignored."""
-        try:
-            patch = sd["visual_encoder.patch_embed.proj.weight"]
-            words = sd["text_encoder.embeddings.word_embeddings.weight"]
-            arch = ImageRewardArch(
-                image_size=math.isqrt(sd["visual_encoder.pos_embed"].shape[1] - 1) * patch.shape[-1],
-                patch_size=patch.shape[-1],
-                vision_width=patch.shape[0],
-                vision_depth=_count(sd, "visual_encoder.blocks."),
-                text_width=words.shape[1],
-                text_depth=_count(sd, "text_encoder.encoder.layer."),
-                text_intermediate=sd["text_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
-                vocab_size=words.shape[0],
-                max_positions=sd["text_encoder.embeddings.position_embeddings.weight"].shape[0],
-                proj_dim=sd["vision_proj.weight"].shape[0],
-            )
-        except KeyError as e:
-            raise ModelLoadError(f"not a BLIP checkpoint: missing tensor {e}") from None
+        arch = ImageRewardArch.from_blip_state_dict(sd, "", "a BLIP")
         with torch.device("meta"):  # no random init of 400M parameters that are overwritten at once
             model = cls(arch)
         wanted = model.state_dict()

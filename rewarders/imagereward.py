@@ -57,26 +57,36 @@ class ImageRewardArch:
 
     @classmethod
     def from_state_dict(cls, sd: dict[str, torch.Tensor]) -> "ImageRewardArch":
+        """ImageReward.pt: the BLIP under `blip.` and the reward head `mlp.layers.*`."""
         try:
-            patch = sd["blip.visual_encoder.patch_embed.proj.weight"]
-            n_pos = sd["blip.visual_encoder.pos_embed"].shape[1] - 1
-            words = sd["blip.text_encoder.embeddings.word_embeddings.weight"]
-            head = [sd[f"mlp.layers.{i}.weight"].shape[0] for i in (0, 2, 4, 6)]
+            head = tuple(sd[f"mlp.layers.{i}.weight"].shape[0] for i in (0, 2, 4, 6))
+        except KeyError as e:
+            raise ModelLoadError(f"not an ImageReward checkpoint: missing tensor {e}") from None
+        return cls.from_blip_state_dict(sd, "blip.", "an ImageReward", head_sizes=head)
+
+    @classmethod
+    def from_blip_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str, what: str, **extra) -> "ImageRewardArch":
+        """BLIP's sizes read from its tensor shapes under `prefix` ('blip.' in ImageReward.pt, '' in BLIP's
+        own model_large.pth)."""
+        try:
+            patch = sd[f"{prefix}visual_encoder.patch_embed.proj.weight"]
+            n_pos = sd[f"{prefix}visual_encoder.pos_embed"].shape[1] - 1
+            words = sd[f"{prefix}text_encoder.embeddings.word_embeddings.weight"]
             return cls(
                 image_size=int(math.isqrt(n_pos)) * patch.shape[-1],
                 patch_size=patch.shape[-1],
                 vision_width=patch.shape[0],
-                vision_depth=_count(sd, "blip.visual_encoder.blocks."),
+                vision_depth=_count(sd, f"{prefix}visual_encoder.blocks."),
                 text_width=words.shape[1],
-                text_depth=_count(sd, "blip.text_encoder.encoder.layer."),
-                text_intermediate=sd["blip.text_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
+                text_depth=_count(sd, f"{prefix}text_encoder.encoder.layer."),
+                text_intermediate=sd[f"{prefix}text_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0],
                 vocab_size=words.shape[0],
-                max_positions=sd["blip.text_encoder.embeddings.position_embeddings.weight"].shape[0],
-                proj_dim=sd["blip.vision_proj.weight"].shape[0],
-                head_sizes=tuple(head),
+                max_positions=sd[f"{prefix}text_encoder.embeddings.position_embeddings.weight"].shape[0],
+                proj_dim=sd[f"{prefix}vision_proj.weight"].shape[0],
+                **extra,
             )
         except KeyError as e:
-            raise ModelLoadError(f"not an ImageReward checkpoint: missing tensor {e}") from None
+            raise ModelLoadError(f"not {what} checkpoint: missing tensor {e}") from None
 
 
 def _count(sd: dict, prefix: str) -> int:
