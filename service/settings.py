@@ -28,6 +28,10 @@ class Settings(FinetuneSettings):
     max_queue_images: int = Field(256, ge=1, description="Most images waiting for the model; more gets 429.")
     max_queue_wait_s: float = Field(60.0, gt=0, description="Longest a request waits in the queue for the model; then 504.")
     max_topics: int = Field(16, ge=1, le=16, description="Most topics in one /prompts request (at most the schema's 16).")
+    prompt_generator: str = Field("Gustavosta/MagicPrompt-Stable-Diffusion", description="/prompts mode generate: MagicPrompt "
+                                  "model (hub id, local folder, or 'tiny': a tiny random GPT-2 for tests).")
+    prompt_expansion: str = Field("none", description="/prompts mode generate: Fooocus-style expansion model folder (with "
+                                  "positive.txt), hub id, 'tiny', or 'none' (no expansion).")
     max_n_prompts: int = Field(100, ge=1, le=100, description="Most prompts per topic in one /prompts request (at most the schema's 100).")
 
     def limits(self) -> Limits:

@@ -5,6 +5,7 @@
     t2i-reward serve [--config FILE | --profile NAME] [--host H] [--port P] [--prompts-index DIR]
     t2i-reward prompts build --source SRC --out DIR [--model NAME] [--text-field F]
     t2i-reward prompts search --index DIR TOPIC... [-n N] [--diversity D]
+    t2i-reward prompts generate TOPIC... [-n N] [--seed S] [--model M] [--expansion E] [--max-new-tokens T]
     t2i-reward train-reward --data SRC [--image-root DIR] --out DIR [--clip SPEC] [--aux-weight W] ...
     t2i-reward eval-preference [--config FILE | --profile NAME] --data SRC [--image-root DIR] [--out DIR]
     t2i-reward fit-mixture [--config FILE | --profile NAME] --data SRC [--image-root DIR] --out FILE
@@ -135,6 +136,44 @@ def cmd_prompts_search(args) -> int:
     found, scores = index.search(args.topics, args.n, args.diversity)
     print(json.dumps({"prompts": found, "scores": scores}, ensure_ascii=False))
     return 0
+
+
+def cmd_prompts_generate(args) -> int:
+    from prompter.generate import PromptGenerator
+
+    generator = PromptGenerator(args.model, args.expansion, device=args.device, cache_dir=args.cache_dir)
+    for prompts in generator.generate(args.topics, args.n, args.seed, args.max_new_tokens):
+        for prompt in prompts:
+            print(prompt)
+    return 0
+
+
+def _seed(text: str) -> int:
+    from prompter.generate import MAX_SEED
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be in [0, {MAX_SEED}], got {value}")
+    return value
+
+
+def _new_tokens(text: str) -> int:
+    from prompter.generate import MAX_NEW_TOKENS
+
+    value = _positive(text)
+    if value > MAX_NEW_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_NEW_TOKENS}, got {value}")
+    return value
+
+
+def _prompt_count(text: str) -> int:
+    value = _positive(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"must be at most 100, got {value}")
+    return value
 
 
 def cmd_train_reward(args) -> int:
@@ -278,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts-index", help="prompt index directory for /prompts (default: the built-in corpus)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("prompts", help="build or query a prompt index")
+    p = sub.add_parser("prompts", help="build or query a prompt index, or generate prompts")
     psub = p.add_subparsers(dest="prompts_command", required=True)
     b = psub.add_parser("build", help="embed a prompt corpus into a FAISS index")
     b.add_argument("--source", default="THUDM/ImageRewardDB",
@@ -295,6 +334,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-n", type=_positive, default=5, help="prompts per topic")
     q.add_argument("--diversity", type=float, default=0.0, help="MMR diversity in [0, 1]")
     q.set_defaults(func=cmd_prompts_search)
+    g = psub.add_parser("generate", help="prompts generated from topics (MagicPrompt, then the optional expansion), one a line")
+    g.add_argument("topics", nargs="+", help="topics; each prompt starts with its topic")
+    g.add_argument("-n", type=_prompt_count, default=5, help="prompts per topic (at most 100)")
+    g.add_argument("--seed", type=_seed, default=0, help="sampling seed: the same seed gives the same prompts (default 0)")
+    g.add_argument("--model", default="Gustavosta/MagicPrompt-Stable-Diffusion",
+                   help="MagicPrompt model: hub id, local folder, or 'tiny' (random, for tests)")
+    g.add_argument("--expansion", default="none",
+                   help="Fooocus-style expansion model folder (with positive.txt), 'tiny', or 'none' (default)")
+    g.add_argument("--max-new-tokens", type=_new_tokens, default=60, help="most tokens added per stage (at most 77)")
+    g.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
+    g.add_argument("--cache-dir", help="where 'tiny' models are built (default: T2I_REWARD_CACHE_DIR or ~/.cache/t2i-reward)")
+    g.set_defaults(func=cmd_prompts_generate)
 
     p = sub.add_parser("train-reward", help="train the MLP reward model on preference data")
     _add_data_args(p)

@@ -221,12 +221,13 @@ def test_a_full_queue_answers_429_before_the_body(tiny):
     app = create_app(Settings(max_queue_images=1, max_queue_wait_s=20), rewarder=tiny)
     with running_server(app) as url:
         batcher = app.state.batcher
-        batcher.executor.submit(time.sleep, 4)  # the model is busy (a slow batch) for 4 s
+        release = threading.Event()
+        batcher.executor.submit(release.wait, 60)  # the model is busy (a slow batch) until released
         send = lambda: httpx.post(url + "/reward", timeout=30, json={"prompt": "p", "images": [b64(smooth_image(0, 32, 32))]})  # noqa: E731
         held = [threading.Thread(target=send) for _ in range(2)]  # one waits for the model, one in the queue
         for t in held:
             t.start()
-        deadline = time.time() + 10
+        deadline = time.time() + 60
         while batcher.waiting_images < 1 and time.time() < deadline:
             time.sleep(0.02)
         assert batcher.waiting_images == 1
@@ -235,6 +236,7 @@ def test_a_full_queue_answers_429_before_the_body(tiny):
         assert status == 429 and "already waiting" in text and "retry-after" in text.lower()
         status, _, _ = raw_request(url, post_head("/reward/gradient", 50_000_000, "application/octet-stream"))
         assert status == 429
+        release.set()
         for t in held:
             t.join(30)
 
