@@ -223,13 +223,14 @@ def test_a_full_queue_answers_429_before_the_body(tiny):
         batcher = app.state.batcher
         release = threading.Event()
         batcher.executor.submit(release.wait, 60)  # the model is busy (a slow batch) until released
-        send = lambda: httpx.post(url + "/reward", timeout=30, json={"prompt": "p", "images": [b64(smooth_image(0, 32, 32))]})  # noqa: E731
-        held = [threading.Thread(target=send) for _ in range(2)]  # one waits for the model, one in the queue
-        for t in held:
-            t.start()
-        deadline = time.time() + 60
-        while batcher.waiting_images < 1 and time.time() < deadline:
-            time.sleep(0.02)
+        send = lambda: httpx.post(url + "/reward", timeout=60, json={"prompt": "p", "images": [b64(smooth_image(0, 32, 32))]})  # noqa: E731
+        held = [threading.Thread(target=send) for _ in range(2)]
+        # the first request reaches the (busy) model, the second then waits in the queue; one at a time,
+        # or the batch loop would take both into one batch
+        held[0].start()
+        wait_until(lambda: _batches_started(app) >= 1)
+        held[1].start()
+        wait_until(lambda: batcher.waiting_images >= 1)
         assert batcher.waiting_images == 1
         # 50 MB announced, not one byte of body sent: refused from the queue state alone
         status, text, _ = raw_request(url, post_head("/reward", 50_000_000))
@@ -265,3 +266,15 @@ def test_lying_safetensors_headers_are_400(make_client, header_len, header):
     body = n.to_bytes(8, "little") + header + b"\0" * 16
     r = client.post("/reward/gradient", content=body, headers={"content-type": "application/octet-stream"})
     assert r.status_code == 400 and "not a valid safetensors file" in r.json()["detail"]
+
+
+def wait_until(condition, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def _batches_started(app) -> float:
+    """Micro-batches handed to the model so far (the batcher's own histogram count)."""
+    return sum(s.value for s in app.state.metrics.batch_requests.collect()[0].samples if s.name.endswith("_count"))
