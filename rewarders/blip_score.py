@@ -163,12 +163,7 @@ class BlipScoreExpert(Expert):
             model = BlipScoreModel.from_state_dict(read_blip_state_dict(ckpt.path))
         if ckpt.random_weights:
             log.warning("BLIP score %s has RANDOM weights: its scores mean nothing", cfg.checkpoint)
-        tokenizer = load_bert_tokenizer(cfg.tokenizer, ctx.cache_dir)
-        if len(tokenizer) != model.arch.vocab_size:
-            raise ModelLoadError(
-                f"BLIP tokenizer {cfg.tokenizer!r} has {len(tokenizer)} tokens but the checkpoint embeds {model.arch.vocab_size} "
-                "(BERT uncased + [DEC] + [ENC]). Set experts.blip_score.tokenizer to a local bert-base-uncased directory, or to 'packaged'."
-            )
+        tokenizer = load_bert_tokenizer(cfg.tokenizer, ctx.cache_dir, model.arch.vocab_size, "blip_score")
         model.eval().requires_grad_(False).to(ctx.device, ctx.dtype)
         return cls(model, tokenizer, cfg.checkpoint, ckpt.random_weights)
 

@@ -239,21 +239,25 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def load_bert_tokenizer(spec: str, cache_dir: Path):
-    """BERT uncased WordPiece tokenizer with BLIP's two added special tokens ([DEC], [ENC])."""
+def load_bert_tokenizer(spec: str, cache_dir: Path, vocab_size: int, expert: str = "imagereward"):
+    """BERT uncased WordPiece tokenizer with BLIP's two added special tokens ([DEC], [ENC]), checked against
+    the checkpoint's `vocab_size`; errors name the config key `experts.<expert>.tokenizer`."""
     from transformers import BertTokenizer
 
-    if spec == "packaged":
-        spec = str(packaged_bert_tokenizer_dir(cache_dir))
+    fix = f"Set experts.{expert}.tokenizer to a local bert-base-uncased directory, or to 'packaged'."
+    path = str(packaged_bert_tokenizer_dir(cache_dir)) if spec == "packaged" else spec
     try:
-        tok = BertTokenizer.from_pretrained(spec)
+        tok = BertTokenizer.from_pretrained(path)
     except Exception as e:
-        raise ModelLoadError(
-            f"ImageReward tokenizer {spec!r} could not be loaded ({type(e).__name__}: {e}). "
-            "Set experts.imagereward.tokenizer to a local bert-base-uncased directory, or to 'packaged'."
-        ) from None
+        raise ModelLoadError(f"{expert} tokenizer {spec!r} could not be loaded ({type(e).__name__}: {e}). {fix}") from None
     tok.add_special_tokens({"bos_token": "[DEC]"})
     tok.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+    if len(tok) != vocab_size:
+        # transformers can hand back a near-empty tokenizer for a hub id it could not fetch
+        raise ModelLoadError(
+            f"{expert} tokenizer {spec!r} has {len(tok)} tokens but the checkpoint embeds {vocab_size} "
+            f"(BERT uncased + [DEC] + [ENC]): the tokenizer is missing or wrong. {fix}"
+        )
     return tok
 
 
@@ -328,14 +332,7 @@ class ImageRewardExpert(Expert):
         random_weights = ckpt.random_weights
         if random_weights:
             log.warning("ImageReward %s has RANDOM weights: its scores mean nothing", cfg.checkpoint)
-        tokenizer = load_bert_tokenizer(cfg.tokenizer, ctx.cache_dir)
-        if len(tokenizer) != model.arch.vocab_size:
-            # transformers can hand back a near-empty tokenizer for a hub id it could not fetch
-            raise ModelLoadError(
-                f"ImageReward tokenizer {cfg.tokenizer!r} has {len(tokenizer)} tokens but the checkpoint embeds "
-                f"{model.arch.vocab_size} (BERT uncased + [DEC] + [ENC]): the tokenizer is missing or wrong. "
-                "Set experts.imagereward.tokenizer to a local bert-base-uncased directory, or to 'packaged'."
-            )
+        tokenizer = load_bert_tokenizer(cfg.tokenizer, ctx.cache_dir, model.arch.vocab_size)
         model.eval().requires_grad_(False)
         model.to(ctx.device, ctx.dtype)
         model.mlp.float()
