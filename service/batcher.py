@@ -96,7 +96,10 @@ class MicroBatcher:
     def check_admission(self) -> None:
         """Refuse at once (QueueFullError) when the queue is full: called before a body is read or
         decoded, so clients that retry immediately cost the server almost nothing."""
-        if self._waiting_images >= self.max_queue_images:
+        self._refuse_if_full(1)
+
+    def _refuse_if_full(self, n_images: int) -> None:
+        if self._waiting_images + n_images > self.max_queue_images:
             self.metrics.rejected.inc()
             raise QueueFullError(f"{self._waiting_images} images are already waiting (limit {self.max_queue_images}); retry later")
 
@@ -104,9 +107,7 @@ class MicroBatcher:
         return asyncio.get_running_loop().create_future()
 
     async def _submit(self, item: _Item):
-        if self._waiting_images + item.n_images > self.max_queue_images:
-            self.metrics.rejected.inc()
-            raise QueueFullError(f"{self._waiting_images} images are already waiting (limit {self.max_queue_images}); retry later")
+        self._refuse_if_full(item.n_images)
         self._waiting_images += item.n_images
         self.metrics.queue_images.set(self._waiting_images)
         self._queue.append(item)

@@ -46,11 +46,12 @@ class LimitsAndMetrics:
             await send(message)
 
         try:
-            refusal = self._refuse_from_headers(scope)
+            headers = _headers(scope)
+            refusal = self._refuse_from_headers(scope["path"], headers)
             if refusal is not None:
                 await send_error(send_wrapper, refusal)
                 return
-            body = _GuardedBody(self, receive, _has_body(scope))
+            body = _GuardedBody(self, receive, _has_body(headers))
             try:
                 await self.app(scope, body.receive, send_wrapper)
             finally:
@@ -61,9 +62,8 @@ class LimitsAndMetrics:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
-    def _refuse_from_headers(self, scope) -> HTTPException | None:
-        headers = _headers(scope)
-        if scope["path"] not in OPEN_PATHS:
+    def _refuse_from_headers(self, path: str, headers: dict[str, str]) -> HTTPException | None:
+        if path not in OPEN_PATHS:
             error = api_key_error(self.api_keys, headers.get("authorization"), headers.get("x-api-key"))
             if error is not None:
                 return error
@@ -122,8 +122,7 @@ def _headers(scope) -> dict[str, str]:
     return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
 
 
-def _has_body(scope) -> bool:
-    headers = _headers(scope)
+def _has_body(headers: dict[str, str]) -> bool:
     length = headers.get("content-length", "").strip()
     return "chunked" in headers.get("transfer-encoding", "").lower() or (length.isdigit() and int(length) > 0)
 
