@@ -21,7 +21,7 @@ class FinetuneSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="T2I_SERVICE_", env_file=".env", extra="ignore", env_nested_delimiter="__")
 
     reward_config: Optional[Path] = Field(None, description="YAML config of the rewarder (see README: Configuration); `--config`.")
-    profile: Optional[str] = Field(None, description="Built-in rewarder profile: default, tiny, random-full, ig-rewarding; `--profile`.")
+    profile: Optional[str] = Field(None, description="Built-in rewarder profile: default, light, tiny, random-full, ig-rewarding; `--profile`.")
     prompts_index: Optional[Path] = Field(None, description="Prompt index directory (t2i-reward prompts build); none: the built-in corpus; `--prompts-index`.")
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the job queue and job state.")

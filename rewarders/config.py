@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import Field, SerializeAsAny, ValidationError, field_validator
@@ -51,6 +51,10 @@ class RewardConfig(BaseSettings):
     max_images: int = Field(64, ge=1, description="Most images in one scoring call.")
     cache_dir: Path = Field(DEFAULT_CACHE, description="Where tiny models are built and hub files cached by us.")
     seed: int = Field(0, description="Seed for 'random' weights, so benchmarks are repeatable.")
+    calibration: Optional[str] = Field(
+        None, description="Path to a calibration JSON written by `t2i-reward calibrate`, or 'tiny' (the packaged "
+                          "one of the tiny profile): answers can then give each score's percentile ('explain').",
+    )
     experts: dict[str, SerializeAsAny[ExpertConfig]] = Field(
         default_factory=lambda: _default()["experts"], validate_default=True,
         description="The enabled experts by name, each with its own config (see the expert's Config).",
@@ -91,11 +95,30 @@ class RewardConfig(BaseSettings):
 # profiles: the experts each one enables, and the defaults of their fields
 
 def _default() -> dict[str, Any]:
+    # the rewards today's RL fine-tuning trains with (Flow-GRPO, DanceGRPO, AlignProp): three preference
+    # models trained on different human data, so that no single model's blind spot is worth exploiting,
+    # CLIP score for text alignment, and the aesthetic head at half weight (alone, it rewards saturated,
+    # over-stylised images); every expert normalised by its logit unit, so the weights are comparable.
+    # README "The default profile" says why, and what it costs.
+    return {
+        "experts": {
+            "imagereward": {"weight": 1.0},
+            "pickscore": {"weight": 1.0},
+            "hpsv2": {"weight": 1.0},
+            "clip_score": {"weight": 0.5},
+            "aesthetic": {"weight": 0.5},
+        }
+    }
+
+
+def _light() -> dict[str, Any]:
+    # one BLIP and one CLIP ViT-L/14: for CPU hosts and small GPUs (what the default profile used to be)
     return {"experts": {"imagereward": {}, "aesthetic": {}}}
 
 
 def _tiny() -> dict[str, Any]:
     return {
+        "calibration": "tiny",  # rewarders/data/calibration-tiny.json, made by scripts/make_tiny_calibration.py
         "experts": {
             "imagereward": {"checkpoint": "tiny", "tokenizer": "packaged"},
             "aesthetic": {"clip": "tiny", "head": "tiny", "mean": 0.0, "std": 1.0},
@@ -130,7 +153,8 @@ def _ig_rewarding() -> dict[str, Any]:
 
 
 PROFILES = {
-    "default": (_default, "the published checkpoints (ImageReward-v1.0, OpenAI CLIP ViT-L/14, the LAION aesthetic head)"),
+    "default": (_default, "the published checkpoints of ImageReward, PickScore, HPSv2.1, CLIP score and the LAION aesthetic head"),
+    "light": (_light, "the published ImageReward and LAION aesthetic head only: two backbones, for CPU hosts and small GPUs"),
     "tiny": (_tiny, "tiny random-weight models in the real formats, built on first use (tests, demos, offline)"),
     "random-full": (_random_full, "full-size architectures with random weights (benchmarks)"),
     "ig-rewarding": (_ig_rewarding, "ig-rewarding's baseline: aesthetic, PickScore, ImageReward, HPSv2 as its raw weighted sum of means"),

@@ -13,12 +13,14 @@ the `Mixture`, which only scores.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from .calibration import load_calibration
 from .checkpoints import TinySource
 from .clip import ClipBackbone
 from .config import RewardConfig, load_config
@@ -26,6 +28,7 @@ from .errors import InvalidRequestError
 from .mixture import Mixture
 from .registry import Expert, get_expert_class
 
+log = logging.getLogger(__name__)
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -77,5 +80,13 @@ def create_rewarder(config: RewardConfig | str | None = None, *, profile: str | 
     """The one entry point: a `RewardConfig`, a YAML path, or a profile name (`list_profiles()`)."""
     if not isinstance(config, RewardConfig):
         config = load_config(config, profile=profile, **overrides)
+    # the calibration first: a bad file fails before the models load
+    calibration = load_calibration(config.calibration, config.cache_dir) if config.calibration else None
     experts, clips, device, dtype = load_experts(config)
-    return Mixture(config, experts, clips, device, dtype)
+    mixture = Mixture(config, experts, clips, device, dtype)
+    if calibration is not None:
+        missing = calibration.check(experts)
+        if missing:
+            log.warning("calibration %s does not cover %s: their percentiles will be null", config.calibration, ", ".join(missing))
+        mixture.calibration = calibration
+    return mixture

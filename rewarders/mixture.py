@@ -34,14 +34,16 @@ import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
 
+from .advantages import group_advantages
 from .config import RewardConfig
 from .errors import InvalidPromptError, InvalidRequestError
 from .images import MAX_ASPECT_RATIO, ImageLike, Preprocess, check_size, open_image
+from .inputs import Checked, Pixels, PilPixels, check_image_tensor, prepare_pil, prepare_tensor
 from .registry import Expert
 
 # Largest |weight| a call may give an expert: weights beyond make totals overflow float32 (and JSON).
@@ -71,6 +73,7 @@ class Limits:
 class ImageScore:
     total: float
     components: dict[str, float]
+    percentiles: Optional[dict[str, Optional[float]]] = None  # with `explain`: per expert, in [0, 100]
 
 
 @dataclass
@@ -79,6 +82,8 @@ class RewardResult:
     component_rewards: dict[str, float]
     images: list[ImageScore]
     experts: dict[str, dict] = field(default_factory=dict)
+    # with `group_ids`: {"total": [per image], <expert>: [per image]}, z-scored in each group (advantages.py)
+    advantages: Optional[dict[str, list[float]]] = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,6 +117,9 @@ class Mixture(nn.Module):
             mean = cfg.mean if cfg.mean is not None else e.default_mean
             std = cfg.std if cfg.std is not None else e.default_std
             self.norm[n] = (mean, std) if config.normalize else (0.0, 1.0)
+        # per-expert score quantiles (rewarders/calibration.py), set by the factory when the config names a
+        # calibration file: answers can then place each score as a percentile (`explain`)
+        self.calibration = None
         if self.random_weights:
             log.warning("profile %s: at least one expert has RANDOM weights; scores are for testing only", config.profile)
 
@@ -132,6 +140,10 @@ class Mixture(nn.Module):
             mean, std = self.norm[n]
             out[n] = {**e.describe(), "weight": self.weights[n], "mean": mean, "std": std}
         return out
+
+    def weights_for(self, override: Mapping[str, float] | None = None) -> dict[str, float]:
+        """The weights a call with these per-call overrides uses (InvalidRequestError for bad ones)."""
+        return self._weights(override)
 
     def _weights(self, override: Mapping[str, float] | None) -> dict[str, float]:
         weights = dict(self.weights)
@@ -160,7 +172,7 @@ class Mixture(nn.Module):
         """One checked prompt per image, from one prompt for all or a list with one per image."""
         prompt_list = [prompts] * n if isinstance(prompts, str) else prompts
         if not isinstance(prompt_list, (list, tuple)):
-            raise InvalidPromptError("prompts must be one string or a list with one string per image")
+            raise InvalidPromptError(f"prompt must be a string, or a list with one string per image; got {type(prompts).__name__}")
         if len(prompt_list) != n:
             raise InvalidRequestError(f"{len(prompt_list)} prompts for {n} images")
         return [self._check_prompt(p, limits) for p in prompt_list]
@@ -186,7 +198,7 @@ class Mixture(nn.Module):
 
         def get(spec: Preprocess) -> torch.Tensor:
             if spec not in pixels:
-                pixels[spec] = pixels_for(spec).to(self.device)
+                pixels[spec] = pixels_for(spec)
             return pixels[spec]
 
         image_embeds: dict[str, torch.Tensor] = {}
@@ -199,7 +211,7 @@ class Mixture(nn.Module):
         for e in self.experts.values():
             if e.needs_text_embeds and e.clip_spec not in text_embeds:
                 unique = list(dict.fromkeys(prompts))  # one text pass per distinct prompt
-                emb = self._clip_by_spec[e.clip_spec].encode_texts(unique)
+                emb = self._timed(on_timing, f"clip-text:{e.clip_spec}", self._clip_by_spec[e.clip_spec].encode_texts, unique)
                 index = torch.tensor([unique.index(p) for p in prompts], device=emb.device)
                 text_embeds[e.clip_spec] = emb[index]
         out = {}
@@ -215,6 +227,13 @@ class Mixture(nn.Module):
     def _batch_level(self) -> dict[str, Expert]:
         """Experts whose score depends on the other images of the request (`batch_level = True`: diversity)."""
         return {n: e for n, e in self.experts.items() if getattr(e, "batch_level", False)}
+
+    @property
+    def input_specs(self) -> list[Preprocess]:
+        """The distinct inputs the backbones read (one per preprocessing spec), each prepared once per image."""
+        specs = [self._clip_by_spec[e.clip_spec].preprocess for e in self.experts.values() if e.clip_spec is not None]
+        specs += [e.preprocess for n, e in self.experts.items() if n not in self._batch_level]
+        return list(dict.fromkeys(specs))
 
     def check_group_sizes(self, sizes: Sequence[int]) -> None:
         """Refuse requests with fewer images than a batch-level expert needs (`min_images`), before any model runs."""
@@ -261,31 +280,31 @@ class Mixture(nn.Module):
             raise InvalidRequestError("no images to score")
         prompt_list = self._prompts_for(prompts, images.shape[0], limits)
         w = self._weights(weights)
-        self.check_group_sizes([len(prompt_list)])  # the tensor is one request
-        images = images.to(self.device, torch.float32)
-        raw, embeds = self._raw_scores(lambda spec: spec.tensor(images), prompt_list, on_timing)
-        raw.update(self._group_scores(embeds, prompt_list, [len(prompt_list)], on_timing))
-        raw = {n: raw[n] for n in self.experts}
+        raw = self._tensor_scores(images, prompt_list, [len(prompt_list)], on_timing)  # the tensor is one request
         return TensorScores(self.combine(raw, w), raw)
 
     score_tensor = forward
 
+    def _tensor_scores(self, images: torch.Tensor, prompts: list[str], sizes: Sequence[int],
+                       on_timing: Timing | None) -> dict[str, torch.Tensor]:
+        """Raw scores of a float tensor that holds consecutive requests of `sizes` images, differentiably."""
+        self.check_group_sizes(sizes)
+        images = images.to(self.device, torch.float32)
+        raw, embeds = self._raw_scores(lambda spec: spec.tensor(images), prompts, on_timing)
+        raw.update(self._group_scores(embeds, prompts, sizes, on_timing))
+        return {n: raw[n] for n in self.experts}
+
     def check_tensor(self, images, limits: Limits | None = None) -> None:
-        """Refuse an image tensor the service should not run: wrong dtype or shape, empty, too many
+        """Refuse an image tensor the gradient path should not run: wrong dtype or shape, empty, too many
         images, too many pixels (ImageTooLargeError), values not finite or outside [0, 1]."""
         limits = limits or self.limits
         if not isinstance(images, torch.Tensor) or images.dtype not in (torch.float16, torch.float32, torch.bfloat16) \
                 or images.ndim != 4 or images.shape[1] != 3:
             got = f"{images.dtype} {tuple(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
             raise InvalidRequestError(f"'images' must be float16/float32 of shape (B, 3, H, W), got {got}")
-        b, _, h, w = images.shape
-        if b == 0 or h == 0 or w == 0:
-            raise InvalidRequestError("'images' is empty")
-        if b > limits.max_images:
-            raise InvalidRequestError(f"{b} images; the limit is {limits.max_images} per call")
+        b, h, w = check_image_tensor(images, limits.max_images)
         check_size((w, h), limits.max_image_pixels, limits.max_aspect_ratio, "'images'")
-        if not bool(torch.isfinite(images).all()) or float(images.min()) < 0 or float(images.max()) > 1:
-            raise InvalidRequestError("'images' values must be finite and in [0, 1]")
+        _check_values(images)
 
     def reward_and_gradient(self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None,
                             *, limits: Limits | None = None, on_timing: Timing | None = None) -> dict[str, torch.Tensor]:
@@ -293,12 +312,31 @@ class Mixture(nn.Module):
 
         Returns CPU tensors: `rewards` (B,), `grad` (B, 3, H, W) and `components.<expert>` (B,).
         """
-        self.check_tensor(images, limits)
-        x = images.detach().float().requires_grad_(True)
-        scores = self.forward(x, prompts, weights, limits=limits, on_timing=on_timing)
-        scores.total.sum().backward()
-        out = {"rewards": scores.total.detach().cpu(), "grad": x.grad.detach().cpu().contiguous()}
-        out.update({f"components.{n}": s.detach().cpu() for n, s in scores.components.items()})
+        return self.reward_and_gradient_many([(images, prompts, weights)], limits=limits, on_timing=on_timing)[0]
+
+    def reward_and_gradient_many(self, requests: Sequence[tuple], *, limits: Limits | None = None,
+                                 on_timing: Timing | None = None) -> list[dict[str, torch.Tensor]]:
+        """`reward_and_gradient` for several (images, prompts, weights) requests whose tensors have the same
+        (3, H, W), in one forward and one backward pass. Each request keeps its own prompts, weights and
+        batch-level groups, so each answer equals that request run alone (within float rounding)."""
+        limits = limits or self.limits
+        checked = []
+        for images, prompts, weights in requests:
+            self.check_tensor(images, limits)
+            checked.append((images, self._prompts_for(prompts, images.shape[0], limits), self._weights(weights)))
+        if len({tuple(im.shape[1:]) for im, _, _ in checked}) > 1:
+            raise InvalidRequestError("requests pooled into one gradient pass must have tensors of one size")
+        sizes = [len(p) for _, p, _ in checked]
+        x = torch.cat([im.detach().float() for im, _, _ in checked]).requires_grad_(True)
+        raw = self._tensor_scores(x, [p for _, ps, _ in checked for p in ps], sizes, on_timing)
+        starts = [0, *itertools.accumulate(sizes)]
+        totals = [self.combine({n: s[a:b] for n, s in raw.items()}, w) for (_, _, w), a, b in zip(checked, starts, starts[1:])]
+        torch.cat(totals).sum().backward()  # requests' totals are independent: one backward serves all
+        out = []
+        for total, a, b in zip(totals, starts, starts[1:]):
+            d = {"rewards": total.detach().cpu(), "grad": x.grad[a:b].detach().cpu().contiguous()}
+            d.update({f"components.{n}": s[a:b].detach().cpu() for n, s in raw.items()})
+            out.append(d)
         return out
 
     # ------------------------------------------------------------------------------------------
@@ -317,40 +355,86 @@ class Mixture(nn.Module):
         """
         return self.score_checked([self.check_request(*req) for req in requests], on_timing=on_timing)
 
-    def score_checked(self, checked: Sequence[tuple[str, list, dict[str, float]]], *,
-                      on_timing: Timing | None = None) -> list[RewardResult]:
-        """Score requests already returned by `check_request` (prompt, decoded images, weights)."""
-        flat_images = [im for _, ims, _ in checked for im in ims]
-        flat_prompts = [p for p, ims, _ in checked for _ in ims]
-        raw = self.raw_scores(flat_images, flat_prompts, groups=[len(ims) for _, ims, _ in checked], on_timing=on_timing)
+    def score_checked(self, checked: Sequence[Checked], *, on_timing: Timing | None = None) -> list[RewardResult]:
+        """Score requests returned by `check_request` / `check_tensor_request`, pooled in shared batches;
+        each gets its own result (its own weights, groups, advantages and percentiles)."""
+        prompts = [p for c in checked for p in c.prompts]
+        raw = self._scores(Pixels(checked, self.device), prompts, [len(c) for c in checked], on_timing)
         results, start = [], 0
         sources = self.sources()
-        for _, ims, weights in checked:
-            part = {n: s[start : start + len(ims)] for n, s in raw.items()}
-            start += len(ims)
-            total = self.combine(part, weights)
+        for c in checked:
+            part = {n: s[start : start + len(c)] for n, s in raw.items()}
+            start += len(c)
+            total = self.combine(part, c.weights)
+            pct = self.calibration.percentiles(part) if c.explain else None
+            advantages = None
+            if c.group_ids is not None:
+                advantages = {k: v.tolist() for k, v in group_advantages(total, part, c.group_ids).items()}
             results.append(
                 RewardResult(
                     mean_reward=float(total.mean()),
                     component_rewards={n: float(s.mean()) for n, s in part.items()},
                     images=[
-                        ImageScore(float(total[i]), {n: float(s[i]) for n, s in part.items()}) for i in range(len(ims))
+                        ImageScore(float(total[i]), {n: float(s[i]) for n, s in part.items()},
+                                   {n: v[i] for n, v in pct.items()} if pct is not None else None)
+                        for i in range(len(c))
                     ],
                     experts=sources,
+                    advantages=advantages,
                 )
             )
         return results
 
-    def check_request(self, prompt, images, weights: Mapping[str, float] | None = None,
-                      limits: Limits | None = None) -> tuple[str, list, dict[str, float]]:
-        """Validate one request and decode its images: (prompt, PIL images, effective weights).
+    def check_request(self, prompts, images, weights: Mapping[str, float] | None = None, limits: Limits | None = None,
+                      *, group_ids: Sequence | None = None, explain: bool = False) -> Checked:
+        """Validate one request, decode its images and prepare every backbone's input from them.
 
-        Raises a `RewardError` subclass for bad input. `limits` default to the config's; the service
-        passes its own. The service calls this off the event loop before queueing, so a bad request
-        never reaches a batch.
+        `prompts`: one prompt for all images or a list with one per image. Raises a `RewardError` subclass
+        for bad input. `limits` default to the config's; the service passes its own. The service calls
+        this in its preprocessing pool, so decoding and resizing never run on the model thread.
         """
         limits = limits or self.limits
-        return self._check_prompt(prompt, limits), self._load_images(images, limits), self._weights(weights)
+        self._check_image_list(images, limits)
+        c = self._checked(prompts, len(images), weights, limits, group_ids, explain)  # the cheap checks first
+        decoded = [open_image(im, limits.max_image_pixels, limits.max_aspect_ratio) for im in images]
+        c.pixels = prepare_pil(decoded, self.input_specs, pin=self.device.type == "cuda")
+        return c
+
+    def check_tensor_request(self, prompts, images: torch.Tensor, weights: Mapping[str, float] | None = None,
+                             limits: Limits | None = None, *, group_ids: Sequence | None = None,
+                             explain: bool = False) -> Checked:
+        """Validate a request whose images are a tensor: uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1].
+
+        On a GPU host the tensor stays raw (pinned) and is prepared on the device by the model thread;
+        on a CPU host it is prepared here."""
+        limits = limits or self.limits
+        b, h, w = check_image_tensor(images, limits.max_images)
+        check_size((w, h), limits.max_image_pixels, limits.max_aspect_ratio, "'images'")
+        if images.dtype != torch.uint8:
+            _check_values(images)
+        c = self._checked(prompts, b, weights, limits, group_ids, explain)
+        images = images.contiguous()
+        if self.device.type == "cuda":
+            c.raw = images.pin_memory()
+        else:
+            c.pixels = prepare_tensor(images, self.input_specs)
+        return c
+
+    def _checked(self, prompts, n: int, weights, limits: Limits, group_ids, explain: bool) -> Checked:
+        prompt_list = self._prompts_for(prompts, n, limits)
+        if group_ids is not None:
+            if isinstance(group_ids, (str, bytes)) or not isinstance(group_ids, Sequence):
+                raise InvalidRequestError("group_ids must be a list with one id (string or integer) per image")
+            if len(group_ids) != n:
+                raise InvalidRequestError(f"{len(group_ids)} group_ids for {n} images")
+            if not all(isinstance(g, (str, int)) and not isinstance(g, bool) for g in group_ids):
+                raise InvalidRequestError("each group id must be a string or an integer")
+            group_ids = list(group_ids)
+        if explain and self.calibration is None:
+            raise InvalidRequestError("explain needs a calibration file: set `calibration` in the config "
+                                      "(written by `t2i-reward calibrate`)")
+        self.check_group_sizes([n])
+        return Checked(prompt_list, self._weights(weights), group_ids=group_ids, explain=bool(explain))
 
     def raw_scores(self, images: Sequence, prompts: Sequence[str], *, groups: Sequence[int] | None = None,
                    on_timing: Timing | None = None) -> dict[str, torch.Tensor]:
@@ -363,15 +447,19 @@ class Mixture(nn.Module):
             groups = [len(list(run)) for _, run in itertools.groupby(prompts)]
         if sum(groups) != len(images):
             raise InvalidRequestError(f"groups add up to {sum(groups)} images, not {len(images)}")
+        return self._scores(PilPixels(images, self.device), list(prompts), groups, on_timing)
+
+    def _scores(self, pixels, prompts: list[str], groups: Sequence[int], on_timing: Timing | None) -> dict[str, torch.Tensor]:
+        """Every expert's raw scores (CPU float32), in batches of `max_batch_size` from `pixels.get(spec, a, b)`."""
         self.check_group_sizes(groups)
         out: dict[str, list[torch.Tensor]] = {n: [] for n in self.experts if n not in self._batch_level}
         specs = {e.clip_spec for e in self._batch_level.values()}
         embeds: dict[str, list[torch.Tensor]] = {s: [] for s in specs}
         bs = self.config.max_batch_size
         with torch.inference_mode():
-            for i in range(0, len(images), bs):
-                batch = images[i : i + bs]
-                raw, emb = self._raw_scores(lambda spec: spec.pil(batch), list(prompts[i : i + bs]), on_timing)
+            for i in range(0, len(prompts), bs):
+                j = min(i + bs, len(prompts))
+                raw, emb = self._raw_scores(lambda spec: pixels.get(spec, i, j), prompts[i:j], on_timing)
                 for n, s in raw.items():
                     out[n].append(s.cpu())
                 for s in specs:
@@ -379,11 +467,15 @@ class Mixture(nn.Module):
             grouped = self._group_scores({s: torch.cat(v) for s, v in embeds.items()}, prompts, groups, on_timing)
         return {n: grouped[n] if n in grouped else torch.cat(out[n]) for n in self.experts}
 
-    def _load_images(self, images, limits: Limits) -> list:
+    def _check_image_list(self, images, limits: Limits) -> None:
         if isinstance(images, (str, bytes, bytearray)) or not isinstance(images, Sequence):
             raise InvalidRequestError("images must be a list of images (PIL images, paths or bytes)")
         if len(images) == 0:
             raise InvalidRequestError("no images to score")
         if len(images) > limits.max_images:
             raise InvalidRequestError(f"{len(images)} images; the limit is {limits.max_images} per call")
-        return [open_image(im, limits.max_image_pixels, limits.max_aspect_ratio) for im in images]
+
+
+def _check_values(images: torch.Tensor) -> None:
+    if not bool(torch.isfinite(images).all()) or float(images.min()) < 0 or float(images.max()) > 1:
+        raise InvalidRequestError("'images' values must be finite and in [0, 1]")

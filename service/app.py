@@ -82,7 +82,7 @@ async def _load(app: FastAPI, settings: Settings, metrics: Metrics, rewarder: Mi
         app.state.load_error = str(e)
         return
     batcher = MicroBatcher(mixture, settings.limits(), settings.max_batch_images, settings.max_wait_ms / 1000,
-                           settings.max_queue_images, settings.max_queue_wait_s, metrics)
+                           settings.max_queue_images, settings.max_queue_wait_s, metrics, settings.prepare_workers)
     batcher.start()
     app.state.batcher = batcher
     if mixture.random_weights:

@@ -3,25 +3,32 @@
 Requests (already validated and decoded by the library) wait in one queue:
 - admission: more than `max_queue_images` images waiting -> `QueueFullError` (429); a request still
   waiting after `max_queue_wait_s` -> `QueueTimeoutError` (504), and it never runs;
-- `/reward` requests are batched: the loop takes the first, then keeps taking more scoring requests for
-  up to `max_wait_s` or until `max_batch_images` images are collected, and scores them together with
-  `Mixture.score_checked`; if a batch fails, each of its requests is scored alone, so a bad request
-  fails alone and its neighbours get their results;
-- `/reward/gradient` requests run one at a time (`Mixture.reward_and_gradient`).
-Every model call runs on the single model thread, so the event loop never blocks and the GPU sees one
-batch at a time. The metrics are the batcher's: queue depth, batch sizes, refusals, per-expert time.
+- requests are batched: the loop takes the first, then keeps taking requests of the same kind for up to
+  `max_wait_s` or until `max_batch_images` images are collected. `/reward` requests are scored together
+  with `Mixture.score_checked`; `/reward/gradient` requests whose tensors have the same size share one
+  forward and backward pass (`Mixture.reward_and_gradient_many`, at most the config's `max_batch_size`
+  images). If a batch fails, each of its requests runs alone, so a bad request fails alone and its
+  neighbours get their results.
+The steps of a request: decode and prepare (the router, in the preprocessing pool `prepare`, sized to
+the cores: image decoding, resizing, cropping, normalising), batch (here), predict (the single model
+thread, which only concatenates prepared tensors, copies them to the device and runs the models), unbatch
+(each request's own result). So the event loop never blocks, the GPU sees one batch at a time and the
+model thread does no image work. The metrics are the batcher's: queue depth, batch sizes, refusals,
+per-expert time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from rewarders import Limits, Mixture, RewardResult
+from rewarders.inputs import Checked
 
 from .metrics import Metrics
 
@@ -39,16 +46,18 @@ class _Item:
     n_images: int
     future: asyncio.Future = field(repr=False)
     enqueued: float
-    request: Optional[tuple] = None  # a checked /reward request: (prompt, images, weights)
-    call: Optional[Callable[[], Any]] = None  # any other model call (a gradient), run alone
+    request: Optional[Checked] = None  # a checked /reward request
+    gradient: Optional[tuple] = None  # a /reward/gradient request: (images, prompts, weights)
+    key: Any = None  # items batch together when their keys are equal: the kind, and a gradient's tensor size
     started: bool = False
     abandoned: bool = False
 
 
 class MicroBatcher:
     def __init__(self, rewarder: Mixture, limits: Limits, max_batch_images: int, max_wait_s: float,
-                 max_queue_images: int, max_queue_wait_s: float, metrics: Metrics):
-        if max_batch_images < 1 or max_queue_images < 1 or max_wait_s < 0 or max_queue_wait_s <= 0:
+                 max_queue_images: int, max_queue_wait_s: float, metrics: Metrics, prepare_workers: int | None = None):
+        prepare_workers = prepare_workers or os.cpu_count() or 1
+        if max_batch_images < 1 or max_queue_images < 1 or max_wait_s < 0 or max_queue_wait_s <= 0 or prepare_workers < 1:
             raise ValueError("batcher limits must be positive")
         self.rewarder = rewarder
         self.limits = limits
@@ -58,6 +67,8 @@ class MicroBatcher:
         self.max_queue_wait_s = max_queue_wait_s
         self.metrics = metrics
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2i-model")
+        # decoding and preprocessing, in parallel with the model thread (PIL and torch release the GIL)
+        self.prepare_executor = ThreadPoolExecutor(max_workers=prepare_workers, thread_name_prefix="t2i-prepare")
         self._queue: collections.deque[_Item] = collections.deque()
         self._ready = asyncio.Event()
         self._waiting_images = 0
@@ -74,6 +85,7 @@ class MicroBatcher:
             except asyncio.CancelledError:
                 pass
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.prepare_executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def waiting_images(self) -> int:
@@ -83,15 +95,21 @@ class MicroBatcher:
         self.metrics.expert_seconds.labels(name).observe(seconds)
 
     # ---- the requests' side
-    async def score(self, prompt: str, images: list, weights: dict) -> RewardResult:
+    async def prepare(self, fn: Callable, *args, **kwargs):
+        """Run a decoding / checking / preprocessing step (`Mixture.check_request`...) in the preprocessing pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.prepare_executor, lambda: fn(*args, **kwargs))
+
+    async def score(self, request: Checked) -> RewardResult:
         """Score one checked request, batched with its neighbours."""
-        return await self._submit(_Item(len(images), self._future(), time.monotonic(), request=(prompt, images, weights)))
+        return await self._submit(_Item(len(request), self._future(), time.monotonic(), request=request, key="score"))
 
     async def reward_and_gradient(self, images, prompts, weights) -> dict:
-        """Rewards and pixel gradients of an image tensor (`Mixture.reward_and_gradient`, the service's limits)."""
-        call = lambda: self.rewarder.reward_and_gradient(images, prompts, weights, limits=self.limits, on_timing=self._on_timing)  # noqa: E731
+        """Rewards and pixel gradients of an image tensor (`Mixture.reward_and_gradient`, the service's limits),
+        batched with other gradient requests of the same tensor size."""
         n = int(images.shape[0]) if getattr(images, "ndim", 0) > 0 else 1  # the library refuses a bad shape
-        return await self._submit(_Item(max(n, 1), self._future(), time.monotonic(), call=call))
+        key = ("gradient", tuple(images.shape[1:])) if getattr(images, "ndim", 0) == 4 else ("gradient", id(images))
+        return await self._submit(_Item(max(n, 1), self._future(), time.monotonic(), gradient=(images, prompts, weights), key=key))
 
     def check_admission(self) -> None:
         """Refuse at once (QueueFullError) when the queue is full: called before a body is read or
@@ -148,19 +166,21 @@ class MicroBatcher:
             self._ready.clear()
             await self._ready.wait()
 
+    def _cap(self, item: _Item) -> int:
+        # a gradient pass keeps every activation for the backward: no more than one forward batch of images
+        return min(self.max_batch_images, self.rewarder.config.max_batch_size) if item.gradient else self.max_batch_images
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             first = await self._next()
-            if first.call is not None:
-                await self._run_one(first, first.call)
-                continue
-            batch, count = [first], first.n_images
+            batch, count, cap = [first], first.n_images, self._cap(first)
             deadline = loop.time() + self.max_wait_s
-            while count < self.max_batch_images:
+            while count < cap:
                 if self._queue:
-                    if self._queue[0].call is not None:
-                        break  # a gradient request takes the next turn, alone
+                    head = self._queue[0]
+                    if head.key != first.key or (first.gradient and count + head.n_images > cap):
+                        break  # another kind (or size) takes the next turn: the queue stays in order
                     item = self._take()
                     if item is not None:
                         batch.append(item)
@@ -174,27 +194,21 @@ class MicroBatcher:
                     await asyncio.wait_for(self._ready.wait(), timeout)
                 except asyncio.TimeoutError:
                     break
-            await self._score_batch(batch, count)
+            self.metrics.batch_images.observe(count)
+            self.metrics.batch_requests.observe(len(batch))
+            await self._run_batch(batch)
 
-    async def _run_one(self, item: _Item, call: Callable[[], Any]) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(self.executor, call)
-        except Exception as e:
-            if not item.future.done():
-                item.future.set_exception(e)
-            return
-        if not item.future.done():  # the client may have gone away
-            item.future.set_result(result)
-
-    async def _score_batch(self, batch: list[_Item], count: int) -> None:
-        loop = asyncio.get_running_loop()
-        self.metrics.batch_images.observe(count)
-        self.metrics.batch_requests.observe(len(batch))
+    def _model_call(self, batch: list[_Item]) -> Callable[[], list]:
+        if batch[0].gradient is not None:
+            requests = [i.gradient for i in batch]
+            return lambda: self.rewarder.reward_and_gradient_many(requests, limits=self.limits, on_timing=self._on_timing)
         requests = [i.request for i in batch]
+        return lambda: self.rewarder.score_checked(requests, on_timing=self._on_timing)
+
+    async def _run_batch(self, batch: list[_Item]) -> None:
+        loop = asyncio.get_running_loop()
         try:
-            results = await loop.run_in_executor(
-                self.executor, lambda: self.rewarder.score_checked(requests, on_timing=self._on_timing))
+            results = await loop.run_in_executor(self.executor, self._model_call(batch))
         except Exception as e:
             if len(batch) == 1:
                 if not batch[0].future.done():
@@ -202,8 +216,8 @@ class MicroBatcher:
                 return
             # one request's failure must not fail its neighbours: each one alone, with its own fate
             for item in batch:
-                await self._run_one(item, lambda r=item.request: self.rewarder.score_checked([r])[0])
+                await self._run_batch([item])
             return
         for item, result in zip(batch, results):
-            if not item.future.done():
+            if not item.future.done():  # the client may have gone away
                 item.future.set_result(result)

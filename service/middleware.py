@@ -96,7 +96,7 @@ class _GuardedBody:
             self.counted = True
             self.deadline = time.monotonic() + self.limits.body_timeout_s
         try:
-            message = await asyncio.wait_for(self._receive(), max(self.deadline - time.monotonic(), 0.001))
+            message = await _within(self._receive(), max(self.deadline - time.monotonic(), 0.001))
         except asyncio.TimeoutError:
             self.done()
             raise HTTPException(408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s") from None
@@ -116,6 +116,15 @@ class _GuardedBody:
         if self.counted:
             self.counted = False
             self.limits.uploads -= 1
+
+
+async def _within(awaitable, seconds: float):
+    """`await awaitable`, or asyncio.TimeoutError after `seconds`. On Python 3.11+ with asyncio.timeout: no
+    task per call, which matters for a 12 MB body that arrives in hundreds of chunks."""
+    if not hasattr(asyncio, "timeout"):  # Python 3.10 (the CUDA image's Ubuntu 22.04)
+        return await asyncio.wait_for(awaitable, seconds)
+    async with asyncio.timeout(seconds):
+        return await awaitable
 
 
 def _headers(scope) -> dict[str, str]:

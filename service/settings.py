@@ -6,6 +6,8 @@ prompt index), so the API and the workers read the same variables.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from pydantic import Field
 
 from finetune.settings import FinetuneSettings
@@ -19,11 +21,13 @@ class Settings(FinetuneSettings):
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest request body; larger gets 413.")
     body_timeout_s: float = Field(30.0, gt=0, description="Longest time a request body may take to arrive; slower gets 408.")
     max_concurrent_uploads: int = Field(32, ge=1, description="Request bodies being received at once; more gets 429.")
-    max_images: int = Field(16, ge=1, description="Most images in one request; more gets 422.")
+    max_images: int = Field(64, ge=1, description="Most images in one request (a GRPO batch); more gets 422.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Most pixels per image, checked from the header; more gets 413.")
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt in characters; longer gets 422.")
     max_aspect_ratio: float = Field(32.0, ge=1, le=1024, description="Longest image side over the shortest; more gets 400 (bounds the resize's work).")
-    max_batch_images: int = Field(32, ge=1, description="Most images in one micro-batch (one forward pass per backbone).")
+    max_batch_images: int = Field(64, ge=1, description="Most images pooled into one micro-batch (run in forward passes of the rewarder's max_batch_size).")
+    prepare_workers: Optional[int] = Field(None, ge=1, le=256, description="Threads that decode and preprocess images "
+                                           "beside the model thread; default: the number of cores.")
     max_wait_ms: float = Field(0.0, ge=0, description="Extra wait for more requests before a batch runs (0: run as soon as the model is free, batching what queued meanwhile).")
     max_queue_images: int = Field(256, ge=1, description="Most images waiting for the model; more gets 429.")
     max_queue_wait_s: float = Field(60.0, gt=0, description="Longest a request waits in the queue for the model; then 504.")

@@ -9,6 +9,7 @@
     t2i-reward train-reward --data SRC [--image-root DIR] --out DIR [--clip SPEC] [--aux-weight W] ...
     t2i-reward eval-preference [--config FILE | --profile NAME] --data SRC [--image-root DIR] [--out DIR]
     t2i-reward fit-mixture [--config FILE | --profile NAME] --data SRC [--image-root DIR] --out FILE
+    t2i-reward calibrate [--config FILE | --profile NAME] --prompts FILE --images DIR --out FILE [--batch-size N]
     t2i-reward worker [--config FILE | --profile NAME] [--prompts-index DIR] [--burst]
     t2i-reward finetune [--config FILE | --profile NAME] [--prompts-index DIR] --spec job.json [--out DIR]
     t2i-reward profiles | experts
@@ -39,7 +40,7 @@ def _positive(text: str) -> int:
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--config", help="YAML config file (see README: Configuration)")
-    g.add_argument("--profile", help="built-in profile: default, tiny, random-full, ig-rewarding")
+    g.add_argument("--profile", help="built-in profile: default, light, tiny, random-full, ig-rewarding")
 
 
 def _rewarder(args, **overrides):
@@ -223,6 +224,78 @@ def cmd_fit_mixture(args) -> int:
     return 0
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _calibration_pairs(prompts_file: str, images_dir: str) -> tuple[list[str], list[str]]:
+    """(prompts, image paths) from a JSONL/JSON/CSV file with `prompt` and `image` fields (paths relative to
+    `images_dir`), or from a text file with one prompt per line, paired with the image files of `images_dir`
+    in sorted filename order."""
+    import csv
+    from pathlib import Path
+
+    src, root = Path(prompts_file), Path(images_dir)
+    if not root.is_dir():
+        raise _bad(f"--images {images_dir}: not a directory")
+    try:
+        text = src.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise _bad(f"cannot read --prompts {prompts_file}: {e}")
+    suffix = src.suffix.lower()
+    if suffix in (".jsonl", ".ndjson", ".json", ".csv"):
+        if suffix == ".csv":
+            rows = list(csv.DictReader(text.splitlines()))
+        elif suffix == ".json" and text.lstrip().startswith("["):
+            try:
+                rows = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise _bad(f"{prompts_file}: not valid JSON ({e})")
+        else:
+            rows = []
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise _bad(f"{prompts_file} line {n}: not valid JSON ({e})")
+        prompts, paths = [], []
+        for n, row in enumerate(rows, 1):
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("image"), str):
+                raise _bad(f"{prompts_file} record {n}: needs string fields 'prompt' and 'image'")
+            prompts.append(row["prompt"])
+            paths.append(str(root / row["image"]))
+        return prompts, paths
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    paths = sorted(str(p) for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(prompts) != len(paths):
+        raise _bad(f"{prompts_file} has {len(prompts)} prompts but {images_dir} has {len(paths)} image files: "
+                   "a text file pairs one prompt per line with the images in sorted filename order")
+    return prompts, paths
+
+
+def cmd_calibrate(args) -> int:
+    from pathlib import Path
+
+    from rewarders.calibration import calibrate
+
+    prompts, paths = _calibration_pairs(args.prompts, args.images)
+    # calibration=None: the config may already name the file this command is about to write
+    rewarder = _rewarder(args, calibration=None)
+    cal = calibrate(rewarder, prompts, paths, batch_size=args.batch_size, source=Path(args.prompts).name)
+    try:
+        cal.save(args.out)
+    except OSError as e:
+        raise _bad(f"cannot write --out {args.out}: {e}")
+    print(f"{'expert':14s} {'n':>6s} {'mean':>10s} {'std':>10s} {'5%':>10s} {'50%':>10s} {'95%':>10s}")
+    for name, e in cal.experts.items():
+        q = e.quantiles
+        print(f"{name:14s} {e.n:6d} {e.mean:10.4f} {e.std:10.4f} {q[5]:10.4f} {q[50]:10.4f} {q[95]:10.4f}")
+    if rewarder.random_weights:
+        print("NOTE: some experts have random weights; this calibration is for testing only")
+    print(f"wrote {args.out} ({cal.n_images} images): use it with `calibration: {args.out}` in the config", file=sys.stderr)
+    return 0
+
+
 def _finetune_settings(args):
     """The worker's and the finetune command's settings: the environment, then the flags."""
     from finetune import FinetuneSettings
@@ -262,9 +335,9 @@ def cmd_finetune(args) -> int:
     except JobCancelled:
         return 130
     if result["main_process"]:  # under accelerate launch / torchrun, one summary from the main process
-        print(json.dumps({"status": result["status"], "artifacts": result["artifacts"], "eval": result["metrics"]["eval"],
-                          "processes": result["metrics"]["processes"]}))
-    return 0
+        print(json.dumps({"status": result["status"], "error": result.get("error"), "artifacts": result["artifacts"],
+                          "eval": result["metrics"]["eval"], "processes": result["metrics"]["processes"]}))
+    return 0 if result["status"] == "succeeded" else 1
 
 
 def cmd_profiles(args) -> int:
@@ -377,6 +450,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="YAML config to write (the current config with the fitted weights)")
     p.set_defaults(func=cmd_fit_mixture)
+
+    p = sub.add_parser("calibrate", help="measure each expert's score distribution on your images (for percentiles)")
+    _add_config_args(p)
+    p.add_argument("--prompts", required=True,
+                   help="JSONL/JSON/CSV with 'prompt' and 'image' fields (paths relative to --images), or a text file "
+                        "with one prompt per line, paired with the images of --images in sorted filename order")
+    p.add_argument("--images", required=True, help="image folder")
+    p.add_argument("--out", required=True, help="calibration JSON to write")
+    p.add_argument("--batch-size", type=_positive, help="images decoded and scored per call (default: the config's max_batch_size)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("worker", help="run fine-tuning jobs from the Redis queue (one at a time)")
     _add_config_args(p)

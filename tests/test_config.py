@@ -4,8 +4,9 @@ from rewarders import InvalidRequestError, ModelLoadError, create_rewarder, list
 
 
 def test_registries():
-    assert list(list_profiles()) == ["default", "tiny", "random-full", "ig-rewarding"]
-    assert list_experts() == ["imagereward", "aesthetic", "mlp", "blip_score", "diversity", "pickscore", "hpsv2", "clip_score"]
+    assert list(list_profiles()) == ["default", "light", "tiny", "random-full", "ig-rewarding"]
+    # the built-ins first, in order (tests may register their own experts after them)
+    assert list_experts()[:8] == ["imagereward", "aesthetic", "mlp", "blip_score", "diversity", "pickscore", "hpsv2", "clip_score"]
 
 
 def test_default_profile_names_the_published_checkpoints():
@@ -16,6 +17,15 @@ def test_default_profile_names_the_published_checkpoints():
     assert cfg.experts["aesthetic"].clip == "ViT-L-14/openai"
     assert cfg.experts["aesthetic"].head.endswith("sac+logos+ava1-l14-linearMSE.pth")
     assert cfg.experts.get("mlp") is None
+    # the rewards RL fine-tuning trains with, each normalised; aesthetic and CLIP score at half weight
+    assert {n: e.weight for n, e in cfg.experts.items()} == {
+        "imagereward": 1.0, "pickscore": 1.0, "hpsv2": 1.0, "clip_score": 0.5, "aesthetic": 0.5}
+    assert cfg.normalize
+    assert cfg.experts["pickscore"].checkpoint == "yuvalkirstain/PickScore_v1"
+    assert cfg.experts["hpsv2"].checkpoint == "xswu/HPSv2/HPS_v2.1_compressed.pt"
+    assert cfg.experts["clip_score"].clip == cfg.experts["aesthetic"].clip  # one shared CLIP pass
+    light = load_config(profile="light")
+    assert set(light.experts) == {"imagereward", "aesthetic"}
 
 
 def test_yaml_then_environment(tmp_path, monkeypatch):
@@ -50,10 +60,14 @@ def test_bad_configs_are_clear_errors(tmp_path):
 def test_default_profile_offline_names_what_is_missing(cache_dir):
     with pytest.raises(ModelLoadError, match="THUDM/ImageReward"):
         create_rewarder(cache_dir=cache_dir)
-    with pytest.raises(ModelLoadError, match="ViT-L-14"):
+    with pytest.raises(ModelLoadError, match="yuvalkirstain/PickScore_v1"):
         create_rewarder(cache_dir=cache_dir, experts={"imagereward": None})
+    with pytest.raises(ModelLoadError, match="HPS_v2.1_compressed.pt"):
+        create_rewarder(cache_dir=cache_dir, experts={"imagereward": None, "pickscore": None})
+    with pytest.raises(ModelLoadError, match="ViT-L-14"):
+        create_rewarder(cache_dir=cache_dir, profile="light", experts={"imagereward": None})
     with pytest.raises(ModelLoadError, match="'bert-base-uncased' has .* tokens|'bert-base-uncased' could not be loaded"):
-        create_rewarder(cache_dir=cache_dir, experts={"imagereward": {"checkpoint": "tiny"}, "aesthetic": None})
+        create_rewarder(cache_dir=cache_dir, profile="light", experts={"imagereward": {"checkpoint": "tiny"}, "aesthetic": None})
 
 
 def test_no_experts_is_an_error(cache_dir):

@@ -72,8 +72,9 @@ def test_one_shared_clip_pass_per_batch(cache_dir):
     r = create_rewarder(profile="tiny", cache_dir=cache_dir, max_batch_size=2)
     calls = Counter()
     r.score("a cat", [smooth_image(i, 64, 64) for i in range(5)], on_timing=lambda name, seconds: calls.update([name]))
-    # 5 images in batches of 2: three batches, one CLIP pass each, shared by aesthetic and mlp
-    assert calls == Counter({"clip:tiny": 3, "imagereward": 3, "aesthetic": 3, "mlp": 3})
+    # 5 images in batches of 2: three batches, one CLIP pass each, shared by aesthetic and mlp (and one
+    # text pass per batch for the mlp's prompt embedding)
+    assert calls == Counter({"clip:tiny": 3, "clip-text:tiny": 3, "imagereward": 3, "aesthetic": 3, "mlp": 3})
 
 
 def test_batch_size_does_not_change_scores(cache_dir, tiny, images):

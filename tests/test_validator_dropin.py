@@ -67,7 +67,10 @@ def test_blip_and_diversity_entries(cache_dir, images, index_dir):
         "blip_rewarder": entry("BLIPRewardModel", 0.25, name="BLIP", checkpoint="tiny", tokenizer="packaged"),
         "diversity_rewarder": entry("DiversityRewardModel", 0.15, model="resnet18", pretrained=True, clip="tiny"),
     }}}
-    v = Validator(rewarder, {"target": "ig_rewarding.models.GPTPrompt"}, "cpu", profile="tiny", prompts_index=index_dir)
+    # baseline.yaml's GPTPrompt, MagicPrompt named by its params (a tiny GPT-2 here), with the expansion
+    gpt = {"target": "ig_rewarding.models.GPTPrompt", "params": {"model_name": "tiny", "device": "cuda", "fooocus_cfg": {
+        "url": "https://huggingface.co/lllyasviel/misc/resolve/main/fooocus_expansion.bin", "device": "cuda"}}}
+    v = Validator(rewarder, gpt, "cpu", profile="tiny", prompts_index=index_dir, prompt_expansion="tiny")
     assert v.rewarder.experts["diversity"].variant == "ig_rewarding"
     mean, c = v.get_reward_score(images, "a castle at night")
     assert mean == pytest.approx(0.25 * c["blip_rewarder"] + 0.15 * c["diversity_rewarder"], abs=1e-6)
@@ -76,7 +79,10 @@ def test_blip_and_diversity_entries(cache_dir, images, index_dir):
                                 experts={"imagereward": None, "aesthetic": None, "mlp": None, "diversity": {"clip": "tiny"}})
     d = per_image.score("a castle at night", images).component_rewards["diversity"]
     assert d < 0.1 and c["diversity_rewarder"] == pytest.approx(math.log(d + 1e-4), abs=1e-4)
-    assert len(v.generate_prompt(["a lighthouse"], 3)[0]) == 3  # GPTPrompt: retrieved from the index
+    (generated,) = v.generate_prompt(["a lighthouse"], 3, seed=7)  # GPTPrompt: generated from the topic
+    assert len(generated) == 3 and all(p.startswith("a lighthouse") for p in generated)
+    assert all(p not in PROMPTS for p in generated) and generated == v.generate_prompt(["a lighthouse"], 3, seed=7)[0]
+    assert any("," in p[len("a lighthouse"):] for p in generated)  # the expansion appended its words
     with pytest.raises(InvalidRequestError, match="at least 2 images"):
         v.get_reward_score(images[:1], "a castle")
 

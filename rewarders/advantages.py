@@ -1,0 +1,49 @@
+"""Group-relative advantages for GRPO-style trainers: each score z-scored within its group of images.
+
+For the images of one group g (e.g. the samples of one prompt) and a value x (the total, or one expert's
+raw score):
+
+    advantage_i = (x_i - mean_g(x)) / (std_g(x) + EPS)
+
+- `std_g` is the population standard deviation (divided by the group size, not size - 1), as Flow-GRPO's
+  per-prompt statistics compute it; `EPS` = 1e-4 (Flow-GRPO's) keeps groups of equal scores finite.
+- A group with one image has advantage 0 (nothing to compare it with); so does a group whose scores are
+  all equal.
+- The total's advantage is the z-score of the weighted total; each expert's is the z-score of its raw
+  score (UniRL's per-component group normalisation), so a trainer can weight them itself:
+  sum_e w_e * advantage_e is the "per expert" normalisation of multi-reward GRPO.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Mapping, Sequence
+
+import torch
+
+EPS = 1e-4
+
+
+def group_index(group_ids: Sequence[Hashable]) -> torch.Tensor:
+    """Each image's group as 0..G-1, in order of first appearance."""
+    seen: dict = {}
+    return torch.tensor([seen.setdefault(g, len(seen)) for g in group_ids], dtype=torch.long)
+
+
+def zscore_in_groups(values: torch.Tensor, groups: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    """(values - group mean) / (group population std + eps), per element; float64 inside for accuracy."""
+    v = values.detach().double().cpu()
+    n_groups = int(groups.max()) + 1
+    count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, torch.ones_like(v))
+    mean = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, v) / count
+    centred = v - mean[groups]
+    var = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, centred**2) / count
+    return (centred / (var.sqrt()[groups] + eps)).float()
+
+
+def group_advantages(total: torch.Tensor, components: Mapping[str, torch.Tensor], group_ids: Sequence[Hashable],
+                     eps: float = EPS) -> dict[str, torch.Tensor]:
+    """`{"total": (B,), <expert>: (B,) ...}`: the total and every expert z-scored within each group."""
+    groups = group_index(group_ids)
+    out = {"total": zscore_in_groups(total, groups, eps)}
+    out.update({name: zscore_in_groups(s, groups, eps) for name, s in components.items()})
+    return out

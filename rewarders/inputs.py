@@ -1,0 +1,127 @@
+"""What the model thread receives: checked requests whose pixels are already prepared for each backbone.
+
+A request's images come in one of two forms, and `Mixture.check_request` / `check_tensor_request` turn
+either into a `Checked` request in the caller's thread (the service runs them in its preprocessing pool):
+
+- **decoded images** (PNG, JPEG, WebP... from JSON, multipart or paths): each backbone's input is computed
+  with the reference pipeline (`Preprocess.pil`: PIL resize, crop, normalise), so scores match the
+  reference implementations (within 5e-5);
+- **a raw tensor**, uint8 `(B, H, W, 3)` or float `(B, 3, H, W)` in [0, 1], never encoded as an image:
+  on a GPU host it goes to the device as it is and is resized, cropped and normalised there
+  (`Preprocess.tensor`: torch's antialiased bicubic, close to PIL's but not bit-equal); on a CPU host the
+  same steps run in the caller's thread.
+
+Either way the model thread only concatenates the prepared tensors of a micro-batch and copies them to
+the device (`Pixels`), then runs the models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+
+from .errors import InvalidRequestError
+from .images import Preprocess
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass
+class Checked:
+    """One validated request: a prompt per image, its effective weights and its prepared pixels.
+
+    Exactly one of `pixels` (per input spec, a CPU float tensor (B, 3, size, size), already normalised)
+    and `raw` (the request's image tensor, to prepare on the device) is set. `group_ids` (one per image)
+    ask for group-relative advantages; `explain` for each image's percentile per expert.
+    """
+
+    prompts: list[str]
+    weights: dict[str, float]
+    pixels: Optional[dict[Preprocess, torch.Tensor]] = field(default=None, repr=False)
+    raw: Optional[torch.Tensor] = field(default=None, repr=False)
+    group_ids: Optional[list] = None
+    explain: bool = False
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def as_float_images(raw: torch.Tensor) -> torch.Tensor:
+    """A checked raw tensor as float32 (B, 3, H, W) in [0, 1], on the tensor's own device."""
+    if raw.dtype == torch.uint8:  # (B, H, W, 3): the layout generated images come in
+        return raw.permute(0, 3, 1, 2).float().div_(255.0)
+    return raw.float()
+
+
+def check_image_tensor(images, max_images: int) -> tuple[int, int, int]:
+    """(B, H, W) of an image tensor in one of the accepted layouts; InvalidRequestError for anything else.
+    Values are checked by the caller (`Mixture.check_tensor_request`), after the size limits."""
+    if not isinstance(images, torch.Tensor):
+        raise InvalidRequestError(f"'images' must be a tensor, got {type(images).__name__}")
+    shape = tuple(images.shape)
+    if images.dtype == torch.uint8:
+        if images.ndim != 4 or shape[3] != 3:
+            raise InvalidRequestError(f"uint8 'images' must have shape (B, H, W, 3), got {shape}")
+        b, h, w = shape[:3]
+    elif images.dtype in FLOAT_DTYPES:
+        if images.ndim != 4 or shape[1] != 3:
+            raise InvalidRequestError(f"float 'images' must have shape (B, 3, H, W) with values in [0, 1], got {shape}")
+        b, h, w = shape[0], shape[2], shape[3]
+    else:
+        raise InvalidRequestError(f"'images' must be uint8 (B, H, W, 3) or float16/bfloat16/float32 (B, 3, H, W), got {images.dtype}")
+    if b == 0 or h == 0 or w == 0:
+        raise InvalidRequestError(f"'images' is empty: shape {shape}")
+    if b > max_images:
+        raise InvalidRequestError(f"{b} images; the limit is {max_images} per call")
+    return b, h, w
+
+
+class Pixels:
+    """The pooled model inputs of a micro-batch: `get(spec, start, stop)` is the slice of every request's
+    images prepared for `spec`, on `device`. Each spec is assembled once per micro-batch."""
+
+    def __init__(self, requests: Sequence[Checked], device: torch.device):
+        self.requests = list(requests)
+        self.device = device
+        self._pooled: dict[Preprocess, torch.Tensor] = {}
+        self._raw: list[Optional[torch.Tensor]] = [None] * len(self.requests)
+
+    def _part(self, i: int, spec: Preprocess) -> torch.Tensor:
+        req = self.requests[i]
+        if req.pixels is not None:
+            return req.pixels[spec].to(self.device, non_blocking=True)
+        if self._raw[i] is None:  # one copy of the raw tensor to the device, shared by every spec
+            self._raw[i] = as_float_images(req.raw.to(self.device, non_blocking=True))
+        return spec.tensor(self._raw[i])
+
+    def get(self, spec: Preprocess, start: int, stop: int) -> torch.Tensor:
+        if spec not in self._pooled:
+            parts = [self._part(i, spec) for i in range(len(self.requests))]
+            self._pooled[spec] = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self._pooled[spec][start:stop]
+
+
+class PilPixels:
+    """`Pixels` for a list of decoded images, prepared batch by batch (`raw_scores`: evaluation sets of any size)."""
+
+    def __init__(self, images: Sequence, device: torch.device):
+        self.images = images
+        self.device = device
+
+    def get(self, spec: Preprocess, start: int, stop: int) -> torch.Tensor:
+        return spec.pil(list(self.images[start:stop])).to(self.device)
+
+
+def prepare_pil(images: Sequence, specs: Sequence[Preprocess], pin: bool) -> dict[Preprocess, torch.Tensor]:
+    """Every spec's input for decoded PIL images (the reference pipeline), pinned for a fast copy to a GPU."""
+    out = {spec: spec.pil(list(images)) for spec in specs}
+    return {s: t.pin_memory() for s, t in out.items()} if pin else out
+
+
+def prepare_tensor(raw: torch.Tensor, specs: Sequence[Preprocess]) -> dict[Preprocess, torch.Tensor]:
+    """Every spec's input for a raw image tensor, computed where the tensor is (the CPU-host path)."""
+    with torch.inference_mode():
+        x = as_float_images(raw)
+        return {spec: spec.tensor(x) for spec in specs}

@@ -1,0 +1,239 @@
+"""Many (prompt, image) pairs per /reward request: JSON, multipart and raw safetensors tensors; group
+advantages; preprocessing off the model thread; /reward/gradient requests batched together."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from rewarders import InvalidRequestError
+from rewarders.advantages import EPS, group_advantages, zscore_in_groups
+from rewarders.images import Preprocess
+
+from .conftest import smooth_image
+from .test_images import png_bytes
+from .test_service import b64, make_client  # noqa: F401  (the fixture)
+
+PROMPTS = ["a red apple", "a blue car", "a green forest", "a city at night"]
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client(max_images=8)
+
+
+def as_uint8(images) -> torch.Tensor:
+    """PIL images of one size -> uint8 (B, H, W, 3), the layout a trainer sends."""
+    return torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))
+
+
+def tensor_body(images: torch.Tensor, **meta) -> bytes:
+    return save_safetensors({"images": images}, metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
+
+
+def post_tensors(client, body: bytes, accept: str | None = None):
+    headers = {"content-type": "application/octet-stream"}
+    if accept:
+        headers["accept"] = accept
+    return client.post("/reward", content=body, headers=headers)
+
+
+def alone(tiny, prompt, image) -> dict:
+    return tiny.score(prompt, [image]).images[0].components
+
+
+def test_json_pairs_each_equal_scoring_alone(client, tiny, images):
+    r = client.post("/reward", json={"prompts": PROMPTS, "images": [b64(im) for im in images[:4]]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    for prompt, image, got in zip(PROMPTS, images, body["images"]):
+        assert got["components"] == pytest.approx(alone(tiny, prompt, image), abs=1e-5)
+    assert body["advantages"] is None and body["images"][0]["percentiles"] is None
+    # the prompts matter: the same images under one prompt score differently on the text experts
+    same = client.post("/reward", json={"prompt": PROMPTS[0], "images": [b64(im) for im in images[:4]]}).json()
+    assert [i["components"]["imagereward"] for i in same["images"]][1:] != pytest.approx(
+        [i["components"]["imagereward"] for i in body["images"]][1:], abs=1e-6)
+
+
+def test_multipart_repeated_prompts_and_group_ids(client, tiny, images):
+    files = [("images", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(images[:4])]
+    data = {"prompts": PROMPTS, "group_ids": ["a", "a", "b", "b"]}
+    r = client.post("/reward", data=data, files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    for prompt, image, got in zip(PROMPTS, images, body["images"]):
+        assert got["components"] == pytest.approx(alone(tiny, prompt, image), abs=1e-5)
+    adv = body["advantages"]["total"]
+    assert adv[0] == pytest.approx(-adv[1], abs=1e-5) and adv[2] == pytest.approx(-adv[3], abs=1e-5)  # two per group: +-1
+    half = abs(body["images"][0]["total"] - body["images"][1]["total"]) / 2  # two images: z = +-half / (half + eps)
+    assert abs(adv[0]) == pytest.approx(half / (half + EPS), abs=1e-4)
+
+
+@pytest.mark.parametrize("body, match", [
+    ({"prompt": "x", "prompts": ["x"]}, "either"),
+    ({}, "'prompt' .* or 'prompts' .* is required"),
+    ({"prompts": ["x", "y", "z"]}, "3 prompts for 2 images"),
+    ({"prompts": ["x", ""]}, "prompt is empty"),
+    ({"prompts": ["x", "y"], "group_ids": ["g"]}, "1 group_ids for 2 images"),
+    ({"prompts": ["x", "y"], "group_ids": [1.5, 2]}, "group_ids"),
+])
+def test_bad_json_pairs_are_422(client, images, body, match):
+    r = client.post("/reward", json={"images": [b64(im) for im in images[:2]], **body})
+    assert r.status_code == 422, r.text
+    assert pytest.approx(0) == 0 and __import__("re").search(match, json.dumps(r.json()["detail"]))
+
+
+def test_uint8_tensor_path_equals_float_path_and_each_alone(client, tiny, images):
+    ims = [smooth_image(i, 96, 128) for i in range(4)]
+    u8 = as_uint8(ims)
+    r8 = post_tensors(client, tensor_body(u8, prompts=PROMPTS))
+    assert r8.status_code == 200, r8.text
+    f32 = (u8.permute(0, 3, 1, 2).float() / 255).contiguous()
+    rf = post_tensors(client, tensor_body(f32, prompts=PROMPTS))
+    assert [i["total"] for i in r8.json()["images"]] == pytest.approx([i["total"] for i in rf.json()["images"]], abs=1e-5)
+    # each pair as if sent alone
+    for k in range(4):
+        one = post_tensors(client, tensor_body(u8[k : k + 1], prompts=PROMPTS[k])).json()
+        assert one["images"][0]["components"] == pytest.approx(r8.json()["images"][k]["components"], abs=1e-5)
+    # the tensor path resizes in torch: close to the PIL reference pipeline, not bit-equal
+    png = client.post("/reward", json={"prompts": PROMPTS, "images": [b64(im) for im in ims]}).json()
+    for a, b in zip(r8.json()["images"], png["images"]):
+        assert a["components"]["aesthetic"] == pytest.approx(b["components"]["aesthetic"], rel=0.02, abs=0.02)
+
+
+def test_safetensors_answer_with_advantages(client, images):
+    ims = [smooth_image(i, 64, 64) for i in range(6)]
+    groups = [0, 0, 0, 1, 1, 2]
+    r = post_tensors(client, tensor_body(as_uint8(ims), prompts=PROMPTS[:2] * 3, group_ids=groups),
+                     accept="application/octet-stream")
+    assert r.status_code == 200 and r.headers["content-type"] == "application/octet-stream"
+    out = load_safetensors(r.content)
+    assert set(out) >= {"rewards", "components.imagereward", "components.aesthetic", "components.mlp",
+                        "advantages", "advantages.imagereward", "advantages.aesthetic", "advantages.mlp"}
+    as_json = post_tensors(client, tensor_body(as_uint8(ims), prompts=PROMPTS[:2] * 3, group_ids=groups)).json()
+    assert out["rewards"].tolist() == pytest.approx([i["total"] for i in as_json["images"]], abs=1e-6)
+    expected = zscore_in_groups(out["rewards"], torch.tensor(groups))
+    assert out["advantages"].tolist() == pytest.approx(expected.tolist(), abs=1e-5)
+    assert out["advantages"][5] == 0  # alone in its group
+    assert out["advantages"][:3].mean() == pytest.approx(0, abs=1e-5)
+    ir = out["components.imagereward"][3:5]
+    assert out["advantages.imagereward"][3:5].tolist() == pytest.approx(
+        ((ir - ir.mean()) / (ir.std(unbiased=False) + EPS)).tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize("make, meta, status, match", [
+    (lambda: torch.zeros(2, 32, 32, 3, dtype=torch.int32), {"prompts": ["a", "b"]}, 422, "uint8 .* or float16"),
+    (lambda: torch.zeros(2, 32, 32, 4, dtype=torch.uint8), {"prompts": ["a", "b"]}, 422, r"\(B, H, W, 3\)"),
+    (lambda: torch.zeros(2, 4, 32, 32), {"prompts": ["a", "b"]}, 422, r"\(B, 3, H, W\)"),
+    (lambda: torch.full((2, 3, 32, 32), 2.0), {"prompts": ["a", "b"]}, 422, r"in \[0, 1\]"),
+    (lambda: torch.zeros(2, 32, 32, 3, dtype=torch.uint8), {}, 422, "metadata 'prompts'"),
+    (lambda: torch.zeros(2, 32, 32, 3, dtype=torch.uint8), {"prompts": ["a"]}, 422, "1 prompts for 2 images"),
+    (lambda: torch.zeros(9, 32, 32, 3, dtype=torch.uint8), {"prompts": "a"}, 422, "9 images; the limit is 8"),
+    (lambda: torch.zeros(0, 32, 32, 3, dtype=torch.uint8), {"prompts": []}, 422, "empty"),
+    (lambda: torch.zeros(2, 32, 32, 3, dtype=torch.uint8), {"prompts": "a", "group_ids": "{}"}, 422, "group_ids"),
+])
+def test_bad_tensor_bodies_are_4xx(client, make, meta, status, match):
+    r = post_tensors(client, tensor_body(make(), **meta))
+    assert r.status_code == status, r.text
+    assert __import__("re").search(match, r.json()["detail"]), r.json()["detail"]
+
+
+def test_truncated_and_garbage_tensor_bodies_are_400(client):
+    body = tensor_body(torch.zeros(2, 32, 32, 3, dtype=torch.uint8), prompts="a")
+    for bad in (body[: len(body) // 2], b"not safetensors at all"):
+        r = post_tensors(client, bad)
+        assert r.status_code == 400 and "safetensors" in r.json()["detail"]
+
+
+def test_one_string_prompt_for_every_image(client):
+    u8 = as_uint8([smooth_image(i, 48, 48) for i in range(3)])
+    quoted = post_tensors(client, tensor_body(u8, prompts=json.dumps("a red apple"))).json()
+    bare = post_tensors(client, tensor_body(u8, prompts="a red apple")).json()  # not JSON: taken as the prompt itself
+    assert [i["total"] for i in quoted["images"]] == pytest.approx([i["total"] for i in bare["images"]], abs=1e-6)
+
+
+def test_preprocessing_never_runs_on_the_model_thread(client, monkeypatch, images):
+    threads = []
+    real_pil, real_tensor = Preprocess.pil, Preprocess.tensor
+    monkeypatch.setattr(Preprocess, "pil", lambda self, ims: threads.append(threading.current_thread().name) or real_pil(self, ims))
+    monkeypatch.setattr(Preprocess, "tensor", lambda self, x: threads.append(threading.current_thread().name) or real_tensor(self, x))
+    assert client.post("/reward", json={"prompts": PROMPTS[:2], "images": [b64(im) for im in images[:2]]}).status_code == 200
+    assert post_tensors(client, tensor_body(as_uint8([smooth_image(0, 40, 40)] * 2), prompts="a")).status_code == 200
+    assert threads and all(t.startswith("t2i-prepare") for t in threads), threads
+
+
+def test_gradient_requests_share_one_pass(client, tiny, monkeypatch):
+    calls = []
+    real = tiny.reward_and_gradient_many
+    gate = threading.Event()
+
+    def counted(requests, **kw):
+        calls.append(len(requests))
+        gate.wait(10)  # hold the first pass so the next requests queue up together
+        return real(requests, **kw)
+
+    monkeypatch.setattr(tiny, "reward_and_gradient_many", counted)
+    x = [torch.rand(2, 3, 40, 40, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    out = [None] * 3
+
+    def send(i):
+        body = save_safetensors({"images": x[i]}, metadata={"prompts": json.dumps(PROMPTS[i])})
+        out[i] = client.post("/reward/gradient", content=body, headers={"content-type": "application/octet-stream"})
+
+    first = threading.Thread(target=send, args=(0,))
+    first.start()
+    while not calls:
+        threading.Event().wait(0.01)
+    rest = [threading.Thread(target=send, args=(i,)) for i in (1, 2)]
+    for t in rest:
+        t.start()
+    while client.app.state.batcher.waiting_images < 4:
+        threading.Event().wait(0.01)
+    gate.set()
+    for t in [first, *rest]:
+        t.join(30)
+    assert calls == [1, 2]  # the two that waited ran as one pass
+    for i in range(3):
+        assert out[i].status_code == 200, out[i].text
+        got = load_safetensors(out[i].content)
+        ref = tiny.reward_and_gradient(x[i], PROMPTS[i])
+        assert got["rewards"].tolist() == pytest.approx(ref["rewards"].tolist(), abs=1e-5)
+        assert torch.allclose(got["grad"], ref["grad"], atol=1e-6, rtol=1e-4)
+
+
+def test_gradient_requests_of_other_sizes_run_apart(tiny):
+    a, b = torch.rand(1, 3, 32, 32), torch.rand(1, 3, 40, 40)
+    with pytest.raises(InvalidRequestError, match="one size"):
+        tiny.reward_and_gradient_many([(a, "x", None), (b, "y", None)])
+
+
+def test_group_advantage_arithmetic():
+    total = torch.tensor([1.0, 3.0, 5.0, 2.0, 2.0, 7.0])
+    adv = group_advantages(total, {"e": total * 2}, ["p", "p", "q", "p", "r", "r"])
+    # group p: 1, 3, 2 -> mean 2, population std sqrt(2/3)
+    std = (2 / 3) ** 0.5
+    assert adv["total"][[0, 1, 3]].tolist() == pytest.approx([-1 / (std + EPS), 1 / (std + EPS), 0.0], abs=1e-5)
+    assert adv["total"][2] == 0  # q: alone
+    assert adv["total"][4].item() == pytest.approx(-1, abs=1e-3) and adv["total"][5].item() == pytest.approx(1, abs=1e-3)
+    assert adv["e"].tolist() == pytest.approx(adv["total"].tolist(), abs=1e-3)  # scale-free
+    equal = group_advantages(torch.tensor([4.0, 4.0]), {}, [1, 1])["total"]
+    assert equal.tolist() == [0.0, 0.0]
+
+
+def test_explain_gives_percentiles(client, images):
+    r = client.post("/reward", json={"prompts": PROMPTS[:3], "images": [b64(im) for im in images[:3]], "explain": True})
+    assert r.status_code == 200, r.text
+    for im in r.json()["images"]:
+        assert set(im["percentiles"]) == set(im["components"])
+        assert all(p is None or 0 <= p <= 100 for p in im["percentiles"].values())
+
+
+def test_explain_without_calibration_is_422(make_client, tiny, images, monkeypatch):
+    monkeypatch.setattr(tiny, "calibration", None)
+    client = make_client()
+    r = client.post("/reward", json={"prompt": "x", "images": [b64(im) for im in images[:2]], "explain": True})
+    assert r.status_code == 422 and "calibration" in r.json()["detail"]
