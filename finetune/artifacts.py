@@ -19,8 +19,9 @@ def artifact_names(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
 
 
-def save_checkpoint(out: Path, step: int, unet, optimizer, metrics: dict, base_eval: dict) -> None:
-    """LoRA + optimiser + metrics at `step`, written whole or not at all; older checkpoints removed."""
+def save_checkpoint(out: Path, step: int, unet, optimizer, metrics: dict, base_eval: dict, extra: Optional[dict] = None) -> None:
+    """LoRA + optimiser + metrics (+ `extra`: the method's own state, e.g. GRPO's per-prompt statistics) at
+    `step`, written whole or not at all; older checkpoints removed."""
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save_file
 
@@ -30,7 +31,7 @@ def save_checkpoint(out: Path, step: int, unet, optimizer, metrics: dict, base_e
     tmp.mkdir(parents=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}, tmp / "lora.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "metrics": metrics, "base_eval": base_eval}))
+    (tmp / "state.json").write_text(json.dumps({"step": step, "metrics": metrics, "base_eval": base_eval, "extra": extra or {}}))
     final = root / f"step-{step}"
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -39,14 +40,14 @@ def save_checkpoint(out: Path, step: int, unet, optimizer, metrics: dict, base_e
             shutil.rmtree(old, ignore_errors=True)
 
 
-def resume(out: Path, unet, optimizer, metrics: dict) -> tuple[int, Optional[dict]]:
-    """Load the last checkpoint, if any: (the step to start at, the base model's evaluation)."""
+def resume(out: Path, unet, optimizer, metrics: dict) -> tuple[int, Optional[dict], dict]:
+    """Load the last checkpoint, if any: (the step to start at, the base model's evaluation, the extra state)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     if not ckpts:
-        return 0, None
+        return 0, None, {}
     last = ckpts[-1]
     set_peft_model_state_dict(unet, load_file(last / "lora.safetensors"))
     optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
@@ -55,7 +56,7 @@ def resume(out: Path, unet, optimizer, metrics: dict) -> tuple[int, Optional[dic
     metrics.update(state["metrics"])
     metrics.setdefault("resumed_at", []).append(int(state["step"]))  # shows the job did not restart from zero
     log.warning("resuming from %s", last)
-    return int(state["step"]), state["base_eval"]
+    return int(state["step"]), state["base_eval"], state.get("extra") or {}
 
 
 def summarise(total: torch.Tensor, components: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
@@ -77,12 +78,12 @@ def save_images(images: torch.Tensor, folder: Path, prefix: str) -> None:
 
 
 def write_final(out: Path, metrics: dict, eval_prompts: list[str], base_eval: dict, tuned_eval: dict,
-                base_images: torch.Tensor, tuned_images: torch.Tensor) -> dict:
+                base_images: torch.Tensor, tuned_images: torch.Tensor, sentinel: Optional[dict] = None) -> dict:
     """metrics.json and report.png; the checkpoints go (the LoRA is saved). Returns the final metrics."""
     from .report import write_report
 
     final = {**metrics, "eval": {"prompts": eval_prompts, "base": base_eval, "tuned": tuned_eval}}
     (out / "metrics.json").write_text(json.dumps(final, indent=2))
-    write_report(out / "report.png", metrics, base_images, tuned_images.cpu(), base_eval, tuned_eval)
+    write_report(out / "report.png", metrics, base_images, tuned_images.cpu(), base_eval, tuned_eval, sentinel=sentinel)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return final

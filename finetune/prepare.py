@@ -40,4 +40,21 @@ def prepare_job(spec: JobSpec, settings: FinetuneSettings, prompter: PromptIndex
         spec = JobSpec.model_validate({**spec.model_dump(), "prompts": [p for per_topic in found for p in per_topic]})
         validate_spec(spec, settings.job_limits, settings.models_dir, settings.data_dir)
     pretrain = pretrain_folder(spec.pretrain_data, settings.data_dir) if spec.pretrain_data else None
-    return PreparedJob(spec, resolve_base_model(spec.base_model, settings.models_dir), pretrain)
+    base_model = resolve_base_model(spec.base_model, settings.models_dir)
+    check_layout(spec, base_model)
+    return PreparedJob(spec, base_model, pretrain)
+
+
+# the pipeline layouts each method's training loop runs on today (`pipeline.pipeline_layout`)
+METHOD_LAYOUTS = {"refl": {"sd"}, "reward_weighted": {"sd"}, "grpo": {"sd"}, "ddpo": {"sd"}}
+
+
+def check_layout(spec: JobSpec, base_model: str) -> None:
+    """A clear error (422 at submit) for a layout the method cannot train, read from model_index.json without
+    loading anything; a hub id not in the hub cache yet is checked when the job loads it."""
+    from .pipeline import base_model_layout
+
+    layout = base_model_layout(base_model, spec.base_model)
+    if layout is not None and layout not in METHOD_LAYOUTS[spec.method]:
+        raise ValueError(f"method {spec.method!r} cannot run on a {layout} pipeline yet ({spec.base_model!r}); "
+                         f"it runs on: {', '.join(sorted(METHOD_LAYOUTS[spec.method]))} (Stable Diffusion 1.x/2.x layouts)")

@@ -1,6 +1,7 @@
 """report.png: the reward curve, a before/after grid on the evaluation prompts, and each scorer's mean
 (± standard error) for the base and the fine-tuned model (the optimised reward and the experts it did
-not optimise side by side, so reward hacking shows)."""
+not optimise side by side, so reward hacking shows), and, given the sentinel's state, each scorer's and
+image statistic's drift from the base model per evaluation (`finetune.sentinel`)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,17 @@ import torch
 
 
 def write_report(path: Path, metrics: dict, base_images: torch.Tensor, tuned_images: torch.Tensor,
-                 base_eval: dict, tuned_eval: dict, max_images: int = 4) -> None:
+                 base_eval: dict, tuned_eval: dict, max_images: int = 4, sentinel: dict | None = None) -> None:
+    """`sentinel`: `Sentinel.to_dict()`; when it holds evaluations, a last row shows their drift curves."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n = min(max_images, len(base_images), len(tuned_images))
-    fig = plt.figure(figsize=(max(10, 2.2 * n + 4), 9))
-    grid = fig.add_gridspec(3, max(n, 2), height_ratios=[1.2, 1, 1])
+    drift = bool(sentinel and sentinel.get("history"))
+    fig = plt.figure(figsize=(max(10, 2.2 * n + 4), 12.5 if drift else 9))
+    grid = fig.add_gridspec(4 if drift else 3, max(n, 2), height_ratios=[1.2, 1, 1, 1.3] if drift else [1.2, 1, 1])
     ax = fig.add_subplot(grid[0, : max(n, 2) // 2])
     ax.plot(range(1, len(metrics["reward"]) + 1), metrics["reward"], label="reward")
     ax.set_xlabel("step")
@@ -39,6 +42,12 @@ def write_report(path: Path, metrics: dict, base_images: torch.Tensor, tuned_ima
             a.set_yticks([])
             if k == 0:
                 a.set_ylabel(label)
+    if drift:
+        from .sentinel import draw_sentinel
+
+        half = max(n, 2) // 2
+        draw_sentinel([fig.add_subplot(grid[3, :half]), fig.add_subplot(grid[3, half:])], sentinel["history"],
+                      sentinel.get("optimised", ()), sentinel.get("threshold_se", 3.0))
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)

@@ -28,6 +28,15 @@ class LocalReward:
         scores = self.mixture(images.float(), list(prompts), self.weights)
         return scores.total.to(images.device), {n: s.detach().cpu() for n, s in scores.components.items()}
 
+    def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar rewards only (policy-gradient methods): the same numbers, without a graph."""
+        with torch.no_grad():
+            total, components = self(images.detach(), prompts)
+        return total.detach().cpu(), components
+
+    def expert_weights(self) -> dict[str, float]:
+        return self.mixture.weights_for(self.weights)
+
 
 class _ChainRule(torch.autograd.Function):
     """rewards = f(images) computed elsewhere; backward: grad_output * d(rewards)/d(images)."""
@@ -50,6 +59,19 @@ class RemoteReward:
         # with the service's last answer (`RewardServiceError`)
         self.client = client or RewardClient(base_url, api_key=api_key, retries=5)
         self.weights = dict(weights) if weights else None
+        self.chunk_size = 16  # a float32 512x512 image is 3 MB: 16 stay well under the service's body limit
+
+    def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar rewards only (policy-gradient methods), on `/reward`'s raw-tensor path (float32 pixels, so
+        the numbers equal the in-process ones); in requests of at most `chunk_size` images."""
+        out = self.client.score_batch(list(prompts), images.detach().float().clamp(0, 1).cpu().contiguous(),
+                                      weights=self.weights, chunk_size=self.chunk_size)
+        return out.rewards, dict(out.components)
+
+    def expert_weights(self) -> dict[str, float]:
+        """The service's weights (GET /models) with this job's overrides."""
+        served = {n: float(e["weight"]) for n, e in self.client.models()["experts"].items()}
+        return {**served, **(self.weights or {})}
 
     def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = self.client.reward_tensors(images.detach().float().clamp(0, 1), list(prompts), self.weights)

@@ -22,6 +22,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-sd3")  # tiny random pipelines (SD-1.x, SDXL, SD3 layouts), built on first use
 
 # Hard bounds of every spec (README: Fine-tuning jobs). Shared with the /prompts endpoint.
 MAX_TEXT_CHARS = 2000  # a prompt or topic (the service's max_prompt_chars default)
@@ -37,6 +38,7 @@ MAX_LORA_RANK = 512
 MAX_INFERENCE_STEPS = 1000  # the DDPM schedule SD was trained on has 1000 timesteps
 MAX_WEIGHT = 1e3  # any loss or mixture weight, in absolute value
 MAX_SEED = 2**63 - 1  # what torch.manual_seed takes
+MAX_GROUP_SIZE = 64  # GRPO: images per prompt and step
 
 # Hub ids as the hub spells them: two parts of letters, digits, '_', '.', '-', neither starting nor ending
 # with '.' or '-', at most 96 characters each; '..' and '--' are refused (the hub refuses them too).
@@ -92,8 +94,10 @@ def _float(default: float, lo: float, hi: float, description: str, gt: bool = Fa
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN/inf in any float field: 422
 
-    method: Literal["refl", "reward_weighted"] = Field("refl", description="ReFL with KL (thesis) or reward-weighted likelihood (Lee et al.).")
-    base_model: Optional[PathName] = Field(None, description="Hub id (org/name), a pipeline directory under the models directory, or 'tiny' (the tiny random pipeline); default: Stable Diffusion 1.5, or 'tiny' under the tiny profile.")
+    method: Literal["refl", "reward_weighted", "grpo", "ddpo"] = Field("refl", description="ReFL with KL (thesis), reward-weighted "
+                                                                       "likelihood (Lee et al.), GRPO (group-relative PPO on the model's own samples, as "
+                                                                       "Flow-GRPO / DanceGRPO), or ddpo: GRPO's preset for DDPO (group_size 1, per-prompt statistics).")
+    base_model: Optional[PathName] = Field(None, description="Hub id (org/name), a pipeline directory under the models directory, or 'tiny' / 'tiny-sdxl' / 'tiny-sd3' (tiny random SD-1.x / SDXL / SD3 pipelines); default: Stable Diffusion 1.5, or 'tiny' under the tiny profile.")
     prompts: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_PROMPTS, description="Training prompts (cycled); or give topics + n_prompts.")
     topics: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_TOPICS, description="Topics whose prompts the prompter supplies.")
     n_prompts: int = _int(8, 1, MAX_N_PROMPTS, "Prompts drawn per topic when topics are given.")
@@ -120,15 +124,53 @@ class JobSpec(BaseModel):
     checkpoint_every: int = _int(50, 1, MAX_STEPS, "Save LoRA and optimiser state every N steps (resume point).")
     eval_prompts: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_EVAL_PROMPTS, description="Prompts of the before/after evaluation (default: the first 4 training prompts).")
     eval_images_per_prompt: int = _int(2, 1, 16, "Images per evaluation prompt, for the base and the fine-tuned model.")
+    # ---- GRPO / DDPO (defaults: DDPO's and Flow-GRPO's published settings where they agree)
+    group_size: int = _int(4, 1, MAX_GROUP_SIZE, "GRPO: images sampled per prompt and step; the advantages are relative to the group (at least 2; ddpo: 1).")
+    eta: float = _float(1.0, 0.0, 1.0, "GRPO: DDIM's eta, the sampler's stochasticity (DDPO: 1.0); > 0, since a deterministic step has no log-probability.", gt=True)
+    clip_range: float = _float(1e-4, 0.0, 1.0, "GRPO: PPO's clip range of the probability ratio (DDPO and Flow-GRPO: 1e-4).", gt=True)
+    adv_clip_max: float = _float(5.0, 0.0, 100.0, "GRPO: advantages are clipped to +-this (DDPO and Flow-GRPO: 5).", gt=True)
+    num_inner_epochs: int = _int(1, 1, 16, "GRPO: optimiser passes over each batch of samples (DDPO: 1).")
+    timestep_fraction: float = _float(1.0, 0.0, 1.0, "GRPO: share of the chain's transitions trained on per pass, drawn at random (DDPO: 1.0).", gt=True)
+    gradient_accumulation_steps: int = _int(1, 1, MAX_BATCH_SIZE * MAX_GROUP_SIZE, "GRPO: micro-batches a step's images are split into (memory), their gradients summed before the optimiser step.")
+    advantage_normalization: Literal["total", "per_expert"] = Field("total", description="GRPO: z-score the weighted total within each group, or z-score each expert within the group and then weight them (multi-reward).")
+    per_prompt_stats: bool = Field(False, description="GRPO: normalise each prompt's rewards by its last stat_buffer_size rewards across steps (DDPO's per-prompt statistics) instead of its group.")
+    stat_buffer_size: int = _int(32, 1, 10_000, "GRPO with per_prompt_stats: rewards kept per prompt.")
+    stat_min_count: int = _int(16, 1, 10_000, "GRPO with per_prompt_stats: below this many rewards a prompt is normalised with the whole batch.")
+    # ---- reward-hacking sentinel (every method)
+    eval_every: int = _int(0, 0, MAX_STEPS, "Every N steps, score the evaluation prompts with every configured expert and image statistics (0: only before and after).")
+    stop_on_hacking: bool = Field(False, description="Stop, keep the best checkpoint and fail with the reason when a held-out expert falls while the optimised reward rises.")
+    hacking_threshold_se: float = _float(3.0, 0.0, 100.0, "How many standard errors a held-out expert must fall below the base model to count as hacking.", gt=True)
 
     @model_validator(mode="after")
     def _check(self) -> "JobSpec":
         if not self.prompts and not self.topics:
             raise ValueError("give prompts, or topics and n_prompts")
         a, b = self.refl_step_range
-        if not 0 <= a < b <= self.num_inference_steps:
+        if self.method == "refl" and not 0 <= a < b <= self.num_inference_steps:
             raise ValueError(f"refl_step_range must satisfy 0 <= a < b <= num_inference_steps, got ({a}, {b})")
+        if self.method == "grpo" and self.group_size < 2 and not self.per_prompt_stats:
+            raise ValueError("GRPO needs group_size >= 2 (advantages are relative to the group); use method 'ddpo' "
+                             "or per_prompt_stats for groups of one")
+        if self.batch_size * self.group_size > MAX_BATCH_SIZE * 4:
+            raise ValueError(f"batch_size * group_size is {self.batch_size * self.group_size}; the limit is {MAX_BATCH_SIZE * 4} images per step")
         return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _ddpo_preset(cls, data):
+        """method 'ddpo' is GRPO with DDPO's defaults: one image per prompt, per-prompt statistics, no KL
+        (fields given explicitly are kept). It is a preset, not a second code path."""
+        if isinstance(data, dict) and data.get("method") == "ddpo":
+            data = {"group_size": 1, "per_prompt_stats": True, "kl_weight": 0.0, **data}
+        return data
+
+    @property
+    def is_policy_gradient(self) -> bool:
+        return self.method in ("grpo", "ddpo")
+
+    @property
+    def images_per_step(self) -> int:
+        return self.batch_size * (self.group_size if self.is_policy_gradient else 1)
 
 
 class JobLimits(BaseModel):
@@ -140,13 +182,14 @@ class JobLimits(BaseModel):
     max_resolution: int = Field(1024, ge=MIN_RESOLUTION, le=MAX_RESOLUTION, description="Largest image side.")
     max_prompts: int = Field(MAX_PROMPTS, ge=1, le=MAX_PROMPTS, description="Most training prompts.")
     max_lora_rank: int = Field(256, ge=1, le=MAX_LORA_RANK, description="Largest LoRA rank.")
+    max_group_size: int = Field(32, ge=1, le=MAX_GROUP_SIZE, description="Largest GRPO group (images per prompt and step).")
 
 
 def validate_spec(spec: JobSpec, limits: JobLimits, models_dir: Path, data_dir: Path) -> None:
     """Raise ValueError naming the first field outside the limits or the confined directories."""
     checks = [(spec.steps, limits.max_steps, "steps"), (spec.batch_size, limits.max_batch_size, "batch_size"),
               (spec.resolution, limits.max_resolution, "resolution"), (spec.lora_rank, limits.max_lora_rank, "lora_rank"),
-              (len(spec.prompts or []), limits.max_prompts, "prompts")]
+              (len(spec.prompts or []), limits.max_prompts, "prompts"), (spec.group_size, limits.max_group_size, "group_size")]
     for value, limit, name in checks:
         if value > limit:
             raise ValueError(f"{name} is {value}; the limit is {limit}")
@@ -183,14 +226,14 @@ def resolve_base_model(base_model: str, models_dir: Path) -> str:
     (returned as is: `pipeline.load_pipeline` loads it through the hub cache, never from the working
     directory). Anything else, missing or outside, gets one message that discloses nothing about the
     filesystem."""
-    if base_model == "tiny":
+    if base_model in TINY_MODELS:
         return base_model
     local = _local_pipeline(base_model, models_dir)
     if local is not None:
         return str(local)
     if is_hub_id(base_model):
         return base_model
-    raise ValueError(f"base_model {base_model!r} is not 'tiny', a hub id (org/name) or a pipeline directory "
+    raise ValueError(f"base_model {base_model!r} is not 'tiny', 'tiny-sdxl', 'tiny-sd3', a hub id (org/name) or a pipeline directory "
                      "in the models directory (paths outside it are refused)")
 
 

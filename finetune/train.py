@@ -1,7 +1,8 @@
 """One fine-tuning job, top to bottom: accelerator -> models -> (resume) -> base evaluation -> loop -> save.
 
 The pieces live beside it: `pipeline.py` (models, LoRA), `sampler.py` (guided DDIM sampling),
-`losses.py` (one loss per method), `artifacts.py` (checkpoints, evaluation, artifacts). Under
+`losses.py` (ReFL and reward-weighted likelihood: one loss each), `grpo.py` (GRPO / DDPO: sampling with
+log-probabilities, group advantages, PPO updates), `artifacts.py` (checkpoints, evaluation, artifacts). Under
 `accelerate launch` / `torchrun` every process takes its own device and its own share of each step's
 prompts; gradients are averaged in `average_gradients`, and the main process evaluates and writes.
 """
@@ -19,6 +20,8 @@ from typing import Callable, Optional
 import torch
 
 from .artifacts import artifact_names, resume, save_checkpoint, save_images, summarise, write_final
+from .grpo import PromptStats, grpo_step
+from .sentinel import Sentinel
 from .losses import RewardFn, image_tensor, load_pretrain_pairs, pretrain_loss, refl_loss, reward_weighted_loss
 from .pipeline import LORA_FILE, WEIGHT_DTYPES, save_lora, setup_models
 from .sampler import Sampler
@@ -79,14 +82,30 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
     pairs = load_pretrain_pairs(ctx.pretrain_dir) if ctx.pretrain_dir is not None else []
 
     # ---- resume, and the base model's evaluation once, before any update
-    start, base_eval = resume(out, models.unet, models.optimizer, ctx.metrics)
+    start, base_eval, extra = resume(out, models.unet, models.optimizer, ctx.metrics)
+    stats = None
+    if spec.is_policy_gradient and spec.per_prompt_stats:  # DDPO's statistics, as the checkpoint left them
+        stats = PromptStats.from_dict(extra.get("prompt_stats") or {"buffer_size": spec.stat_buffer_size, "min_count": spec.stat_min_count})
+    weights = ctx.reward.expert_weights() if (spec.is_policy_gradient or spec.eval_every) and hasattr(ctx.reward, "expert_weights") else {}
+    sentinel = None
+    if spec.eval_every:  # every configured expert, the optimised (non-zero weight) and the held-out ones
+        sentinel = Sentinel.from_dict(extra["sentinel"]) if extra.get("sentinel") else \
+            Sentinel({n for n, w in weights.items() if w != 0}, spec.hacking_threshold_se, spec.stop_on_hacking)
+
+    def state() -> dict:  # the method's own state, saved with each checkpoint
+        out = {"prompt_stats": stats.to_dict()} if stats is not None else {}
+        return {**out, "sentinel": sentinel.to_dict()} if sentinel is not None else out
+
     ctx.metrics["processes"] = accelerator.num_processes
     eval_prompts = spec.eval_prompts or ctx.prompts[:4]
     eval_p = [p for p in eval_prompts for _ in range(spec.eval_images_per_prompt)]
     eval_seeds = [10_000 + k for k in range(len(eval_p))]
     if base_eval is None and main:
         base_images = sampler.sample(eval_p, eval_seeds, base=True)
-        base_eval = evaluate(ctx.reward, base_images, eval_p)
+        total, components = score(ctx.reward, base_images, eval_p)
+        base_eval = summarise(total, components)
+        if sentinel is not None:
+            sentinel.observe(0, total, components, base_images)  # the baseline the drifts are measured from
         _guard(ctx)
         save_images(base_images, out / "samples", "base")
 
@@ -98,15 +117,20 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
         _guard(ctx)
         if ctx.should_stop is not None and ctx.should_stop():
             if main:
-                save_checkpoint(out, step, models.unet, models.optimizer, ctx.metrics, base_eval)
+                save_checkpoint(out, step, models.unet, models.optimizer, ctx.metrics, base_eval, state())
             raise JobCancelled(f"cancelled at step {step}")
         rng = random.Random(spec.seed * 1_000_003 + step + 7_919 * accelerator.process_index)
         first_prompt = (step * accelerator.num_processes + accelerator.process_index) * spec.batch_size
         prompts = [ctx.prompts[(first_prompt + k) % len(ctx.prompts)] for k in range(spec.batch_size)]
+        if spec.is_policy_gradient:  # each prompt group_size times: one group per prompt
+            prompts = [p for p in prompts for _ in range(spec.group_size)]
         seeds = [rng.randrange(2**31) for _ in prompts]
         cond, uncond = sampler.conditions(prompts)
         models.unet.train()
-        if spec.method == "refl":
+        if spec.is_policy_gradient:  # PPO steps the optimiser itself, once per inner epoch
+            result = grpo_step(sampler, spec, ctx.reward, prompts, seeds, cond, uncond, rng, models.optimizer, models.params,
+                               stats, weights, after_backward=lambda: average_gradients(accelerator, models.params))
+        elif spec.method == "refl":
             result = refl_loss(sampler, spec, ctx.reward, prompts, seeds, cond, uncond, rng)
             if pairs:
                 result.loss = result.loss + spec.pretrain_weight * pretrain_loss(sampler, pairs, step, spec.batch_size, spec.resolution)
@@ -114,11 +138,12 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
             result = reward_weighted_loss(sampler, spec, ctx.reward, prompts, seeds, cond, uncond)
             if spec.regularizer == "pretrain" and pairs:
                 result.loss = result.loss + spec.pretrain_weight * pretrain_loss(sampler, pairs, step, spec.batch_size, spec.resolution)
-        models.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        average_gradients(accelerator, models.params)
-        torch.nn.utils.clip_grad_norm_(models.params, 1.0)
-        models.optimizer.step()
+        if not spec.is_policy_gradient:
+            models.optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            average_gradients(accelerator, models.params)
+            torch.nn.utils.clip_grad_norm_(models.params, 1.0)
+            models.optimizer.step()
         record(ctx.metrics, accelerator, result)
         step_loss, step_reward = ctx.metrics["loss"][-1], ctx.metrics["reward"][-1]  # averaged over processes: all stop together
         if not (math.isfinite(step_loss) and math.isfinite(step_reward)):  # a NaN step ruins the LoRA: fail, never "succeed"
@@ -127,9 +152,16 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
         done = step + 1
         eta = (time.perf_counter() - t0) / (done - first) * (spec.steps - done)
         bar.set_postfix(reward=f"{ctx.metrics['reward'][-1]:.3f}", loss=f"{ctx.metrics['loss'][-1]:.3f}")
+        if sentinel is not None and done % spec.eval_every == 0 and done < spec.steps and main:
+            stopped = watch(sentinel, sampler, ctx, models, out, done, eval_p, eval_seeds)
+            if stopped is not None and accelerator.num_processes > 1:  # the other processes would wait for it forever
+                log.warning("step %d: %s; stop_on_hacking stops single-process jobs only: going on", done, stopped)
+                stopped = None
+            if stopped is not None:
+                return finish(spec, ctx, sampler, models, out, eval_prompts, eval_p, eval_seeds, base_eval, sentinel, stopped)
         if done % spec.checkpoint_every == 0 and done < spec.steps and main:
             _guard(ctx)
-            save_checkpoint(out, done, models.unet, models.optimizer, ctx.metrics, base_eval)
+            save_checkpoint(out, done, models.unet, models.optimizer, ctx.metrics, base_eval, state())
         if ctx.on_progress is not None and main:
             ctx.on_progress({"step": done, "total": spec.steps, "eta_s": round(eta, 1)})
 
@@ -137,15 +169,50 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
     accelerator.wait_for_everyone()
     if not main:
         return {"status": "succeeded", "metrics": ctx.metrics, "artifacts": [], "main_process": False}
+    return finish(spec, ctx, sampler, models, out, eval_prompts, eval_p, eval_seeds, base_eval, sentinel)
+
+
+def watch(sentinel: Sentinel, sampler, ctx: JobContext, models, out: Path, step: int, eval_p, eval_seeds) -> Optional[str]:
+    """The sentinel's evaluation at `step`: every expert and the image statistics on the evaluation prompts,
+    their drift from the base model; the LoRA of the best step so far is kept in `best/`. Returns why the
+    job must stop (reward hacking, with `stop_on_hacking`), else None."""
+    images = sampler.sample(eval_p, eval_seeds)
+    total, components = score(ctx.reward, images, eval_p)
+    record = sentinel.observe(step, total, components, images)
+    ctx.metrics["sentinel"] = sentinel.to_dict()["history"]
+    _guard(ctx)
+    if sentinel.best_step == step:
+        save_lora(models.unet, out / "best")
+    return sentinel.should_stop(record)
+
+
+def finish(spec: JobSpec, ctx: JobContext, sampler, models, out: Path, eval_prompts, eval_p, eval_seeds, base_eval: dict,
+           sentinel: Optional[Sentinel], stopped: Optional[str] = None) -> dict:
+    """Evaluate the tuned model on the base's seeds and write the artifacts. A job the sentinel stopped
+    keeps the LoRA of its best step before the hacking (or none, if no step was better) and fails with
+    the reason."""
+    import shutil
+
     models.unet.eval()
     tuned_images = sampler.sample(eval_p, eval_seeds)
     tuned_eval = evaluate(ctx.reward, tuned_images, eval_p)
     _guard(ctx)
     save_images(tuned_images, out / "samples", "tuned")
-    save_lora(models.unet, out)
+    best = out / "best" / LORA_FILE
+    kept_best = stopped is not None and best.is_file()
+    if stopped is None:
+        save_lora(models.unet, out)
+    elif kept_best:
+        shutil.copy(best, out / LORA_FILE)
+    shutil.rmtree(out / "best", ignore_errors=True)
     base_images = torch.stack([image_tensor(p, spec.resolution) for p in sorted((out / "samples").glob("base-*.png"))])
-    metrics = write_final(out, ctx.metrics, eval_prompts, base_eval, tuned_eval, base_images, tuned_images)
-    return {"status": "succeeded", "metrics": metrics, "artifacts": artifact_names(out), "main_process": True}
+    metrics = write_final(out, ctx.metrics, eval_prompts, base_eval, tuned_eval, base_images, tuned_images,
+                          sentinel.to_dict() if sentinel is not None else None)
+    result = {"status": "succeeded", "metrics": metrics, "artifacts": artifact_names(out), "main_process": True}
+    if stopped is not None:
+        kept = f"kept the LoRA of step {sentinel.best_step}" if kept_best else "kept no LoRA: no evaluated step was free of hacking"
+        result.update(status="failed", error=f"stopped for reward hacking: {stopped}; {kept}")
+    return result
 
 
 def _guard(ctx: JobContext) -> None:
@@ -153,11 +220,16 @@ def _guard(ctx: JobContext) -> None:
         ctx.guard()
 
 
-def evaluate(reward: RewardFn, images: torch.Tensor, prompts: list[str]) -> dict[str, dict[str, float]]:
-    """Every scorer's mean and standard error on the evaluation images, from one reward call."""
+def score(reward: RewardFn, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The total and every expert's scores of evaluation images, without gradients."""
     with torch.no_grad():
         total, components = reward(images, prompts)
-    return summarise(total, components)
+    return total.detach().cpu(), {n: c.detach().cpu() for n, c in components.items()}
+
+
+def evaluate(reward: RewardFn, images: torch.Tensor, prompts: list[str]) -> dict[str, dict[str, float]]:
+    """Every scorer's mean and standard error on the evaluation images, from one reward call."""
+    return summarise(*score(reward, images, prompts))
 
 
 def record(metrics: dict, accelerator, result) -> None:
@@ -169,3 +241,5 @@ def record(metrics: dict, accelerator, result) -> None:
         metrics[key].append(float(v))
     for name, v in result.components.items():
         metrics.setdefault("components", {}).setdefault(name, []).append(float(v.float().mean()))
+    if getattr(result, "advantages", None) is not None:  # GRPO: how much of the batch the clip held back
+        metrics.setdefault("clip_fraction", []).append(float(result.clip_fraction))

@@ -103,8 +103,11 @@ class JobRunner:
             spec, ctx = self.context(JobSpec.model_validate_json(raw_spec), out_dir, on_progress=progress,
                                      should_stop=lambda: lease.cancel, guard=lease.check)
             result = run_job(spec, ctx)
-            final = dict(status="succeeded", metrics=result["metrics"], artifacts=result["artifacts"],
+            # "failed" with an error when the job stopped itself (the reward-hacking sentinel), artifacts kept
+            final = dict(status=result["status"], metrics=result["metrics"], artifacts=result["artifacts"],
                          progress={"step": spec.steps, "total": spec.steps, "eta_s": 0})
+            if result.get("error"):
+                final["error"] = result["error"]
         except LeaseLost as e:
             lease.abandon()
             log.warning("job %s attempt %d: %s; stopped without writing anything more", job_id, attempt, e)

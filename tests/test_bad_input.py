@@ -163,7 +163,7 @@ def test_hub_ids_are_never_loaded_from_the_working_directory(api, root, cache_di
     # a pipeline under the models directory, even with a hub-like name, is loaded from there
     local = root / "models" / "org" / "sd"
     local.mkdir(parents=True)
-    (local / "model_index.json").write_text("{}")
+    (local / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
     assert prepare_job(JobSpec(**{**SPEC, "base_model": "org/sd"}), settings).base_model == str(local.resolve())
 
 

@@ -1,0 +1,203 @@
+"""GRPO (and DDPO, its group-of-one preset) for diffusion models: policy gradients on the model's own samples.
+
+One step of a job:
+1. **sample** `group_size` images for each of the step's prompts with a stochastic DDIM sampler
+   (eta > 0), keeping every transition x_t -> x_prev and its log-probability under the current policy
+   (`sample_with_logprobs`);
+2. **score** the images (scalar rewards only: in-process, or the service's raw-tensor `/reward`);
+3. **advantages**: each image's reward z-scored within its prompt's group (`rewarders.advantages`):
+   the weighted total (`advantage_normalization: total`), or each expert z-scored then weighted
+   (`per_expert`); with `per_prompt_stats` (DDPO) against the prompt's rewards of earlier steps too
+   (`PromptStats`); clipped to +-`adv_clip_max`;
+4. **update**, `num_inner_epochs` times: for a random subset of the chain's transitions
+   (`timestep_fraction`), recompute each transition's log-probability under the LoRA policy, and minimise
+   PPO's clipped surrogate, -min(r A, clip(r, 1 - eps, 1 + eps) A) with r = p_new / p_old, plus
+   `kl_weight` times the KL between the policy's and the frozen base's Gaussian transitions (the same
+   UNet with its adapters disabled). Gradients are accumulated over the transitions and over
+   `gradient_accumulation_steps` micro-batches of images, then one optimiser step per inner epoch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
+
+import torch
+
+from rewarders.advantages import EPS, group_advantages
+
+from .pipeline import adapters_disabled
+from .sampler import Sampler
+from .spec import JobSpec
+
+
+@dataclass
+class Trajectory:
+    """The sampled chain of a batch: latents[k] -> latents[k + 1] at timesteps[k]; `log_probs` (B, T)."""
+
+    latents: torch.Tensor  # (B, T + 1, C, h, w)
+    log_probs: torch.Tensor  # (B, T)
+    timesteps: torch.Tensor  # (T,)
+    images: torch.Tensor  # (B, 3, H, W) in [0, 1]
+
+
+def _alphas(s: Sampler, t: int):
+    """(alpha_bar_t, alpha_bar_prev) of the DDIM step from t, as tensors on the device."""
+    sch = s.scheduler
+    prev_t = t - sch.config.num_train_timesteps // sch.num_inference_steps
+    a_t = sch.alphas_cumprod[t].to(s.device)
+    a_prev = sch.alphas_cumprod[prev_t].to(s.device) if prev_t >= 0 else sch.final_alpha_cumprod.to(s.device)
+    return a_t, a_prev
+
+
+def ddim_transition(s: Sampler, eps: torch.Tensor, latents: torch.Tensor, t: int, eta: float):
+    """The Gaussian DDIM step x_t -> x_prev for a noise prediction: (mean, std), as DDIM (Song et al.
+    2021, eq. 12) defines it; eta = 0 is deterministic, eta = 1 the DDPM posterior's variance."""
+    a_t, a_prev = _alphas(s, t)
+    x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp_min(0).sqrt()
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp_min(0).sqrt() * eps
+    return mean, std
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean, std^2), averaged over every dimension but the batch (as DDPO does: a per-element
+    scale keeps the PPO ratio away from overflow at any resolution)."""
+    var = std.clamp_min(1e-12) ** 2
+    lp = -((x.detach() - mean) ** 2) / (2 * var) - torch.log(var.sqrt()) - 0.5 * math.log(2 * math.pi)
+    return lp.mean(dim=tuple(range(1, lp.ndim)))
+
+
+@torch.no_grad()
+def sample_with_logprobs(s: Sampler, prompts: list[str], seeds: list[int], eta: float, cond, uncond) -> Trajectory:
+    """The stochastic chain (each step's noise seeded from the image's seed, so a resumed job draws the same
+    samples), keeping every latent and each transition's log-probability under the current policy."""
+    latents = s.initial_latents(seeds)
+    gens = [torch.Generator().manual_seed(seed + 1) for seed in seeds]
+    chain, log_probs = [latents], []
+    for t in s.scheduler.timesteps:
+        eps = s.eps(latents, t, cond, uncond)
+        mean, std = ddim_transition(s, eps, latents, int(t), eta)
+        noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(s.device)
+        latents = mean + std * noise
+        log_probs.append(gaussian_log_prob(latents, mean, std))
+        chain.append(latents)
+    images = s.decode(latents)
+    return Trajectory(torch.stack(chain, dim=1), torch.stack(log_probs, dim=1), s.scheduler.timesteps.clone(), images)
+
+
+class PromptStats:
+    """DDPO's per-prompt statistics: each prompt's rewards of the last `buffer_size` samples (this step's
+    included); a prompt seen fewer than `min_count` times is normalised with the whole batch instead.
+    Saved with the checkpoints (`to_dict` / `from_dict`), so a resumed job normalises the same way."""
+
+    def __init__(self, buffer_size: int = 32, min_count: int = 16):
+        self.buffer_size, self.min_count = buffer_size, min_count
+        self.buffers: dict[str, list[float]] = {}
+
+    def update(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        """Advantages of this step's rewards: (r - mean_p) / (std_p + EPS) per prompt p."""
+        rewards = rewards.detach().double().cpu()
+        out = torch.empty_like(rewards)
+        for p in dict.fromkeys(prompts):
+            idx = [i for i, q in enumerate(prompts) if q == p]
+            buf = (self.buffers.setdefault(p, []) + rewards[idx].tolist())[-self.buffer_size:]
+            self.buffers[p] = buf
+            ref = torch.tensor(buf, dtype=torch.float64) if len(buf) >= self.min_count else rewards
+            out[idx] = (rewards[idx] - ref.mean()) / (ref.std(unbiased=False) + EPS)
+        return out.float()
+
+    def to_dict(self) -> dict:
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count, "buffers": self.buffers}
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "PromptStats":
+        stats = cls(d.get("buffer_size", 32), d.get("min_count", 16)) if d else cls()
+        stats.buffers = {k: list(v) for k, v in (d or {}).get("buffers", {}).items()}
+        return stats
+
+
+def advantages(spec: JobSpec, prompts: list[str], total: torch.Tensor, components: Mapping[str, torch.Tensor],
+               weights: Mapping[str, float], stats: Optional[PromptStats]) -> torch.Tensor:
+    """Each image's advantage (see the module doc), clipped to +-adv_clip_max."""
+    if stats is not None:  # DDPO: against the prompt's history (the weighted total only)
+        adv = stats.update(prompts, total)
+    else:
+        groups = list(prompts)  # the images of one prompt are one group
+        z = group_advantages(total.detach().cpu(), {n: c.detach().cpu() for n, c in components.items()}, groups)
+        if spec.advantage_normalization == "per_expert":
+            adv = sum(float(weights.get(n, 0.0)) * z[n] for n in components)
+        else:
+            adv = z["total"]
+    return adv.clamp(-spec.adv_clip_max, spec.adv_clip_max)
+
+
+@dataclass
+class GRPOStep:
+    loss: torch.Tensor  # detached: the mean surrogate + KL over the updates
+    reward: torch.Tensor  # (B,)
+    kl: torch.Tensor
+    components: dict[str, torch.Tensor] = field(default_factory=dict)
+    advantages: Optional[torch.Tensor] = None
+    clip_fraction: float = 0.0
+
+
+def policy_loss(ratio: torch.Tensor, adv: torch.Tensor, clip_range: float) -> torch.Tensor:
+    """PPO's clipped surrogate (to minimise)."""
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    return torch.maximum(unclipped, clipped).mean()
+
+
+def grpo_step(s: Sampler, spec: JobSpec, reward, prompts: list[str], seeds: list[int], cond, uncond,
+              rng: random.Random, optimizer, params, stats: Optional[PromptStats], weights: Mapping[str, float],
+              after_backward=None) -> GRPOStep:
+    """Sample, score, compute advantages and update the LoRA (the optimiser steps here: PPO takes several
+    steps per batch of samples). `prompts`/`seeds`/`cond`/`uncond` hold one entry per image (each prompt
+    repeated `group_size` times). `after_backward()` (gradient averaging across processes) runs before each
+    optimiser step."""
+    traj = sample_with_logprobs(s, prompts, seeds, spec.eta, cond, uncond)
+    with torch.no_grad():
+        total, components = reward.scores(traj.images, prompts)
+    adv = advantages(spec, prompts, total, components, weights, stats).to(s.device)
+    n_steps = traj.timesteps.numel()
+    n_train = max(1, int(round(spec.timestep_fraction * n_steps)))
+    micro = _micro_batches(len(prompts), spec.gradient_accumulation_steps)
+    losses, kls, clipped, counted = [], [], 0, 0
+    for _ in range(spec.num_inner_epochs):
+        chosen = sorted(rng.sample(range(n_steps), n_train))
+        optimizer.zero_grad(set_to_none=True)
+        for idx in micro:
+            for k in chosen:
+                t = int(traj.timesteps[k])
+                x_t, x_prev = traj.latents[idx, k], traj.latents[idx, k + 1]
+                eps = s.eps(x_t, traj.timesteps[k], cond[idx], uncond[idx])
+                mean, std = ddim_transition(s, eps, x_t, t, spec.eta)
+                ratio = torch.exp(gaussian_log_prob(x_prev, mean, std) - traj.log_probs[idx, k])
+                loss = policy_loss(ratio, adv[idx], spec.clip_range)
+                kl = torch.zeros((), device=s.device)
+                if spec.kl_weight > 0:
+                    with torch.no_grad(), adapters_disabled(s.m.unet, True):
+                        base_mean, _ = ddim_transition(s, s.eps(x_t, traj.timesteps[k], cond[idx], uncond[idx]), x_t, t, spec.eta)
+                    # KL of two Gaussians of one std: |mean - base_mean|^2 / (2 std^2), per element
+                    kl = (((mean - base_mean) ** 2) / (2 * std.clamp_min(1e-12) ** 2)).mean()
+                    loss = loss + spec.kl_weight * kl
+                (loss * len(idx) / len(prompts) / len(chosen)).backward()
+                losses.append(float(loss.detach()))
+                kls.append(float(kl.detach()))
+                clipped += int(((ratio - 1).abs() > spec.clip_range).sum())
+                counted += ratio.numel()
+        if after_backward is not None:
+            after_backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+    return GRPOStep(torch.tensor(sum(losses) / len(losses)), total.detach(), torch.tensor(sum(kls) / len(kls)),
+                    components, adv.detach().cpu(), clipped / max(counted, 1))
+
+
+def _micro_batches(n: int, parts: int) -> list[list[int]]:
+    parts = max(1, min(parts, n))
+    size = math.ceil(n / parts)
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
