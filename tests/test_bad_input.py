@@ -22,7 +22,7 @@ JOB_FLOATS = ["learning_rate", "lora_alpha", "guidance_scale", "reward_weight", 
 JOB_INTS = ["n_prompts", "steps", "lora_rank", "batch_size", "resolution", "num_inference_steps", "seed", "checkpoint_every",
             "eval_images_per_prompt"]
 RTL = "\u05e9\u05dc\u05d5\u05dd \u200f a red fox \u202bمرحبا\u202c"  # Hebrew, Arabic and direction marks: ordinary text
-BAD_BASE_MODEL = "is not 'tiny', a hub id"
+BAD_BASE_MODEL = "is not 'tiny', 'tiny-sdxl', 'tiny-sd3', a hub id"
 
 
 @pytest.fixture(scope="module")
