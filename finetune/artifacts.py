@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from .sentinel import mean_se
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ def artifact_names(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
 
 
-def save_checkpoint(out: Path, step: int, unet, optimizer, metrics: dict, base_eval: dict, extra: Optional[dict] = None) -> None:
+def save_checkpoint(out: Path, step: int, denoiser, optimizer, metrics: dict, base_eval: dict, extra: Optional[dict] = None) -> None:
     """LoRA + optimiser + metrics (+ `extra`: the method's own state, e.g. GRPO's per-prompt statistics) at
     `step`, written whole or not at all; older checkpoints removed."""
     from peft.utils import get_peft_model_state_dict
@@ -29,7 +30,7 @@ def save_checkpoint(out: Path, step: int, unet, optimizer, metrics: dict, base_e
     tmp = root / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(unet).items()}, tmp / "lora.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}, tmp / "lora.safetensors")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, "metrics": metrics, "base_eval": base_eval, "extra": extra or {}}))
     final = root / f"step-{step}"
@@ -40,7 +41,7 @@ def save_checkpoint(out: Path, step: int, unet, optimizer, metrics: dict, base_e
             shutil.rmtree(old, ignore_errors=True)
 
 
-def resume(out: Path, unet, optimizer, metrics: dict) -> tuple[int, Optional[dict], dict]:
+def resume(out: Path, denoiser, optimizer, metrics: dict) -> tuple[int, Optional[dict], dict]:
     """Load the last checkpoint, if any: (the step to start at, the base model's evaluation, the extra state)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -49,7 +50,7 @@ def resume(out: Path, unet, optimizer, metrics: dict) -> tuple[int, Optional[dic
     if not ckpts:
         return 0, None, {}
     last = ckpts[-1]
-    set_peft_model_state_dict(unet, load_file(last / "lora.safetensors"))
+    set_peft_model_state_dict(denoiser, load_file(last / "lora.safetensors"))
     optimizer.load_state_dict(torch.load(last / "optimizer.pt", weights_only=True))
     state = json.loads((last / "state.json").read_text())
     metrics.clear()
@@ -63,9 +64,8 @@ def summarise(total: torch.Tensor, components: dict[str, torch.Tensor]) -> dict[
     """Per scorer (the total and each expert): mean and standard error over the evaluation images."""
     out = {}
     for name, values in {"total": total, **components}.items():
-        v = values.detach().float().cpu()
-        se = float(v.std() / math.sqrt(len(v))) if len(v) > 1 else 0.0
-        out[name] = {"mean": float(v.mean()), "se": se}
+        mean, se = mean_se(values)
+        out[name] = {"mean": mean, "se": se}
     return out
 
 

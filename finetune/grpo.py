@@ -1,9 +1,9 @@
 """GRPO (and DDPO, its group-of-one preset) for diffusion models: policy gradients on the model's own samples.
 
 One step of a job:
-1. **sample** `group_size` images for each of the step's prompts with a stochastic DDIM sampler
-   (eta > 0), keeping every transition x_t -> x_prev and its log-probability under the current policy
-   (`sample_with_logprobs`);
+1. **sample** `group_size` images for each of the step's prompts with a stochastic sampler (eta > 0:
+   DDIM for SD-1.x/2.x and SDXL, the flow-matching SDE for SD3; `Sampler.transition`), keeping every
+   transition x_t -> x_prev and its log-probability under the current policy (`sample_with_logprobs`);
 2. **score** the images (scalar rewards only: in-process, or the service's raw-tensor `/reward`);
 3. **advantages**: each image's reward z-scored within its prompt's group (`rewarders.advantages`):
    the weighted total (`advantage_normalization: total`), or each expert z-scored then weighted
@@ -13,7 +13,7 @@ One step of a job:
    (`timestep_fraction`), recompute each transition's log-probability under the LoRA policy, and minimise
    PPO's clipped surrogate, -min(r A, clip(r, 1 - eps, 1 + eps) A) with r = p_new / p_old, plus
    `kl_weight` times the KL between the policy's and the frozen base's Gaussian transitions (the same
-   UNet with its adapters disabled). Gradients are accumulated over the transitions and over
+   denoiser with its adapters disabled). Gradients are accumulated over the transitions and over
    `gradient_accumulation_steps` micro-batches of images, then one optimiser step per inner epoch.
 """
 
@@ -29,37 +29,23 @@ import torch
 from rewarders.advantages import EPS, group_advantages
 
 from .pipeline import adapters_disabled
-from .sampler import Sampler
+from .sampler import Sampler, transition_kl
 from .spec import JobSpec
 
 
 @dataclass
 class Trajectory:
-    """The sampled chain of a batch: latents[k] -> latents[k + 1] at timesteps[k]; `log_probs` (B, T)."""
+    """The sampled chain of a batch: latents[k] -> latents[k + 1] at schedule step k; `log_probs` (B, T)."""
 
     latents: torch.Tensor  # (B, T + 1, C, h, w)
     log_probs: torch.Tensor  # (B, T)
-    timesteps: torch.Tensor  # (T,)
+    stochastic: list[int]  # the steps k whose transition has noise (std > 0): the only ones with a log-probability
     images: torch.Tensor  # (B, 3, H, W) in [0, 1]
 
 
-def _alphas(s: Sampler, t: int):
-    """(alpha_bar_t, alpha_bar_prev) of the DDIM step from t, as tensors on the device."""
-    sch = s.scheduler
-    prev_t = t - sch.config.num_train_timesteps // sch.num_inference_steps
-    a_t = sch.alphas_cumprod[t].to(s.device)
-    a_prev = sch.alphas_cumprod[prev_t].to(s.device) if prev_t >= 0 else sch.final_alpha_cumprod.to(s.device)
-    return a_t, a_prev
-
-
-def ddim_transition(s: Sampler, eps: torch.Tensor, latents: torch.Tensor, t: int, eta: float):
-    """The Gaussian DDIM step x_t -> x_prev for a noise prediction: (mean, std), as DDIM (Song et al.
-    2021, eq. 12) defines it; eta = 0 is deterministic, eta = 1 the DDPM posterior's variance."""
-    a_t, a_prev = _alphas(s, t)
-    x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()
-    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp_min(0).sqrt()
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp_min(0).sqrt() * eps
-    return mean, std
+# why: a step without noise (DDIM's last step when the schedule ends at alpha = 1, as SDXL's does) has no
+# density; its "log-probability" would divide by zero, so such steps are sampled but never trained on
+MIN_STD = 1e-6
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -76,16 +62,17 @@ def sample_with_logprobs(s: Sampler, prompts: list[str], seeds: list[int], eta: 
     samples), keeping every latent and each transition's log-probability under the current policy."""
     latents = s.initial_latents(seeds)
     gens = [torch.Generator().manual_seed(seed + 1) for seed in seeds]
-    chain, log_probs = [latents], []
-    for t in s.scheduler.timesteps:
-        eps = s.eps(latents, t, cond, uncond)
-        mean, std = ddim_transition(s, eps, latents, int(t), eta)
+    chain, log_probs, stochastic = [latents], [], []
+    for k in range(s.num_steps):
+        mean, std = s.transition(s.predict(latents, k, cond, uncond), latents, k, eta)
+        if float(std) > MIN_STD:
+            stochastic.append(k)
         noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in gens]).to(s.device)
         latents = mean + std * noise
         log_probs.append(gaussian_log_prob(latents, mean, std))
         chain.append(latents)
     images = s.decode(latents)
-    return Trajectory(torch.stack(chain, dim=1), torch.stack(log_probs, dim=1), s.scheduler.timesteps.clone(), images)
+    return Trajectory(torch.stack(chain, dim=1), torch.stack(log_probs, dim=1), stochastic, images)
 
 
 class PromptStats:
@@ -162,27 +149,23 @@ def grpo_step(s: Sampler, spec: JobSpec, reward, prompts: list[str], seeds: list
     with torch.no_grad():
         total, components = reward.scores(traj.images, prompts)
     adv = advantages(spec, prompts, total, components, weights, stats).to(s.device)
-    n_steps = traj.timesteps.numel()
-    n_train = max(1, int(round(spec.timestep_fraction * n_steps)))
+    n_train = max(1, int(round(spec.timestep_fraction * len(traj.stochastic))))
     micro = _micro_batches(len(prompts), spec.gradient_accumulation_steps)
     losses, kls, clipped, counted = [], [], 0, 0
     for _ in range(spec.num_inner_epochs):
-        chosen = sorted(rng.sample(range(n_steps), n_train))
+        chosen = sorted(rng.sample(traj.stochastic, n_train))
         optimizer.zero_grad(set_to_none=True)
         for idx in micro:
             for k in chosen:
-                t = int(traj.timesteps[k])
                 x_t, x_prev = traj.latents[idx, k], traj.latents[idx, k + 1]
-                eps = s.eps(x_t, traj.timesteps[k], cond[idx], uncond[idx])
-                mean, std = ddim_transition(s, eps, x_t, t, spec.eta)
+                mean, std = s.transition(s.predict(x_t, k, cond[idx], uncond[idx]), x_t, k, spec.eta)
                 ratio = torch.exp(gaussian_log_prob(x_prev, mean, std) - traj.log_probs[idx, k])
                 loss = policy_loss(ratio, adv[idx], spec.clip_range)
                 kl = torch.zeros((), device=s.device)
                 if spec.kl_weight > 0:
-                    with torch.no_grad(), adapters_disabled(s.m.unet, True):
-                        base_mean, _ = ddim_transition(s, s.eps(x_t, traj.timesteps[k], cond[idx], uncond[idx]), x_t, t, spec.eta)
-                    # KL of two Gaussians of one std: |mean - base_mean|^2 / (2 std^2), per element
-                    kl = (((mean - base_mean) ** 2) / (2 * std.clamp_min(1e-12) ** 2)).mean()
+                    with torch.no_grad(), adapters_disabled(s.m.denoiser, True):
+                        base_mean, _ = s.transition(s.predict(x_t, k, cond[idx], uncond[idx]), x_t, k, spec.eta)
+                    kl = transition_kl(mean, base_mean, std)
                     loss = loss + spec.kl_weight * kl
                 (loss * len(idx) / len(prompts) / len(chosen)).backward()
                 losses.append(float(loss.detach()))

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .pipeline import adapters_disabled
-from .sampler import Sampler
+from .sampler import Sampler, transition_kl
 from .spec import JobSpec
 
 # reward(images (B,3,H,W) in [0,1], prompts) -> (total (B,), {expert: (B,)}): differentiable total
@@ -37,18 +37,14 @@ class StepLoss:
     components: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def step_kl(s: Sampler, latents, t, cond, uncond, e: torch.Tensor, num_inference_steps: int) -> torch.Tensor:
-    """KL between the LoRA and base Gaussian steps x_t -> x_prev (DDIM with eta = 1 variance); both
-    means are linear in the noise prediction, so KL = c^2 |e - e_base|^2 / (2 sigma^2), per element."""
-    sch = s.scheduler
-    with torch.no_grad(), adapters_disabled(s.m.unet, True):
-        e_base = s.eps(latents, t, cond, uncond)
-    prev_t = int(t) - sch.config.num_train_timesteps // num_inference_steps
-    a_t = sch.alphas_cumprod[int(t)].to(s.device)
-    a_prev = sch.alphas_cumprod[prev_t].to(s.device) if prev_t >= 0 else sch.final_alpha_cumprod.to(s.device)
-    sigma2 = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp_min(1e-12)
-    c = -a_prev.sqrt() * (1 - a_t).sqrt() / a_t.sqrt() + (1 - a_prev - sigma2).clamp_min(0).sqrt()
-    return (c**2 / (2 * sigma2)) * ((e - e_base) ** 2).mean()
+def step_kl(s: Sampler, latents, k: int, cond, uncond, e: torch.Tensor) -> torch.Tensor:
+    """KL between the LoRA's and the base's Gaussian steps x_t -> x_prev from schedule step k (DDIM with
+    eta = 1 variance), per element."""
+    with torch.no_grad(), adapters_disabled(s.m.denoiser, True):
+        e_base = s.predict(latents, k, cond, uncond)
+    mean, std = s.transition(e, latents, k, 1.0)
+    base_mean, _ = s.transition(e_base, latents, k, 1.0)
+    return transition_kl(mean, base_mean, std)
 
 
 def denoising_loss(s: Sampler, latents: torch.Tensor, cond: torch.Tensor):
@@ -56,21 +52,20 @@ def denoising_loss(s: Sampler, latents: torch.Tensor, cond: torch.Tensor):
     noise = torch.randn_like(latents)
     t = torch.randint(0, s.scheduler.config.num_train_timesteps, (latents.shape[0],), device=s.device)
     noisy = s.scheduler.add_noise(latents, noise, t)
-    pred = s.unet(noisy, t, cond)
+    pred = s.model(noisy, t, cond)
     return ((pred - noise) ** 2).mean(dim=(1, 2, 3)), (noisy, t, pred)
 
 
 def refl_loss(s: Sampler, spec: JobSpec, reward: RewardFn, prompts: list[str], seeds: list[int], cond, uncond,
               rng: random.Random) -> StepLoss:
     stop = rng.randrange(*spec.refl_step_range)
-    latents = s.denoise(s.initial_latents(seeds), s.scheduler.timesteps[:stop], cond, uncond)
-    t = s.scheduler.timesteps[stop]
-    e = s.eps(latents, t, cond, uncond)  # the one step with gradients
-    a_t = s.scheduler.alphas_cumprod[int(t)].to(s.device)
+    latents = s.denoise(s.initial_latents(seeds), cond, uncond, steps=stop)
+    e = s.predict(latents, stop, cond, uncond)  # the one step with gradients
+    a_t = s.scheduler.alphas_cumprod[int(s.scheduler.timesteps[stop])].to(s.device)
     x0 = (latents - (1 - a_t).sqrt() * e) / a_t.sqrt()
     total, components = reward(s.decode(x0), prompts)
     reward_term = F.relu(2 - total).mean() if spec.reward_loss == "hinge" else -total.mean()
-    kl = step_kl(s, latents, t, cond, uncond, e, spec.num_inference_steps) if spec.kl_weight > 0 else torch.zeros((), device=s.device)
+    kl = step_kl(s, latents, stop, cond, uncond, e) if spec.kl_weight > 0 else torch.zeros((), device=s.device)
     loss = spec.reward_weight * reward_term + spec.kl_weight * kl
     return StepLoss(loss, total.detach(), kl.detach(), components)
 
@@ -85,8 +80,8 @@ def reward_weighted_loss(s: Sampler, spec: JobSpec, reward: RewardFn, prompts: l
     loss = spec.reward_weight * (torch.sigmoid(total) * per_image).mean()
     kl = torch.zeros((), device=s.device)
     if spec.regularizer == "kl" and spec.kl_weight > 0:
-        with torch.no_grad(), adapters_disabled(s.m.unet, True):
-            base_pred = s.unet(noisy, t, cond)
+        with torch.no_grad(), adapters_disabled(s.m.denoiser, True):
+            base_pred = s.model(noisy, t, cond)
         kl = ((pred - base_pred) ** 2).mean()
         loss = loss + spec.kl_weight * kl
     return StepLoss(loss, total, kl.detach(), components)
@@ -97,7 +92,7 @@ def pretrain_loss(s: Sampler, pairs: list[tuple[Path, str]], step: int, batch_si
     batch = [pairs[(step * batch_size + k) % len(pairs)] for k in range(batch_size)]
     images = torch.stack([image_tensor(p, resolution) for p, _ in batch]).to(s.device)
     latents = s.encode_images(images, sample=True)
-    return denoising_loss(s, latents, s.encode_text([c for _, c in batch]))[0].mean()
+    return denoising_loss(s, latents, s.encode([c for _, c in batch]))[0].mean()
 
 
 def load_pretrain_pairs(folder: Path) -> list[tuple[Path, str]]:

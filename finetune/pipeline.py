@@ -2,7 +2,7 @@
 
 As in diffusers' LoRA training example: every frozen module is cast to the weight dtype of the mixed
 precision (fp16/bf16 on a GPU, float32 otherwise) and only the LoRA parameters train, in float32.
-The frozen base model is the same UNet with its adapters disabled (`adapters_disabled`).
+The frozen base model is the same denoiser with its adapters disabled (`adapters_disabled`).
 
 Pipelines come in three layouts (`pipeline_layout`, from model_index.json's `_class_name`): "sd"
 (StableDiffusionPipeline: SD 1.x and 2.x), "sdxl" (StableDiffusionXLPipeline) and "sd3"
@@ -37,12 +37,11 @@ KNOWN_UNSUPPORTED = {"FluxPipeline": "flux"}  # known layouts that jobs cannot f
 
 @dataclass
 class Models:
-    pipe: object  # the StableDiffusionPipeline (tokenizer, text encoder, VAE, UNet, scheduler config)
-    unet: torch.nn.Module
+    pipe: object  # the diffusers pipeline: text encoders and tokenizers (its `encode_prompt`), VAE, denoiser
+    layout: Layout
+    denoiser: torch.nn.Module  # the UNet (sd, sdxl) or SD3's transformer; it carries the LoRA
     vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    scheduler: object  # a DDIMScheduler with the job's timesteps set
+    scheduler: object  # DDIM (sd, sdxl) or flow-matching Euler (sd3), with the job's timesteps set
     params: list[torch.nn.Parameter]  # the LoRA parameters, the only ones that train
     optimizer: torch.optim.Optimizer
     latent_shape: tuple[int, int, int]
@@ -129,44 +128,48 @@ def load_pipeline(base_model: str, cache_dir: Path):
 
 
 def setup_models(spec: JobSpec, base_model: str, cache_dir: Path, device: torch.device, weight_dtype: torch.dtype) -> Models:
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
     from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
     pipe = load_pipeline(base_model, cache_dir)
-    unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
-    for m in (unet, vae, text_encoder):  # frozen, in the weight dtype: only the adapters train
-        m.requires_grad_(False).to(device, dtype=weight_dtype)
+    layout = pipeline_layout(pipe)
+    denoiser = pipe.transformer if layout == "sd3" else pipe.unet
+    for m in pipe.components.values():  # frozen, in the weight dtype: only the adapters train
+        if isinstance(m, torch.nn.Module):
+            m.requires_grad_(False).to(device, dtype=weight_dtype)
     torch.manual_seed(spec.seed)
-    unet.add_adapter(LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, init_lora_weights="gaussian",
-                                target_modules=spec.target_modules))
-    cast_training_params(unet, dtype=torch.float32)  # why: optimiser steps on half-precision weights underflow
+    denoiser.add_adapter(LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, init_lora_weights="gaussian",
+                                    target_modules=spec.target_modules))
+    cast_training_params(denoiser, dtype=torch.float32)  # why: optimiser steps on half-precision weights underflow
     if spec.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    params = [p for p in unet.parameters() if p.requires_grad]
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+        denoiser.enable_gradient_checkpointing()
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    # why our own schedulers: the trainer takes its steps itself (sampler.transition), with a variance DDIM
+    # and the flow SDE define; the pipeline's scheduler config gives the noise schedule
+    scheduler_class = FlowMatchEulerDiscreteScheduler if layout == "sd3" else DDIMScheduler
+    scheduler = scheduler_class.from_config(pipe.scheduler.config)
     scheduler.set_timesteps(spec.num_inference_steps, device=device)
     scale = pipe.vae_scale_factor
     if spec.resolution % scale:
         raise ValueError(f"resolution {spec.resolution} is not a multiple of the VAE scale factor {scale}")
-    return Models(pipe, unet, vae, text_encoder, pipe.tokenizer, scheduler, params,
-                  torch.optim.AdamW(params, lr=spec.learning_rate),
-                  (unet.config.in_channels, spec.resolution // scale, spec.resolution // scale))
+    return Models(pipe, layout, denoiser, pipe.vae, scheduler, params, torch.optim.AdamW(params, lr=spec.learning_rate),
+                  (denoiser.config.in_channels, spec.resolution // scale, spec.resolution // scale))
 
 
 class adapters_disabled:
-    """Context manager: the UNet without its LoRA (the frozen base model) when `enabled`."""
+    """Context manager: the denoiser without its LoRA (the frozen base model) when `enabled`."""
 
-    def __init__(self, unet, enabled: bool):
-        self.unet, self.enabled = unet, enabled
+    def __init__(self, denoiser, enabled: bool):
+        self.denoiser, self.enabled = denoiser, enabled
 
     def __enter__(self):
         if self.enabled:
-            self.unet.disable_adapters()
+            self.denoiser.disable_adapters()
 
     def __exit__(self, *exc):
         if self.enabled:
-            self.unet.enable_adapters()
+            self.denoiser.enable_adapters()
 
 
 def model_layout(model) -> Layout:

@@ -45,8 +45,11 @@ def prepare_job(spec: JobSpec, settings: FinetuneSettings, prompter: PromptIndex
     return PreparedJob(spec, base_model, pretrain)
 
 
-# the pipeline layouts each method's training loop runs on today (`pipeline.pipeline_layout`)
-METHOD_LAYOUTS = {"refl": {"sd"}, "reward_weighted": {"sd"}, "grpo": {"sd"}, "ddpo": {"sd"}}
+# the pipeline layouts each method's training loop runs on (`pipeline.pipeline_layout`): ReFL and reward-weighted
+# likelihood are written for noise prediction (DDIM's x0 estimate, the epsilon denoising loss), so not for
+# flow matching; GRPO needs only a stochastic sampler with log-probabilities, which every layout has
+METHOD_LAYOUTS = {"refl": {"sd", "sdxl"}, "reward_weighted": {"sd", "sdxl"}, "grpo": {"sd", "sdxl", "sd3"}, "ddpo": {"sd", "sdxl", "sd3"}}
+LAYOUT_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3 (flow matching)"}
 
 
 def check_layout(spec: JobSpec, base_model: str) -> None:
@@ -56,5 +59,6 @@ def check_layout(spec: JobSpec, base_model: str) -> None:
 
     layout = base_model_layout(base_model, spec.base_model)
     if layout is not None and layout not in METHOD_LAYOUTS[spec.method]:
-        raise ValueError(f"method {spec.method!r} cannot run on a {layout} pipeline yet ({spec.base_model!r}); "
-                         f"it runs on: {', '.join(sorted(METHOD_LAYOUTS[spec.method]))} (Stable Diffusion 1.x/2.x layouts)")
+        runs_on = ", ".join(LAYOUT_NAMES[l] for l in LAYOUT_NAMES if l in METHOD_LAYOUTS[spec.method])
+        raise ValueError(f"method {spec.method!r} cannot run on a {layout} pipeline ({spec.base_model!r}); it runs on {runs_on} "
+                         "pipelines; use method 'grpo' for flow-matching models")

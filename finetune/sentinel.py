@@ -82,9 +82,10 @@ def image_stats(images: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def _mean_se(values: torch.Tensor) -> tuple[float, float]:
+def mean_se(values: torch.Tensor) -> tuple[float, float]:
+    """Mean and standard error (sample std / sqrt(n)); one value has no standard error (0). The job's
+    evaluation (`artifacts.summarise`) uses it too."""
     v = values.detach().to("cpu", torch.float64).flatten()
-    # same convention as artifacts.summarise: one value has no standard error (0)
     se = float(v.std(correction=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
     return float(v.mean()), se
 
@@ -109,7 +110,7 @@ class Sentinel:
         base = self.baseline
         record = {}
         for name, v in values.items():
-            mean, se = _mean_se(v)
+            mean, se = mean_se(v)
             b = (base or {}).get(name)
             # a metric the baseline lacks (an expert added on resume) has nothing to drift from
             drift = 0.0 if b is None else (mean - b["mean"]) / max(math.sqrt(se ** 2 + b["se"] ** 2), _EPS)

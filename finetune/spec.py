@@ -168,10 +168,6 @@ class JobSpec(BaseModel):
     def is_policy_gradient(self) -> bool:
         return self.method in ("grpo", "ddpo")
 
-    @property
-    def images_per_step(self) -> int:
-        return self.batch_size * (self.group_size if self.is_policy_gradient else 1)
-
 
 class JobLimits(BaseModel):
     """What the operator allows; a spec beyond these is refused (422). Each is capped by the spec's hard

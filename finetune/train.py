@@ -82,7 +82,7 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
     pairs = load_pretrain_pairs(ctx.pretrain_dir) if ctx.pretrain_dir is not None else []
 
     # ---- resume, and the base model's evaluation once, before any update
-    start, base_eval, extra = resume(out, models.unet, models.optimizer, ctx.metrics)
+    start, base_eval, extra = resume(out, models.denoiser, models.optimizer, ctx.metrics)
     stats = None
     if spec.is_policy_gradient and spec.per_prompt_stats:  # DDPO's statistics, as the checkpoint left them
         stats = PromptStats.from_dict(extra.get("prompt_stats") or {"buffer_size": spec.stat_buffer_size, "min_count": spec.stat_min_count})
@@ -117,7 +117,7 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
         _guard(ctx)
         if ctx.should_stop is not None and ctx.should_stop():
             if main:
-                save_checkpoint(out, step, models.unet, models.optimizer, ctx.metrics, base_eval, state())
+                save_checkpoint(out, step, models.denoiser, models.optimizer, ctx.metrics, base_eval, state())
             raise JobCancelled(f"cancelled at step {step}")
         rng = random.Random(spec.seed * 1_000_003 + step + 7_919 * accelerator.process_index)
         first_prompt = (step * accelerator.num_processes + accelerator.process_index) * spec.batch_size
@@ -126,7 +126,7 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
             prompts = [p for p in prompts for _ in range(spec.group_size)]
         seeds = [rng.randrange(2**31) for _ in prompts]
         cond, uncond = sampler.conditions(prompts)
-        models.unet.train()
+        models.denoiser.train()
         if spec.is_policy_gradient:  # PPO steps the optimiser itself, once per inner epoch
             result = grpo_step(sampler, spec, ctx.reward, prompts, seeds, cond, uncond, rng, models.optimizer, models.params,
                                stats, weights, after_backward=lambda: average_gradients(accelerator, models.params))
@@ -161,7 +161,7 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
                 return finish(spec, ctx, sampler, models, out, eval_prompts, eval_p, eval_seeds, base_eval, sentinel, stopped)
         if done % spec.checkpoint_every == 0 and done < spec.steps and main:
             _guard(ctx)
-            save_checkpoint(out, done, models.unet, models.optimizer, ctx.metrics, base_eval, state())
+            save_checkpoint(out, done, models.denoiser, models.optimizer, ctx.metrics, base_eval, state())
         if ctx.on_progress is not None and main:
             ctx.on_progress({"step": done, "total": spec.steps, "eta_s": round(eta, 1)})
 
@@ -182,7 +182,7 @@ def watch(sentinel: Sentinel, sampler, ctx: JobContext, models, out: Path, step:
     ctx.metrics["sentinel"] = sentinel.to_dict()["history"]
     _guard(ctx)
     if sentinel.best_step == step:
-        save_lora(models.unet, out / "best")
+        save_lora(models.denoiser, out / "best")
     return sentinel.should_stop(record)
 
 
@@ -193,7 +193,7 @@ def finish(spec: JobSpec, ctx: JobContext, sampler, models, out: Path, eval_prom
     the reason."""
     import shutil
 
-    models.unet.eval()
+    models.denoiser.eval()
     tuned_images = sampler.sample(eval_p, eval_seeds)
     tuned_eval = evaluate(ctx.reward, tuned_images, eval_p)
     _guard(ctx)
@@ -201,7 +201,7 @@ def finish(spec: JobSpec, ctx: JobContext, sampler, models, out: Path, eval_prom
     best = out / "best" / LORA_FILE
     kept_best = stopped is not None and best.is_file()
     if stopped is None:
-        save_lora(models.unet, out)
+        save_lora(models.denoiser, out)
     elif kept_best:
         shutil.copy(best, out / LORA_FILE)
     shutil.rmtree(out / "best", ignore_errors=True)

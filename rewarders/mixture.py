@@ -143,9 +143,6 @@ class Mixture(nn.Module):
 
     def weights_for(self, override: Mapping[str, float] | None = None) -> dict[str, float]:
         """The weights a call with these per-call overrides uses (InvalidRequestError for bad ones)."""
-        return self._weights(override)
-
-    def _weights(self, override: Mapping[str, float] | None) -> dict[str, float]:
         weights = dict(self.weights)
         for name, w in (override or {}).items():
             if name not in weights:
@@ -279,7 +276,7 @@ class Mixture(nn.Module):
         if images.shape[0] == 0:
             raise InvalidRequestError("no images to score")
         prompt_list = self._prompts_for(prompts, images.shape[0], limits)
-        w = self._weights(weights)
+        w = self.weights_for(weights)
         raw = self._tensor_scores(images, prompt_list, [len(prompt_list)], on_timing)  # the tensor is one request
         return TensorScores(self.combine(raw, w), raw)
 
@@ -323,7 +320,7 @@ class Mixture(nn.Module):
         checked = []
         for images, prompts, weights in requests:
             self.check_tensor(images, limits)
-            checked.append((images, self._prompts_for(prompts, images.shape[0], limits), self._weights(weights)))
+            checked.append((images, self._prompts_for(prompts, images.shape[0], limits), self.weights_for(weights)))
         if len({tuple(im.shape[1:]) for im, _, _ in checked}) > 1:
             raise InvalidRequestError("requests pooled into one gradient pass must have tensors of one size")
         sizes = [len(p) for _, p, _ in checked]
@@ -434,7 +431,7 @@ class Mixture(nn.Module):
             raise InvalidRequestError("explain needs a calibration file: set `calibration` in the config "
                                       "(written by `t2i-reward calibrate`)")
         self.check_group_sizes([n])
-        return Checked(prompt_list, self._weights(weights), group_ids=group_ids, explain=bool(explain))
+        return Checked(prompt_list, self.weights_for(weights), group_ids=group_ids, explain=bool(explain))
 
     def raw_scores(self, images: Sequence, prompts: Sequence[str], *, groups: Sequence[int] | None = None,
                    on_timing: Timing | None = None) -> dict[str, torch.Tensor]:

@@ -23,8 +23,8 @@ def services():
     if shutil.which("docker-compose"):  # the resolved file: anchors and merges applied by compose itself
         text = subprocess.run(["docker-compose", "-f", "compose.yaml", "--profile", "cpu", "config"], cwd=ROOT,
                               capture_output=True, text=True, check=True).stdout
-    else:
-        text = (ROOT / "compose.yaml").read_text()
+    else:  # unresolved: ${VAR:-default} read as compose reads it with VAR unset
+        text = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", (ROOT / "compose.yaml").read_text())
     return yaml.safe_load(text)["services"]
 
 

@@ -21,7 +21,7 @@ from .conftest import running_server
 
 REDIS_URL = os.environ.get("T2I_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 FAST = dict(base_model="tiny", resolution=32, num_inference_steps=6, refl_step_range=[3, 6], guidance_scale=1.0,
-            eval_images_per_prompt=1, learning_rate=5e-2, checkpoint_every=5)
+            eval_images_per_prompt=1, learning_rate=2e-2, checkpoint_every=5)
 
 
 @pytest.fixture(scope="module")
