@@ -187,6 +187,32 @@ def test_killed_worker_resumes_from_checkpoint(api, env, worker, tmp_path):
     assert "resuming from" in (tmp_path / "w2.log").read_text()
 
 
+def test_a_killed_grpo_job_on_sd3_resumes_where_it_was(api, env, worker, tmp_path):
+    """GRPO on the flow-matching pipeline over REST with a real worker: killed after a checkpoint, a new
+    worker resumes it (LoRA, optimiser, per-prompt statistics, the seeded sampler noise), and the resumed
+    job's reward curve is the uninterrupted job's."""
+    spec = {**FAST, "method": "ddpo", "base_model": "tiny-sd3", "group_size": 2, "prompts": ["a lighthouse", "a red car"],
+            "batch_size": 2, "steps": 16, "num_inference_steps": 4, "stat_min_count": 2, "learning_rate": 0.05}
+    whole = wait_for(api, api.post("/jobs", json=spec).json()["id"], {"succeeded"})
+    assert "pytorch_lora_weights.safetensors" in whole["artifacts"] and len(whole["metrics"]["clip_fraction"]) == 16
+    worker.stop()  # this part drives its own workers
+    first = Worker(env, tmp_path / "w1.log")
+    job_id = api.post("/jobs", json=spec).json()["id"]
+    try:
+        wait_for(api, job_id, {"running"}, step=7)  # past the checkpoint at step 5
+        first.kill()
+    finally:
+        first.stop()
+    second = Worker(env, tmp_path / "w2.log")
+    try:
+        job = wait_for(api, job_id, {"succeeded"}, timeout=300)
+    finally:
+        second.stop()
+        worker.start()
+    assert job["metrics"]["resumed_at"] and job["metrics"]["resumed_at"][0] >= 5
+    assert job["metrics"]["reward"] == pytest.approx(whole["metrics"]["reward"], rel=1e-4, abs=1e-6)
+
+
 @pytest.mark.parametrize(
     "change, fragment",
     [
@@ -203,6 +229,10 @@ def test_killed_worker_resumes_from_checkpoint(api, env, worker, tmp_path):
         ({"output_dir": "/tmp/x"}, "output_dir"),
         ({"refl_step_range": [5, 50]}, "refl_step_range"),
         ({"lora_rank": 0}, "lora_rank"),
+        ({"base_model": "tiny-sd3"}, "cannot run on a sd3 pipeline"),  # ReFL on flow matching
+        ({"method": "grpo", "group_size": 1}, "group_size >= 2"),
+        ({"method": "grpo", "group_size": 33}, "group_size is 33; the limit is 32"),
+        ({"method": "grpo", "batch_size": 16, "group_size": 32}, "images per step"),
     ],
 )
 def test_bad_specs_get_422(api, change, fragment):
