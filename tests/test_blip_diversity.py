@@ -1,4 +1,3 @@
-import json
 import math
 import os
 import re
@@ -14,7 +13,7 @@ from rewarders.blip_score import CHECKPOINT_FILE, BlipScoreExpert, BlipScoreMode
 from rewarders.diversity import DiversityExpert
 from rewarders.imagereward import ImageRewardArch
 
-from .conftest import smooth_image
+from .conftest import reference_scores, smooth_image
 
 LONG_PROMPT = (
     "a majestic castle on a hill at sunset, highly detailed digital painting, trending on artstation, "
@@ -185,9 +184,7 @@ def test_blip_parity_with_reference_package(tmp_path, cache_dir):
             im.putalpha(smooth_image(50, h, w).convert("L"))
         im.save(tmp_path / name)
         files.append(str(tmp_path / name))
-    out = subprocess.run([str(REF_PYTHON), str(REF_SCRIPT), "score", "BLIP", str(REF_DIR), LONG_PROMPT, *files],
-                         check=True, capture_output=True, text=True)
-    reference = json.loads(out.stdout.strip().splitlines()[-1])
+    reference = reference_scores(REF_PYTHON, REF_SCRIPT, "score", "BLIP", REF_DIR, LONG_PROMPT, *files)
     ours_model = create_rewarder(profile="tiny", cache_dir=cache_dir, device="cpu", dtype="float32",
                                  experts={**NO_OTHERS, "blip_score": {"checkpoint": str(REF_DIR / CHECKPOINT_FILE), "tokenizer": "packaged"}})
     ours = scores(ours_model.score(LONG_PROMPT, files), "blip_score")

@@ -5,7 +5,6 @@ with the reference implementations on random full-size weights in the released f
 its reference environment exists and skips with the reason otherwise (see README, Tests).
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ from PIL import Image
 from rewarders import ModelLoadError, create_rewarder
 from rewarders.checkpoints import resolve_checkpoint
 
-from .conftest import smooth_image
+from .conftest import PARITY_DIR, reference_scores, smooth_image
 
 NEW = ["pickscore", "hpsv2", "clip_score"]
 TINY_CFG = {"pickscore": {"checkpoint": "tiny"}, "hpsv2": {"checkpoint": "tiny"}, "clip_score": {"clip": "tiny"}}
@@ -222,7 +221,6 @@ def test_openai_format_files_build_quickgelu(cache_dir, tmp_path):
 # parity with the reference implementations (random full-size weights in the released formats)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared/reference"
-PARITY_DIR = Path(os.environ.get("T2I_PARITY_DIR", "/tmp/t2i-parity"))
 HPSV2_REF_PYTHON = Path(os.environ.get("HPSV2_REF_PYTHON", "/tmp/hpsv2-ref/bin/python"))
 IR_REF_PYTHON = Path(os.environ.get("IMAGEREWARD_REF_PYTHON", "/tmp/imagereward-ref/bin/python"))
 # odd sizes and every mode that takes its own path (the RGB path runs through the JPEG and WebP files)
@@ -254,11 +252,6 @@ def parity_images(tmp_path_factory):
     return [folder / name for name, _, _ in PARITY_CASES]
 
 
-def _reference(python: Path, script: Path, *args) -> list[float]:
-    out = subprocess.run([str(python), str(script), *map(str, args)], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def _assert_parity(ours: list[float], reference: list[float]) -> None:
     """Within 5e-5 of the scores' scale (the largest |reference score|): random weights put some cosines
     near zero, where a relative error of each value means nothing."""
@@ -278,7 +271,7 @@ def test_pickscore_parity(cache_dir, parity_images):
         pytest.skip(why)
     if not (ckpt / "model.safetensors").exists():
         subprocess.run([sys.executable, str(script), "make", str(ckpt)], check=True, capture_output=True)
-    reference = _reference(sys.executable, script, "score", ckpt, LONG_PROMPT, *parity_images)
+    reference = reference_scores(sys.executable, script, "score", ckpt, LONG_PROMPT, *parity_images)
     r = only(cache_dir, "pickscore", {"checkpoint": str(ckpt), "processor": str(ckpt)}, device="cpu", dtype="float32")
     _assert_parity(scores(r, "pickscore", LONG_PROMPT, parity_images), reference)
 
@@ -301,7 +294,7 @@ def test_hpsv2_parity(cache_dir, parity_images, tmp_path):
             p = tmp_path / "rgba-alpha-dropped.png"
             im.convert("RGB").save(p)
         ref_files.append(p)
-    reference = _reference(HPSV2_REF_PYTHON, script, "score", ckpt, LONG_PROMPT, *ref_files)
+    reference = reference_scores(HPSV2_REF_PYTHON, script, "score", ckpt, LONG_PROMPT, *ref_files)
     r = only(cache_dir, "hpsv2", {"checkpoint": str(ckpt)}, device="cpu", dtype="float32")
     _assert_parity(scores(r, "hpsv2", LONG_PROMPT, parity_images), reference)
 
@@ -317,7 +310,7 @@ def test_clip_score_and_aesthetic_parity_on_a_local_openai_file(cache_dir, parit
         pytest.skip(why)
     if not (folder / "ViT-L-14.pt").exists():
         subprocess.run([str(IR_REF_PYTHON), str(script), "make", str(folder)], check=True, capture_output=True)
-    reference = {name: _reference(IR_REF_PYTHON, script, "score", name, folder, LONG_PROMPT, *parity_images)
+    reference = {name: reference_scores(IR_REF_PYTHON, script, "score", name, folder, LONG_PROMPT, *parity_images)
                  for name in ("CLIP", "Aesthetic")}
     clip = f"ViT-L-14/{folder / 'ViT-L-14.pt'}"
     r = create_rewarder(profile="tiny", cache_dir=cache_dir, device="cpu", dtype="float32", experts={

@@ -1,7 +1,6 @@
 """GRPO / DDPO jobs on the tiny pipeline: the sampler's log-probabilities, group advantages, learning that
 can be seen (and vanishes without the policy loss), remote rewards equal to in-process ones, the preset."""
 
-import random
 
 import pytest
 import torch

@@ -1,4 +1,3 @@
-import json
 import os
 import re
 import subprocess
@@ -10,7 +9,7 @@ import torch
 from rewarders import ModelLoadError, create_rewarder
 from rewarders.imagereward import ImageRewardArch, ImageRewardModel, read_state_dict
 
-from .conftest import smooth_image
+from .conftest import reference_scores, smooth_image
 
 LONG_PROMPT = (
     "a majestic castle on a hill at sunset, highly detailed digital painting, trending on artstation, "
@@ -119,9 +118,7 @@ def test_parity_with_reference_package(tmp_path, cache_dir):
             im.putalpha(alpha)
         im.save(tmp_path / name)
         files.append(str(tmp_path / name))
-    out = subprocess.run([str(REF_PYTHON), str(REF_SCRIPT), "score", str(REF_CHECKPOINT), LONG_PROMPT, *files],
-                         check=True, capture_output=True, text=True)
-    reference = json.loads(out.stdout.strip().splitlines()[-1])
+    reference = reference_scores(REF_PYTHON, REF_SCRIPT, "score", REF_CHECKPOINT, LONG_PROMPT, *files)
     ours_model = create_rewarder(
         profile="tiny", cache_dir=cache_dir, device="cpu", dtype="float32",
         experts={"imagereward": {"checkpoint": str(REF_CHECKPOINT), "tokenizer": "packaged"}, "aesthetic": None, "mlp": None},
