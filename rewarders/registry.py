@@ -48,6 +48,7 @@ BUILTIN = {
     "pickscore": "rewarders.pickscore:PickScoreExpert",
     "hpsv2": "rewarders.hpsv2:HPSv2Expert",
     "clip_score": "rewarders.clip_score:ClipScoreExpert",
+    "vlm_judge": "rewarders.vlm_judge:VLMJudge",
 }
 
 

@@ -23,6 +23,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from rewarders import ImageTooLargeError, InvalidImageError, RewardError
+from rewarders.mllm import MLLMError
 
 from ..batcher import QueueFullError, QueueTimeoutError
 from ..deps import AuthDep, BatcherDep
@@ -48,6 +49,8 @@ _MULTIPART_SCHEMA = {
 
 def error_status(e: Exception) -> int:
     """The HTTP status of an error from the library or the batcher (anything else is a 500)."""
+    if isinstance(e, MLLMError):  # the MLLM peer (vlm_judge) is down, slow, or answered garbage: not the caller's fault
+        return 504 if e.kind == "timeout" else 502
     if isinstance(e, QueueFullError):
         return 429
     if isinstance(e, QueueTimeoutError):

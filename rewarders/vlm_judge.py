@@ -1,0 +1,67 @@
+"""vlm_judge: a multimodal LLM asked whether each image matches its prompt (the MLLM peer, `rewarders/mllm.py`).
+
+The score is the peer's probability of "yes", in [0, 1]: read from its log-probabilities where it returns
+them, from transformers serve's yes/no endpoint, or, with neither, its 0-10 rating divided by 10 (the
+`yes_no` mode; in-process it is always the model's Yes/No logits). Images go to the peer downscaled to
+`image_size` (the longer side). Not differentiable: a job optimising it uses GRPO or reward-weighted
+likelihood. A peer that is down, too slow or unparseable raises `MLLMError`, and the scoring call fails
+with that message; nothing else is affected.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Optional
+
+import torch
+from pydantic import Field, SecretStr
+
+from .images import Preprocess
+from .mllm import MLLMConfig, YesNoMode, create_peer
+from .registry import Expert, ExpertConfig, register_expert
+
+DEFAULT_QUESTION = "Does this image match the prompt \"{prompt}\"?"
+
+
+class VLMJudgeConfig(ExpertConfig):
+    url: Optional[str] = Field(None, description="Base URL of an OpenAI-compatible server; None: the model in-process.")
+    model: str = Field("tiny", description="The served model's name; in-process: a local folder, a hub id, or 'tiny' (a tiny random LLaVA).")
+    api_key: Optional[SecretStr] = Field(None, description="Bearer token for the server.")
+    timeout_s: float = Field(60.0, gt=0, le=3600, description="Seconds to wait for one answer.")
+    max_concurrency: int = Field(4, ge=1, le=256, description="Images asked about at once.")
+    retries: int = Field(2, ge=0, le=10, description="Retries after a 429, a 5xx or a refused connection.")
+    image_size: int = Field(384, ge=16, le=2048, description="Longer side of the images sent to the peer.")
+    yes_no: YesNoMode = Field("auto", description="logprobs, systemone, rating, or auto (the first the peer supports).")
+    question: str = Field(DEFAULT_QUESTION, min_length=1, max_length=2000, description="The yes/no question; {prompt} is the image's prompt.")
+
+
+@register_expert
+class VLMJudge(Expert):
+    name = "vlm_judge"
+    Config = VLMJudgeConfig
+    default_mean = 0.5  # a probability: centred on "can't tell"
+    default_std = 0.25
+
+    def __init__(self, peer, cfg: VLMJudgeConfig):
+        # the pixels stay in [0, 1] at the size sent to the peer (square, as every expert's input)
+        super().__init__(Preprocess(cfg.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), cfg.url or cfg.model, cfg.model == "tiny")
+        self.peer, self.question, self.workers = peer, cfg.question, cfg.max_concurrency
+
+    @classmethod
+    def from_config(cls, cfg: VLMJudgeConfig, ctx) -> "VLMJudge":
+        peer_cfg = MLLMConfig(**cfg.model_dump(include=set(MLLMConfig.model_fields)))
+        return cls(create_peer(peer_cfg, ctx.cache_dir, str(ctx.device)), cfg)
+
+    def ask(self, pixels: torch.Tensor, prompts: list[str]) -> list[float]:
+        from torchvision.transforms.functional import to_pil_image
+
+        images = [to_pil_image(p.detach().float().clamp(0, 1).cpu()) for p in pixels]
+        questions = [self.question.replace("{prompt}", p) for p in prompts]
+        with ThreadPoolExecutor(max(1, min(self.workers, len(images)))) as pool:
+            return list(pool.map(self.peer.yes_probability, images, questions))
+
+    def forward(self, pixels, prompts, image_embeds=None, text_embeds=None) -> torch.Tensor:
+        return torch.tensor(self.ask(pixels, prompts), dtype=torch.float32, device=pixels.device)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "peer": self.peer.describe()}

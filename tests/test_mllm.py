@@ -1,0 +1,142 @@
+"""The MLLM peer and the vlm_judge expert, against real peers only: `transformers serve` (the OpenAI-compatible
+server that ships with transformers) serving the project's tiny random LLaVA on loopback, and the same model
+in-process. Also the peer down, too slow, and answering garbage."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from rewarders import create_rewarder
+from rewarders.mllm import HTTPPeer, MLLMConfig, MLLMError, create_peer
+from rewarders.tiny_vlm import ensure_tiny_vlm
+
+from .conftest import free_port, smooth_image
+
+NO_OTHERS = {"imagereward": None, "aesthetic": None, "mlp": None}
+IMAGES = [smooth_image(s, 64, 80) for s in (1, 2, 3)] + [Image.new("RGB", (64, 64), (200, 30, 30))]
+
+
+@pytest.fixture(scope="module")
+def vlm(cache_dir) -> Path:
+    return ensure_tiny_vlm(cache_dir)
+
+
+@pytest.fixture(scope="module")
+def served(vlm, tmp_path_factory):
+    """`transformers serve <tiny VLM folder>` on a free loopback port, offline, one thread."""
+    exe = Path(sys.executable).parent / "transformers"
+    if not exe.exists():
+        pytest.skip("transformers serve is not installed (pip install 'transformers[serving]')")
+    port, home = free_port(), tmp_path_factory.mktemp("hf-home")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(home)}
+    log = open(home / "serve.log", "w")
+    proc = subprocess.Popen([str(exe), "serve", str(vlm), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        end = time.time() + 120
+        while True:
+            assert proc.poll() is None, (home / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < end, "transformers serve never became healthy"
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        log.close()
+
+
+def judge(cache_dir, **cfg):
+    return create_rewarder(profile="tiny", cache_dir=cache_dir, device="cpu", normalize=False,
+                           experts={**NO_OTHERS, "vlm_judge": {"image_size": 56, **cfg}})
+
+
+def judge_scores(rewarder, prompt="a red square"):
+    return [s.components["vlm_judge"] for s in rewarder.score(prompt, IMAGES).images]
+
+
+def check_scores(first, again):
+    assert all(0.0 <= s <= 1.0 for s in first)
+    assert first == again  # deterministic
+    assert len(set(round(s, 6) for s in first)) > 1  # the images are told apart
+
+
+def test_the_in_process_judge_scores_each_image(cache_dir, vlm):
+    r = judge(cache_dir)  # model 'tiny': the same folder
+    check_scores(judge_scores(r), judge_scores(r))
+    assert judge_scores(r, "a blue circle") != judge_scores(r)  # the prompt is asked about too
+    assert r.experts["vlm_judge"].describe()["peer"]["yes_no"] == "logits"
+
+
+def test_the_judge_through_transformers_serve(cache_dir, vlm, served):
+    """transformers serve ignores `logprobs`, so `auto` settles on its yes/no endpoint."""
+    r = judge(cache_dir, url=served, model=str(vlm))
+    check_scores(judge_scores(r), judge_scores(r))
+    assert r.experts["vlm_judge"].peer.describe()["yes_no"] == "systemone"
+
+
+def test_a_peer_answering_garbage_is_a_clear_error(vlm, served):
+    """The random model's chat answers are noise: a 0-10 rating cannot be read from them."""
+    peer = HTTPPeer(MLLMConfig(url=served, model=str(vlm), yes_no="rating", image_size=56))
+    text = peer.text(peer.messages(IMAGES[0], "Describe the image.", 56), max_tokens=4)
+    assert isinstance(text, str)  # the chat path itself works
+    with pytest.raises(MLLMError, match="holds no 0-10 rating") as e:
+        peer.yes_probability(IMAGES[0], "Is it red?")
+    assert e.value.kind == "bad_answer"
+    with pytest.raises(MLLMError, match="refused /v1/chat/completions: 400"):  # another model than the one served
+        HTTPPeer(MLLMConfig(url=served, model="some/other-model", yes_no="rating")).yes_probability(IMAGES[0], "Is it red?")
+
+
+def test_a_slow_peer_times_out(vlm, served):
+    peer = HTTPPeer(MLLMConfig(url=served, model=str(vlm), yes_no="systemone", timeout_s=0.001))
+    t = time.perf_counter()
+    with pytest.raises(MLLMError, match="did not answer within 0.001 s") as e:
+        peer.yes_probability(IMAGES[0], "Is it red?")
+    assert e.value.kind == "timeout" and time.perf_counter() - t < 5
+
+
+def test_a_peer_that_is_down_is_a_clear_error_and_the_service_keeps_working(cache_dir):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    peer = create_peer(MLLMConfig(url=url, retries=1))
+    t = time.perf_counter()
+    with pytest.raises(MLLMError, match="is unreachable") as e:
+        peer.yes_probability(IMAGES[0], "Is it red?")
+    assert e.value.kind == "unavailable" and time.perf_counter() - t < 5  # one retry after 0.2 s
+
+    mixture = create_rewarder(profile="tiny", cache_dir=cache_dir, device="cpu",
+                              experts={"vlm_judge": {"url": url, "retries": 0, "weight": 0.5}})
+    with TestClient(create_app(Settings(), rewarder=mixture)) as client:
+        import io
+
+        buf = io.BytesIO()
+        IMAGES[0].save(buf, format="PNG")
+        r = client.post("/reward", data={"prompt": "a red square"}, files={"images": ("a.png", buf.getvalue(), "image/png")})
+        assert r.status_code == 502 and "MLLM peer" in r.json()["detail"] and "unreachable" in r.json()["detail"]
+        assert client.get("/healthz").status_code == 200  # the service itself is fine
+
+
+def test_images_go_downscaled():
+    import base64
+    import io
+
+    from rewarders.mllm import data_url
+
+    url = data_url(Image.new("RGB", (1000, 500)), 100)
+    assert url.startswith("data:image/png;base64,")
+    assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (100, 50)
