@@ -91,15 +91,25 @@ class HTTPPeer:
                                  limits=httpx.Limits(max_connections=cfg.max_concurrency))
         self.slots = threading.BoundedSemaphore(cfg.max_concurrency)
         self.mode: YesNoMode = cfg.yes_no
+        self.last_error: str | None = None  # the last call's error (None after a success): /readyz shows it
 
     def describe(self) -> dict:
-        return {"url": self.url, "model": self.cfg.model, "yes_no": self.mode}
+        return {"url": self.url, "model": self.cfg.model, "yes_no": self.mode, "last_error": self.last_error}
 
     def close(self) -> None:
         self.http.close()
 
     def post(self, path: str, body: dict) -> dict:
         """POST JSON, with the retries and errors of the module doc."""
+        try:
+            out = self._post(path, body)
+        except MLLMError as e:
+            self.last_error = str(e)
+            raise
+        self.last_error = None
+        return out
+
+    def _post(self, path: str, body: dict) -> dict:
         import httpx
 
         error: MLLMError | None = None
@@ -131,7 +141,7 @@ class HTTPPeer:
     def chat(self, messages: list[dict], max_tokens: int = 64, **extra) -> dict:
         """One chat completion (greedy); the API's JSON answer."""
         out = self.post("/v1/chat/completions", {"model": self.cfg.model, "messages": messages, "max_tokens": max_tokens,
-                                                 "temperature": 0, **extra})
+                                                 "temperature": 0, **extra})  # extra may override the temperature
         if not isinstance(out, dict) or not isinstance(out.get("choices"), list) or not out["choices"]:
             raise MLLMError("bad_answer", "the MLLM peer's chat answer has no choices")
         return out
@@ -198,6 +208,15 @@ class HTTPPeer:
         answer = self.text(self.messages(image, question + " In one line, why?", self.cfg.image_size), max_tokens=48)
         return (answer.strip().splitlines() or [""])[0][:300]
 
+    def complete(self, system: str, user: str, max_tokens: int, seed: int) -> str:
+        """A text-only answer, sampled (temperature 0.8) with `seed` where the server samples."""
+        out = self.chat([{"role": "system", "content": system}, {"role": "user", "content": user}], max_tokens,
+                        temperature=0.8, seed=seed)
+        content = (out["choices"][0].get("message") or {}).get("content")
+        if not isinstance(content, str):
+            raise MLLMError("bad_answer", "the MLLM peer's chat answer has no text")
+        return content
+
 
 class LocalPeer:
     """The model in this process (`AutoModelForImageTextToText` + `AutoProcessor`). Thread-safe (one call at
@@ -221,7 +240,7 @@ class LocalPeer:
         self.yes_no_ids = [i[0] for i in ids]
 
     def describe(self) -> dict:
-        return {"url": None, "model": self.cfg.model, "yes_no": "logits"}
+        return {"url": None, "model": self.cfg.model, "yes_no": "logits", "last_error": None}
 
     def close(self) -> None:
         pass
@@ -238,14 +257,23 @@ class LocalPeer:
             logits = self.model(**self._inputs(image, question + " Answer Yes or No only.")).logits[0, -1]
         return float(self.torch.softmax(logits[self.yes_no_ids].float(), dim=0)[0])
 
-    def text(self, messages_or_image, question: str | None = None, max_tokens: int = 64) -> str:
+    def _generate(self, inputs, max_tokens: int, seed: int | None) -> str:
+        kwargs = {"do_sample": False} if seed is None else {"do_sample": True, "temperature": 0.8}
         with self.lock, self.torch.no_grad():
-            inputs = self._inputs(messages_or_image, question)
-            out = self.model.generate(**inputs, max_new_tokens=max_tokens, do_sample=False)
+            if seed is not None:
+                self.torch.manual_seed(seed)
+            out = self.model.generate(**inputs, max_new_tokens=max_tokens, **kwargs)
         return self.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def reason(self, image: Image.Image, question: str) -> str:
-        return (self.text(image, question + " In one line, why?", 48).strip().splitlines() or [""])[0][:300]
+        answer = self._generate(self._inputs(image, question + " In one line, why?"), 48, None)
+        return (answer.strip().splitlines() or [""])[0][:300]
+
+    def complete(self, system: str, user: str, max_tokens: int, seed: int) -> str:
+        msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+        inputs = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                                    return_tensors="pt").to(self.device)
+        return self._generate(inputs, max_tokens, seed)
 
 
 def create_peer(cfg: MLLMConfig, cache_dir: Path | None = None, device: str = "cpu"):

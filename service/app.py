@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -23,7 +24,7 @@ from .batcher import MicroBatcher
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import LimitsAndMetrics
-from .routers import health, jobs, prompts, reward
+from .routers import health, jobs, mllm, prompts, reward
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,10 @@ def create_app(settings: Settings | None = None, rewarder: Mixture | None = None
     app.state.load_error = None
     app.state.prompter = None
     app.state.prompter_error = None
+    app.state.peer, app.state.peer_lock = None, threading.Lock()  # the MLLM peer, made on first use (deps.get_peer)
     app.include_router(health.router)
     app.include_router(reward.router)
+    app.include_router(mllm.router)  # before /prompts: /prompts/enhance is its own route
     app.include_router(prompts.router)
     app.include_router(jobs.router)
     install_error_handlers(app)  # every 4xx answer is JSON-safe, never an echo of the input

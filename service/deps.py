@@ -44,6 +44,24 @@ def get_optional_prompter(request: Request) -> PromptIndex | None:
     return request.app.state.prompter
 
 
+def get_peer(request: Request):
+    """The MLLM peer of the settings, made on first use (an in-process model loads then); 503 without one."""
+    state = request.app.state
+    settings: Settings = state.settings
+    if settings.mllm is None:
+        raise HTTPException(503, "no MLLM peer is configured: set T2I_SERVICE_MLLM__URL and T2I_SERVICE_MLLM__MODEL "
+                                 "(or T2I_SERVICE_MLLM__MODEL alone for the model in-process)")
+    with state.peer_lock:
+        if state.peer is None:
+            from rewarders.mllm import create_peer
+
+            try:
+                state.peer = create_peer(settings.mllm, settings.rewarder_config().cache_dir)
+            except Exception as e:  # an in-process model that does not load
+                raise HTTPException(503, f"the MLLM model {settings.mllm.model!r} failed to load: {type(e).__name__}") from None
+    return state.peer
+
+
 def get_store(request: Request) -> JobStore:
     store: JobStore = request.app.state.job_store
     try:
@@ -92,4 +110,5 @@ RewarderDep = Annotated[Mixture, Depends(get_rewarder)]
 PrompterDep = Annotated[PromptIndex, Depends(get_prompter)]
 OptionalPrompterDep = Annotated[PromptIndex | None, Depends(get_optional_prompter)]
 StoreDep = Annotated[JobStore, Depends(get_store)]
+PeerDep = Annotated[object, Depends(get_peer)]
 AuthDep = Depends(require_api_key)

@@ -11,7 +11,9 @@ from typing import Optional
 from pydantic import Field
 
 from finetune.settings import FinetuneSettings
+from prompter.enhance import DEFAULT_SYSTEM_PROMPT
 from rewarders import Limits
+from rewarders.mllm import MLLMConfig
 
 
 class Settings(FinetuneSettings):
@@ -37,6 +39,12 @@ class Settings(FinetuneSettings):
     prompt_expansion: str = Field("none", description="/prompts mode generate: Fooocus-style expansion model folder (with "
                                   "positive.txt), hub id, 'tiny', or 'none' (no expansion).")
     max_n_prompts: int = Field(100, ge=1, le=100, description="Most prompts per topic in one /prompts request (at most the schema's 100).")
+    mllm: Optional[MLLMConfig] = Field(None, description="The MLLM peer of /verify and /prompts/enhance (T2I_SERVICE_MLLM__URL, "
+                                       "__MODEL, __API_KEY, __TIMEOUT_S, ...; without __URL: the model in-process); none: those endpoints answer 503.")
+    verify_threshold: float = Field(0.5, ge=0.0, le=1.0, description="/verify: an image passes when the judge's P(yes) is at least this.")
+    verify_question: str = Field('Does this image match the prompt "{prompt}"?', min_length=1, description="/verify: the yes/no question; {prompt} is the prompt.")
+    enhance_system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, min_length=1, description="/prompts/enhance: the system prompt sent to the MLLM peer.")
+    enhance_max_tokens: int = Field(96, ge=8, le=1024, description="/prompts/enhance: most tokens of one rewrite.")
 
     def limits(self) -> Limits:
         """The limits of one request, which the library checks (`rewarders.Limits`)."""

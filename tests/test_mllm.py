@@ -140,3 +140,72 @@ def test_images_go_downscaled():
     url = data_url(Image.new("RGB", (1000, 500)), 100)
     assert url.startswith("data:image/png;base64,")
     assert Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).size == (100, 50)
+
+
+@pytest.fixture(scope="module")
+def app_with_peer(tiny, served, vlm):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    settings = Settings(mllm=MLLMConfig(url=served, model=str(vlm), image_size=56), verify_threshold=0.5)
+    with TestClient(create_app(settings, rewarder=tiny)) as client:
+        yield client
+
+
+def png_b64(im) -> str:
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_verify_scores_reasons_and_pass_marks(app_with_peer):
+    body = {"prompt": "a red square", "images": [png_b64(im) for im in IMAGES]}
+    r = app_with_peer.post("/verify", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["threshold"] == 0.5 and out["peer"]["yes_no"] == "systemone" and len(out["results"]) == len(IMAGES)
+    for v in out["results"]:
+        assert 0 <= v["score"] <= 1 and isinstance(v["reason"], str) and v["passed"] == (v["score"] >= 0.5)
+    assert app_with_peer.post("/verify", json=body).json()["results"] == out["results"]  # deterministic
+    low = app_with_peer.post("/verify", json={**body, "threshold": 0.0}).json()
+    assert all(v["passed"] for v in low["results"])
+    assert app_with_peer.post("/verify", json={**body, "images": ["not base64!"]}).status_code == 400
+    assert app_with_peer.post("/verify", json={**body, "images": []}).status_code == 422
+    ready = app_with_peer.get("/readyz")
+    if ready.status_code == 200:  # once the prompt index is in: the peer's state sits beside readiness
+        assert ready.json()["mllm"]["state"] == "ok"
+
+
+def test_enhance_returns_n_prompts(app_with_peer):
+    r = app_with_peer.post("/prompts/enhance", json={"prompt": "a cat on a sofa", "n": 3})
+    assert r.status_code == 200, r.text
+    prompts = r.json()["prompts"]
+    assert len(prompts) == 3 and all(isinstance(p, str) and p.strip() for p in prompts)
+    assert app_with_peer.post("/prompts/enhance", json={"prompt": "a cat", "n": 0}).status_code == 422
+
+
+def test_without_a_peer_the_endpoints_say_so(tiny):
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    with TestClient(create_app(Settings(), rewarder=tiny)) as client:
+        r = client.post("/verify", json={"prompt": "x", "images": [png_b64(IMAGES[0])]})
+        assert r.status_code == 503 and "no MLLM peer is configured" in r.json()["detail"]
+        assert client.post("/prompts/enhance", json={"prompt": "x"}).status_code == 503
+
+
+def test_in_process_enhancement_gives_n_strings(cache_dir, vlm):
+    from prompter.enhance import enhance_prompt
+
+    peer = create_peer(MLLMConfig(model="tiny"), cache_dir)
+    out = enhance_prompt(peer, "a cat on a sofa", 3)
+    assert len(out) == 3 and all(isinstance(p, str) and p.strip() for p in out)
+    assert len(set(out)) > 1  # in-process rewrites are sampled, one seed each
+    assert enhance_prompt(peer, "a cat on a sofa", 3) == out  # the same seeds, the same rewrites

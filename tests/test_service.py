@@ -120,7 +120,7 @@ def test_too_many_images_and_unknown_weights(client, images):
 
 def test_health_models_metrics(client, images):
     assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready"}
+    assert client.get("/readyz").json() == {"status": "ready", "mllm": {"state": "not configured"}}  # the peer apart
     models = client.get("/models").json()
     assert models["random_weights"] is True and set(models["experts"]) == {"imagereward", "aesthetic", "mlp"}
     assert models["experts"]["aesthetic"]["dtype"] == "float32" and models["experts"]["aesthetic"]["weight"] == 1.0

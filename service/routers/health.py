@@ -17,11 +17,21 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
+def mllm_state(state) -> dict:
+    """The MLLM peer's own state, beside readiness (a peer that is down never makes the service unready)."""
+    if state.settings.mllm is None:
+        return {"state": "not configured"}
+    if state.peer is None:
+        return {"state": "not used yet"}
+    peer = state.peer.describe()
+    return {"state": "error" if peer.get("last_error") else "ok", **peer}
+
+
 @router.get("/readyz", summary="200 once the models and the prompt index are loaded, 503 before", responses={503: {"description": "not ready"}})
 def readyz(request: Request):
     state = request.app.state
     if state.batcher is not None and state.prompter is not None:
-        return {"status": "ready"}
+        return {"status": "ready", "mllm": mllm_state(state)}
     errors = [f"models failed to load: {state.load_error}"] if state.load_error else []
     errors += [f"prompt index failed to load: {state.prompter_error}"] if state.prompter_error else []
     if errors:

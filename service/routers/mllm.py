@@ -1,0 +1,91 @@
+"""The MLLM peer's endpoints: POST /verify (does each image match the prompt? score, reason, pass/fail) and
+POST /prompts/enhance (n richer prompts that keep the user's intent). Both answer 503 when no peer is
+configured, 502 when it is down or answers garbage, 504 when it is too slow; the rest of the service does
+not depend on the peer."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Optional
+
+from fastapi import APIRouter, HTTPException
+from pydantic import BaseModel, ConfigDict, Field
+
+from finetune.spec import Text
+from prompter.enhance import MAX_ENHANCED, enhance_prompt
+from rewarders.errors import RewardError
+from rewarders.images import open_image
+from rewarders.mllm import MLLMError
+
+from ..deps import AuthDep, PeerDep, SettingsDep
+from ..schemas import ErrorResponse
+from .reward import decode_image_string, http_error
+
+router = APIRouter(tags=["mllm"], dependencies=[AuthDep])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 422, 502, 503, 504)}
+MAX_VERIFY_IMAGES = 16
+
+
+class VerifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: Text = Field(..., description="What the images should show.")
+    images: list[str] = Field(..., min_length=1, max_length=MAX_VERIFY_IMAGES, description="Base64 or data URLs.")
+    threshold: Optional[float] = Field(None, ge=0.0, le=1.0, strict=True, description="Pass mark of P(yes); default: the setting.")
+
+
+class Verdict(BaseModel):
+    score: float = Field(..., description="The judge's probability that the image matches the prompt, in [0, 1].")
+    reason: str = Field(..., description="The model's one-line reason.")
+    passed: bool = Field(..., description="score >= threshold")
+
+
+class VerifyResponse(BaseModel):
+    threshold: float
+    results: list[Verdict]
+    peer: dict
+
+
+class EnhanceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: Text = Field(..., description="The user's prompt.")
+    n: int = Field(1, ge=1, le=MAX_ENHANCED, strict=True, description="How many enhanced prompts.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, strict=True, description="Seed of the first rewrite (the k-th uses seed + k).")
+
+
+class EnhanceResponse(BaseModel):
+    prompt: str
+    prompts: list[str]
+
+
+async def _ask(fn, *args):
+    try:
+        return await asyncio.to_thread(fn, *args)
+    except MLLMError as e:
+        raise http_error(e) from None
+
+
+@router.post("/verify", response_model=VerifyResponse, responses=ERRORS)
+async def verify(body: VerifyRequest, peer: PeerDep, settings: SettingsDep) -> VerifyResponse:
+    """Stage 1's check: for each image, the judge's P(yes) that it matches the prompt, its reason, and pass/fail."""
+    images = []
+    for i, s in enumerate(body.images):
+        try:
+            images.append(open_image(decode_image_string(s, i), settings.max_image_pixels, settings.max_aspect_ratio))
+        except RewardError as e:
+            raise HTTPException(http_error(e).status_code, f"images[{i}]: {e}") from None
+    question = settings.verify_question.replace("{prompt}", body.prompt)
+    scores = await asyncio.gather(*(_ask(peer.yes_probability, im, question) for im in images))
+    reasons = await asyncio.gather(*(_ask(peer.reason, im, question) for im in images))
+    threshold = settings.verify_threshold if body.threshold is None else body.threshold
+    return VerifyResponse(threshold=threshold, peer=peer.describe(),
+                          results=[Verdict(score=s, reason=r, passed=s >= threshold) for s, r in zip(scores, reasons)])
+
+
+@router.post("/prompts/enhance", response_model=EnhanceResponse, responses=ERRORS)
+async def enhance(body: EnhanceRequest, peer: PeerDep, settings: SettingsDep) -> EnhanceResponse:
+    """`n` rewrites of the prompt by the MLLM peer, richer in detail, keeping the user's intent."""
+    prompts = await _ask(enhance_prompt, peer, body.prompt, body.n, settings.enhance_system_prompt,
+                         settings.enhance_max_tokens, body.seed)
+    return EnhanceResponse(prompt=body.prompt, prompts=prompts)
