@@ -11,27 +11,20 @@ with that message; nothing else is affected.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional
-
 import torch
-from pydantic import Field, SecretStr
+from pydantic import Field
 
 from .images import Preprocess
-from .mllm import MLLMConfig, YesNoMode, create_peer
+from .mllm import MLLMConfig, create_peer
 from .registry import Expert, ExpertConfig, register_expert
 
 DEFAULT_QUESTION = "Does this image match the prompt \"{prompt}\"?"
 
 
-class VLMJudgeConfig(ExpertConfig):
-    url: Optional[str] = Field(None, description="Base URL of an OpenAI-compatible server; None: the model in-process.")
-    model: str = Field("tiny", description="The served model's name; in-process: a local folder, a hub id, or 'tiny' (a tiny random LLaVA).")
-    api_key: Optional[SecretStr] = Field(None, description="Bearer token for the server.")
-    timeout_s: float = Field(60.0, gt=0, le=3600, description="Seconds to wait for one answer.")
-    max_concurrency: int = Field(4, ge=1, le=256, description="Images asked about at once.")
-    retries: int = Field(2, ge=0, le=10, description="Retries after a 429, a 5xx or a refused connection.")
-    image_size: int = Field(384, ge=16, le=2048, description="Longer side of the images sent to the peer.")
-    yes_no: YesNoMode = Field("auto", description="logprobs, systemone, rating, or auto (the first the peer supports).")
+class VLMJudgeConfig(ExpertConfig, MLLMConfig):
+    """The peer's settings (`MLLMConfig`: url, model, api_key, timeout_s, max_concurrency, retries, image_size,
+    yes_no), the question, and an expert's weight and normalisation."""
+
     question: str = Field(DEFAULT_QUESTION, min_length=1, max_length=2000, description="The yes/no question; {prompt} is the image's prompt.")
 
 

@@ -166,22 +166,28 @@ def test_cancel_a_queued_job(api, env, worker, tmp_path):
     assert not (Path(env["T2I_SERVICE_JOBS_DIR"]) / job_id).exists()  # it never started
 
 
-def test_killed_worker_resumes_from_checkpoint(api, env, worker, tmp_path):
-    worker.stop()  # this test drives its own workers
+def kill_and_resume(api, env, worker, tmp_path, spec: dict, kill_at: int) -> dict:
+    """Submit `spec` to a worker of its own, SIGKILL that worker once the job passed step `kill_at`, let a
+    second worker finish it; the module's worker runs again afterwards. Returns the finished job."""
+    worker.stop()
     first = Worker(env, tmp_path / "w1.log")
-    spec = {"method": "refl", "prompts": ["a lighthouse"], "steps": 30, **FAST}
     job_id = api.post("/jobs", json=spec).json()["id"]
     try:
-        wait_for(api, job_id, {"running"}, step=8)  # past the checkpoint at step 5
+        wait_for(api, job_id, {"running"}, step=kill_at)
         first.kill()
     finally:
         first.stop()
     second = Worker(env, tmp_path / "w2.log")
     try:
-        job = wait_for(api, job_id, {"succeeded"}, timeout=300)
+        return wait_for(api, job_id, {"succeeded"}, timeout=300)
     finally:
         second.stop()
         worker.start()  # the module's worker, for the tests after this one
+
+
+def test_killed_worker_resumes_from_checkpoint(api, env, worker, tmp_path):
+    spec = {"method": "refl", "prompts": ["a lighthouse"], "steps": 30, **FAST}
+    job = kill_and_resume(api, env, worker, tmp_path, spec, kill_at=8)  # past the checkpoint at step 5
     assert job["metrics"]["resumed_at"] and job["metrics"]["resumed_at"][0] >= 5  # not from zero
     assert len(job["metrics"]["reward"]) == 30
     assert "resuming from" in (tmp_path / "w2.log").read_text()
@@ -195,20 +201,7 @@ def test_a_killed_grpo_job_on_sd3_resumes_where_it_was(api, env, worker, tmp_pat
             "batch_size": 2, "steps": 16, "num_inference_steps": 4, "stat_min_count": 2, "learning_rate": 0.05}
     whole = wait_for(api, api.post("/jobs", json=spec).json()["id"], {"succeeded"})
     assert "pytorch_lora_weights.safetensors" in whole["artifacts"] and len(whole["metrics"]["clip_fraction"]) == 16
-    worker.stop()  # this part drives its own workers
-    first = Worker(env, tmp_path / "w1.log")
-    job_id = api.post("/jobs", json=spec).json()["id"]
-    try:
-        wait_for(api, job_id, {"running"}, step=7)  # past the checkpoint at step 5
-        first.kill()
-    finally:
-        first.stop()
-    second = Worker(env, tmp_path / "w2.log")
-    try:
-        job = wait_for(api, job_id, {"succeeded"}, timeout=300)
-    finally:
-        second.stop()
-        worker.start()
+    job = kill_and_resume(api, env, worker, tmp_path, spec, kill_at=7)  # past the checkpoint at step 5
     assert job["metrics"]["resumed_at"] and job["metrics"]["resumed_at"][0] >= 5
     assert job["metrics"]["reward"] == pytest.approx(whole["metrics"]["reward"], rel=1e-4, abs=1e-6)
 
