@@ -20,6 +20,7 @@ class PreparedJob:
     spec: JobSpec  # what is stored with the job: base_model as given (or defaulted), prompts filled in
     base_model: str  # 'tiny', a hub id, or an absolute pipeline directory under the models directory
     pretrain_dir: Optional[Path]
+    lora_path: Optional[Path] = None  # generate: the LoRA file of `lora_from`
 
 
 def prepare_job(spec: JobSpec, settings: FinetuneSettings, prompter: PromptIndex | None = None) -> PreparedJob:
@@ -42,13 +43,23 @@ def prepare_job(spec: JobSpec, settings: FinetuneSettings, prompter: PromptIndex
     pretrain = pretrain_folder(spec.pretrain_data, settings.data_dir) if spec.pretrain_data else None
     base_model = resolve_base_model(spec.base_model, settings.models_dir)
     check_layout(spec, base_model)
-    return PreparedJob(spec, base_model, pretrain)
+    lora = None
+    if spec.lora_from is not None:
+        from .pipeline import LORA_FILE
+
+        lora = settings.jobs_dir / spec.lora_from / LORA_FILE
+        if not lora.is_file():
+            raise ValueError(f"lora_from {spec.lora_from!r}: no finished job with a LoRA of that id")
+    if spec.enhance and settings.mllm is None:
+        raise ValueError("enhance needs an MLLM peer: set T2I_SERVICE_MLLM__URL and T2I_SERVICE_MLLM__MODEL for the API and the workers")
+    return PreparedJob(spec, base_model, pretrain, lora)
 
 
 # the pipeline layouts each method's training loop runs on (`pipeline.pipeline_layout`): ReFL and reward-weighted
 # likelihood are written for noise prediction (DDIM's x0 estimate, the epsilon denoising loss), so not for
 # flow matching; GRPO needs only a stochastic sampler with log-probabilities, which every layout has
-METHOD_LAYOUTS = {"refl": {"sd", "sdxl"}, "reward_weighted": {"sd", "sdxl"}, "grpo": {"sd", "sdxl", "sd3"}, "ddpo": {"sd", "sdxl", "sd3"}}
+METHOD_LAYOUTS = {"refl": {"sd", "sdxl"}, "reward_weighted": {"sd", "sdxl"}, "grpo": {"sd", "sdxl", "sd3"}, "ddpo": {"sd", "sdxl", "sd3"},
+                  "generate": {"sd", "sdxl", "sd3"}}
 LAYOUT_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3 (flow matching)"}
 
 

@@ -13,6 +13,7 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from rewarders import RewardConfig, load_config
+from rewarders.mllm import MLLMConfig
 
 from .spec import JobLimits
 
@@ -35,6 +36,9 @@ class FinetuneSettings(BaseSettings):
     job_retention_s: float = Field(7 * 24 * 3600, gt=0, description="How long a finished (succeeded, failed, cancelled) job's "
                                    "state stays in Redis and in GET /jobs; its directory is not touched.")
     device: str = Field("auto", description="Worker: the device jobs run on.")
+    mllm: Optional[MLLMConfig] = Field(None, description="The MLLM peer (T2I_SERVICE_MLLM__URL, __MODEL, __API_KEY, __TIMEOUT_S, ...; "
+                                       "without __URL: the model in-process) of /verify, /prompts/enhance and of generate jobs "
+                                       "with `enhance`; none: those answer 503 (jobs: 422).")
 
     def rewarder_config(self, **overrides) -> RewardConfig:
         """The rewarder's config: the YAML file and/or profile these settings name, then `overrides`."""

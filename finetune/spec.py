@@ -71,6 +71,7 @@ ModuleName = Annotated[str, StringConstraints(min_length=1, max_length=64, patte
 ExpertName = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
 Weight = Annotated[float, Field(ge=-MAX_WEIGHT, le=MAX_WEIGHT, strict=True)]
 StepIndex = Annotated[int, Field(ge=0, le=MAX_INFERENCE_STEPS, strict=True)]
+JobId = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
 def default_base_model(profile: Optional[str]) -> str:
@@ -94,9 +95,10 @@ def _float(default: float, lo: float, hi: float, description: str, gt: bool = Fa
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN/inf in any float field: 422
 
-    method: Literal["refl", "reward_weighted", "grpo", "ddpo"] = Field("refl", description="ReFL with KL (thesis), reward-weighted "
+    method: Literal["refl", "reward_weighted", "grpo", "ddpo", "generate"] = Field("refl", description="ReFL with KL (thesis), reward-weighted "
                                                                        "likelihood (Lee et al.), GRPO (group-relative PPO on the model's own samples, as "
-                                                                       "Flow-GRPO / DanceGRPO), or ddpo: GRPO's preset for DDPO (group_size 1, per-prompt statistics).")
+                                                                       "Flow-GRPO / DanceGRPO), ddpo: GRPO's preset for DDPO (group_size 1, per-prompt statistics), "
+                                                                       "or generate: best-of-n images per prompt, ranked by the rewards (no training).")
     base_model: Optional[PathName] = Field(None, description="Hub id (org/name), a pipeline directory under the models directory, or 'tiny' / 'tiny-sdxl' / 'tiny-sd3' (tiny random SD-1.x / SDXL / SD3 pipelines); default: Stable Diffusion 1.5, or 'tiny' under the tiny profile.")
     prompts: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_PROMPTS, description="Training prompts (cycled); or give topics + n_prompts.")
     topics: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_TOPICS, description="Topics whose prompts the prompter supplies.")
@@ -136,6 +138,10 @@ class JobSpec(BaseModel):
     per_prompt_stats: bool = Field(False, description="GRPO: normalise each prompt's rewards by its last stat_buffer_size rewards across steps (DDPO's per-prompt statistics) instead of its group.")
     stat_buffer_size: int = _int(32, 1, 10_000, "GRPO with per_prompt_stats: rewards kept per prompt.")
     stat_min_count: int = _int(16, 1, 10_000, "GRPO with per_prompt_stats: below this many rewards a prompt is normalised with the whole batch.")
+    # ---- generate (best-of-n)
+    n_images: int = _int(4, 1, MAX_GROUP_SIZE, "generate: images per prompt, ranked by the reward.")
+    enhance: bool = Field(False, description="generate: rewrite each prompt with the MLLM peer first (the worker's T2I_SERVICE_MLLM__*).")
+    lora_from: Optional[JobId] = Field(None, description="generate: the id of an earlier job whose LoRA the base model loads.")
     # ---- reward-hacking sentinel (every method)
     eval_every: int = _int(0, 0, MAX_STEPS, "Every N steps, score the evaluation prompts with every configured expert and image statistics (0: only before and after).")
     stop_on_hacking: bool = Field(False, description="Stop, keep the best checkpoint and fail with the reason when a held-out expert falls while the optimised reward rises.")

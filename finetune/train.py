@@ -51,6 +51,8 @@ class JobContext:
     # store): checked at every step and before every write to the job directory, so a stale runner stops
     guard: Optional[Callable[[], None]] = None
     metrics: dict = field(default_factory=lambda: {"reward": [], "loss": [], "kl": []})
+    lora_path: Optional[Path] = None  # generate: the LoRA the base model loads
+    peer: Optional[object] = None  # the MLLM peer (rewarders.mllm), for generate's enhancement and reasons
 
 
 def average_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
@@ -63,6 +65,10 @@ def average_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
 
 def run_job(spec: JobSpec, ctx: JobContext) -> dict:
     """Run (or resume) the job; returns {"status", "metrics", "artifacts", "main_process"}. Raises JobCancelled."""
+    if spec.method == "generate":  # best-of-n: no training (generate.py)
+        from .generate import run_generate
+
+        return run_generate(spec, ctx)
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 

@@ -43,6 +43,7 @@ class JobRunner:
         self.cache_dir = self.reward_config.cache_dir
         self._mixture = None
         self._prompter = None
+        self._peer = None
         self._store: Optional[JobStore] = None
 
     @property
@@ -72,12 +73,21 @@ class JobRunner:
             self._mixture = create_rewarder(self.reward_config)
         return LocalReward(self._mixture, spec.reward_weights)
 
+    def peer(self):
+        """The MLLM peer of the settings, made once."""
+        if self._peer is None:
+            from rewarders.mllm import create_peer
+
+            self._peer = create_peer(self.settings.mllm, self.cache_dir)
+        return self._peer
+
     def context(self, spec: JobSpec, out_dir: Path, **callbacks) -> tuple[JobSpec, JobContext]:
         """`prepare_job` under this worker's settings, then everything `run_job` needs."""
         prepared = prepare_job(spec, self.settings, self.prompter() if spec.prompts is None else None)
+        peer = self.peer() if prepared.spec.method == "generate" and self.settings.mllm is not None else None
         ctx = JobContext(out_dir=out_dir, reward=self.reward(prepared.spec), prompts=list(prepared.spec.prompts),
                          base_model=prepared.base_model, cache_dir=self.cache_dir, pretrain_dir=prepared.pretrain_dir,
-                         device=self.settings.device, **callbacks)
+                         device=self.settings.device, lora_path=prepared.lora_path, peer=peer, **callbacks)
         return prepared.spec, ctx
 
     def execute(self, job_id: str, attempt: Optional[int] = None) -> None:
@@ -105,7 +115,7 @@ class JobRunner:
             result = run_job(spec, ctx)
             # "failed" with an error when the job stopped itself (the reward-hacking sentinel), artifacts kept
             final = dict(status=result["status"], metrics=result["metrics"], artifacts=result["artifacts"],
-                         progress={"step": spec.steps, "total": spec.steps, "eta_s": 0})
+                         progress=result.get("progress") or {"step": spec.steps, "total": spec.steps, "eta_s": 0})
             if result.get("error"):
                 final["error"] = result["error"]
         except LeaseLost as e:

@@ -13,7 +13,6 @@ from pydantic import Field
 from finetune.settings import FinetuneSettings
 from prompter.enhance import DEFAULT_SYSTEM_PROMPT
 from rewarders import Limits
-from rewarders.mllm import MLLMConfig
 
 
 class Settings(FinetuneSettings):
@@ -39,8 +38,6 @@ class Settings(FinetuneSettings):
     prompt_expansion: str = Field("none", description="/prompts mode generate: Fooocus-style expansion model folder (with "
                                   "positive.txt), hub id, 'tiny', or 'none' (no expansion).")
     max_n_prompts: int = Field(100, ge=1, le=100, description="Most prompts per topic in one /prompts request (at most the schema's 100).")
-    mllm: Optional[MLLMConfig] = Field(None, description="The MLLM peer of /verify and /prompts/enhance (T2I_SERVICE_MLLM__URL, "
-                                       "__MODEL, __API_KEY, __TIMEOUT_S, ...; without __URL: the model in-process); none: those endpoints answer 503.")
     verify_threshold: float = Field(0.5, ge=0.0, le=1.0, description="/verify: an image passes when the judge's P(yes) is at least this.")
     verify_question: str = Field('Does this image match the prompt "{prompt}"?', min_length=1, description="/verify: the yes/no question; {prompt} is the prompt.")
     enhance_system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, min_length=1, description="/prompts/enhance: the system prompt sent to the MLLM peer.")

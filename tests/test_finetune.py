@@ -348,3 +348,40 @@ def check_job_calls(api, client):
     with pytest.raises(RewardServiceError) as e:
         client.submit_job({"method": "refl", "steps": 2, **FAST})
     assert e.value.status == 422
+
+
+GENERATE = {"method": "generate", "base_model": "tiny", "prompts": ["a red apple", "a blue car"], "n_images": 3,
+            "resolution": 32, "num_inference_steps": 4, "guidance_scale": 1.0}
+
+
+def test_a_generate_job_keeps_the_images_ranked_by_the_rewards(api, worker, tiny):
+    job_id = api.post("/jobs", json=GENERATE).json()["id"]
+    job = wait_for(api, job_id, {"succeeded"})
+    assert job["progress"] == {"step": 2, "total": 2, "eta_s": 0} and "results.json" in job["artifacts"]
+    results = api.get(f"/jobs/{job_id}/artifacts/results.json").json()["prompts"]
+    assert [r["prompt"] for r in results] == GENERATE["prompts"] == [r["used"] for r in results]  # no enhancement
+    for r in results:
+        totals = [im["total"] for im in r["images"]]
+        assert [im["rank"] for im in r["images"]] == [0, 1, 2] and totals == sorted(totals, reverse=True)
+        assert len(set(totals)) == 3 and set(r["images"][0]["components"]) == set(tiny.experts)
+        # the mixture's own order: the kept files, scored again in-process (8-bit PNGs: within 0.02)
+        files = [api.get(f"/jobs/{job_id}/artifacts/{im['file']}").content for im in r["images"]]
+        again = [s.total for s in tiny.score(r["prompt"], files).images]
+        assert again == pytest.approx(totals, abs=0.02)
+    assert job["metrics"]["best"] == [r["images"][0]["total"] for r in results]
+
+
+def test_generate_loads_the_lora_of_an_earlier_job(api, worker):
+    tuned = wait_for(api, api.post("/jobs", json={"method": "refl", "prompts": ["a red apple"], "steps": 3, **FAST}).json()["id"],
+                     {"succeeded"})
+    one = {**GENERATE, "prompts": ["a red apple"]}
+    base = wait_for(api, api.post("/jobs", json=one).json()["id"], {"succeeded"})
+    with_lora = wait_for(api, api.post("/jobs", json={**one, "lora_from": tuned["id"]}).json()["id"], {"succeeded"})
+    assert with_lora["metrics"]["best"] != base["metrics"]["best"]  # the same seeds, another model
+
+
+def test_generate_specs_are_checked(api):
+    assert "no finished job with a LoRA" in api.post("/jobs", json={**GENERATE, "lora_from": "nope"}).text
+    r = api.post("/jobs", json={**GENERATE, "enhance": True})  # this API has no MLLM peer configured
+    assert r.status_code == 422 and "enhance needs an MLLM peer" in r.text
+    assert api.post("/jobs", json={**GENERATE, "lora_from": "../x"}).status_code == 422

@@ -209,3 +209,23 @@ def test_in_process_enhancement_gives_n_strings(cache_dir, vlm):
     assert len(out) == 3 and all(isinstance(p, str) and p.strip() for p in out)
     assert len(set(out)) > 1  # in-process rewrites are sampled, one seed each
     assert enhance_prompt(peer, "a cat on a sofa", 3) == out  # the same seeds, the same rewrites
+
+
+def test_a_generate_job_enhances_prompts_and_gives_reasons(cache_dir, tiny, tmp_path):
+    """generate with `enhance` and the tiny VLM in-process: the prompts used are the peer's rewrites, and each
+    kept image carries the judge's reason; the ranking is the rewards'."""
+    import json
+
+    from finetune.rewards import LocalReward
+    from finetune.spec import JobSpec
+    from finetune.train import JobContext, run_job
+
+    spec = JobSpec(method="generate", base_model="tiny", prompts=["a red apple"], n_images=2, resolution=32,
+                   num_inference_steps=2, guidance_scale=1.0, enhance=True)
+    peer = create_peer(MLLMConfig(model="tiny", image_size=56), cache_dir)
+    out = run_job(spec, JobContext(out_dir=tmp_path, reward=LocalReward(tiny), prompts=spec.prompts, base_model="tiny",
+                                   cache_dir=cache_dir, device="cpu", peer=peer))
+    (result,) = json.loads((tmp_path / "results.json").read_text())["prompts"]
+    assert out["status"] == "succeeded" and result["prompt"] == "a red apple" and result["used"] != "a red apple"
+    assert all(isinstance(im["reason"], str) for im in result["images"])
+    assert result["images"][0]["total"] >= result["images"][1]["total"]
