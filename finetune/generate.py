@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 
 from .artifacts import artifact_names, save_images
+from .context import JobCancelled, score
+from .context import guard as _guard
 from .spec import JobSpec
 
 REASON_QUESTION = 'Does this image match the prompt "{prompt}"?'
@@ -23,7 +25,6 @@ REASON_QUESTION = 'Does this image match the prompt "{prompt}"?'
 def run_generate(spec: JobSpec, ctx) -> dict:
     """Run a generate job (`ctx` is the trainer's `JobContext`); returns the job's result like `run_job`."""
     from .pipeline import LORA_FILE, load_pipeline
-    from .train import JobCancelled, _guard, score
 
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)

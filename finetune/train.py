@@ -1,8 +1,10 @@
 """One fine-tuning job, top to bottom: accelerator -> models -> (resume) -> base evaluation -> loop -> save.
 
-The pieces live beside it: `pipeline.py` (models, LoRA), `sampler.py` (guided DDIM sampling),
-`losses.py` (ReFL and reward-weighted likelihood: one loss each), `grpo.py` (GRPO / DDPO: sampling with
-log-probabilities, group advantages, PPO updates), `artifacts.py` (checkpoints, evaluation, artifacts). Under
+The pieces live beside it: `context.py` (the JobContext), `pipeline.py` (models, LoRA), `sampler.py`
+(each layout's conditioning, predictions and transitions), `losses.py` (ReFL and reward-weighted likelihood:
+one loss each), `grpo.py` (GRPO / DDPO: sampling with log-probabilities, group advantages, PPO updates),
+`sentinel.py` (reward hacking), `artifacts.py` (checkpoints, evaluation, artifacts); `generate.py` runs
+`method: generate` (best-of-n, no training) through the same door. Under
 `accelerate launch` / `torchrun` every process takes its own device and its own share of each step's
 prompts; gradients are averaged in `average_gradients`, and the main process evaluates and writes.
 """
@@ -13,9 +15,8 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -25,34 +26,13 @@ from .sentinel import Sentinel
 from .losses import RewardFn, image_tensor, load_pretrain_pairs, pretrain_loss, refl_loss, reward_weighted_loss
 from .pipeline import LORA_FILE, WEIGHT_DTYPES, save_lora, setup_models
 from .sampler import Sampler
+from .context import JobCancelled, JobContext, score
+from .context import guard as _guard
 from .spec import JobSpec
 
 log = logging.getLogger(__name__)
 
 __all__ = ["JobCancelled", "JobContext", "LORA_FILE", "artifact_names", "run_job"]
-
-
-class JobCancelled(Exception):
-    """Raised inside the loop when `should_stop` says so; the last state is checkpointed first."""
-
-
-@dataclass
-class JobContext:
-    out_dir: Path
-    reward: RewardFn  # reward(images (B,3,H,W) in [0,1], prompts) -> (total (B,), {expert: (B,)})
-    prompts: list[str]
-    base_model: str  # 'tiny', a hub id, or a local pipeline directory (prepare_job resolved it)
-    cache_dir: Path
-    pretrain_dir: Optional[Path] = None
-    device: str = "auto"
-    on_progress: Optional[Callable[[dict], None]] = None
-    should_stop: Optional[Callable[[], bool]] = None
-    # raises when this process may no longer write (its job was taken over, or it is cut off from the job
-    # store): checked at every step and before every write to the job directory, so a stale runner stops
-    guard: Optional[Callable[[], None]] = None
-    metrics: dict = field(default_factory=lambda: {"reward": [], "loss": [], "kl": []})
-    lora_path: Optional[Path] = None  # generate: the LoRA the base model loads
-    peer: Optional[object] = None  # the MLLM peer (rewarders.mllm), for generate's enhancement and reasons
 
 
 def average_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
@@ -219,18 +199,6 @@ def finish(spec: JobSpec, ctx: JobContext, sampler, models, out: Path, eval_prom
         kept = f"kept the LoRA of step {sentinel.best_step}" if kept_best else "kept no LoRA: no evaluated step was free of hacking"
         result.update(status="failed", error=f"stopped for reward hacking: {stopped}; {kept}")
     return result
-
-
-def _guard(ctx: JobContext) -> None:
-    if ctx.guard is not None:
-        ctx.guard()
-
-
-def score(reward: RewardFn, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The total and every expert's scores of evaluation images, without gradients."""
-    with torch.no_grad():
-        total, components = reward(images, prompts)
-    return total.detach().cpu(), {n: c.detach().cpu() for n, c in components.items()}
 
 
 def evaluate(reward: RewardFn, images: torch.Tensor, prompts: list[str]) -> dict[str, dict[str, float]]:
