@@ -14,13 +14,12 @@ from pathlib import Path
 
 import torch
 
+from rewarders.mllm import MATCH_QUESTION
+
 from .artifacts import artifact_names, save_images
 from .context import JobCancelled, score
 from .context import guard as _guard
 from .spec import JobSpec
-
-REASON_QUESTION = 'Does this image match the prompt "{prompt}"?'
-
 
 def run_generate(spec: JobSpec, ctx) -> dict:
     """Run a generate job (`ctx` is the trainer's `JobContext`); returns the job's result like `run_job`."""
@@ -28,7 +27,8 @@ def run_generate(spec: JobSpec, ctx) -> dict:
 
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if ctx.device != "cpu" and torch.cuda.is_available() else "cpu")
+    on_gpu = ctx.device != "cpu" and torch.cuda.is_available()  # as run_job: "auto" takes the GPU, a named device is used as named
+    device = torch.device(ctx.device if on_gpu and ctx.device != "auto" else "cuda" if on_gpu else "cpu")
     pipe = load_pipeline(ctx.base_model, ctx.cache_dir)
     if ctx.lora_path is not None:
         pipe.load_lora_weights(Path(ctx.lora_path).parent, weight_name=LORA_FILE)
@@ -60,7 +60,7 @@ def run_generate(spec: JobSpec, ctx) -> dict:
                 from torchvision.transforms.functional import to_pil_image
 
                 entry["reason"] = ctx.peer.reason(to_pil_image(images[k].float().clamp(0, 1).cpu()),
-                                                  REASON_QUESTION.replace("{prompt}", used))
+                                                  MATCH_QUESTION.replace("{prompt}", used))
             ranked.append(entry)
         results.append({"prompt": prompt, "used": used, "images": ranked})
         best.append(ranked[0]["total"])

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .pipeline import adapters_disabled
-from .sampler import Sampler, transition_kl
+from .sampler import Sampler, ddim_x0, transition_kl
 from .spec import JobSpec
 
 # reward(images (B,3,H,W) in [0,1], prompts) -> (total (B,), {expert: (B,)}): differentiable total
@@ -61,8 +61,7 @@ def refl_loss(s: Sampler, spec: JobSpec, reward: RewardFn, prompts: list[str], s
     stop = rng.randrange(*spec.refl_step_range)
     latents = s.denoise(s.initial_latents(seeds), cond, uncond, steps=stop)
     e = s.predict(latents, stop, cond, uncond)  # the one step with gradients
-    a_t = s.scheduler.alphas_cumprod[int(s.scheduler.timesteps[stop])].to(s.device)
-    x0 = (latents - (1 - a_t).sqrt() * e) / a_t.sqrt()
+    x0 = ddim_x0(s.scheduler, e, latents, stop)
     total, components = reward(s.decode(x0), prompts)
     reward_term = F.relu(2 - total).mean() if spec.reward_loss == "hinge" else -total.mean()
     kl = step_kl(s, latents, stop, cond, uncond, e) if spec.kl_weight > 0 else torch.zeros((), device=s.device)

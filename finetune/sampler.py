@@ -51,13 +51,19 @@ class Cond:
         return Cond(join([p.embeds for p in parts]), join([p.pooled for p in parts]), join([p.time_ids for p in parts]))
 
 
+def ddim_x0(scheduler, eps: torch.Tensor, latents: torch.Tensor, k: int) -> torch.Tensor:
+    """The clean latents a noise prediction at schedule step k implies (differentiable in `eps`)."""
+    a_t = scheduler.alphas_cumprod[int(scheduler.timesteps[k])].to(latents.device)
+    return (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+
+
 def ddim_transition(scheduler, eps: torch.Tensor, latents: torch.Tensor, k: int, eta: float):
     """DDIM's Gaussian step from schedule index k for a noise prediction: (mean, std)."""
     t = int(scheduler.timesteps[k])
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     a_t = scheduler.alphas_cumprod[t].to(latents.device)
     a_prev = scheduler.alphas_cumprod[prev_t].to(latents.device) if prev_t >= 0 else scheduler.final_alpha_cumprod.to(latents.device)
-    x0 = (latents - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    x0 = ddim_x0(scheduler, eps, latents, k)
     std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp_min(0).sqrt()
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp_min(0).sqrt() * eps
     return mean, std

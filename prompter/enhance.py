@@ -4,7 +4,7 @@ different rewrites (a server that decodes greedily gives the same one n times)."
 
 from __future__ import annotations
 
-from rewarders.mllm import MLLMError
+from rewarders.mllm import MLLMError, first_line
 
 DEFAULT_SYSTEM_PROMPT = (
     "You rewrite prompts for a text-to-image model. Keep every subject, attribute, count and relation the user "
@@ -22,7 +22,7 @@ def enhance_prompt(peer, prompt: str, n: int, system_prompt: str = DEFAULT_SYSTE
     out = []
     for k in range(n):
         text = peer.complete(system_prompt, prompt, max_tokens, seed + k)
-        line = next((line.strip() for line in text.splitlines() if line.strip()), "")
+        line = first_line(text)
         if not line:
             raise MLLMError("bad_answer", "the MLLM peer answered an empty prompt")
         out.append(line)

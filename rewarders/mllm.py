@@ -77,6 +77,12 @@ def parse_rating(text: str) -> float:
 
 
 RATING_SUFFIX = " Rate it from 0 (not at all) to 10 (perfectly). Answer with one integer only."
+MATCH_QUESTION = 'Does this image match the prompt "{prompt}"?'  # the judge's, /verify's and generate's default
+
+
+def first_line(text: str, limit: int | None = None) -> str:
+    """The first non-blank line of a model's answer, stripped (and cut to `limit` characters)."""
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")[:limit]
 
 
 class HTTPPeer:
@@ -146,8 +152,9 @@ class HTTPPeer:
             raise MLLMError("bad_answer", "the MLLM peer's chat answer has no choices")
         return out
 
-    def text(self, messages: list[dict], max_tokens: int = 64) -> str:
-        content = (self.chat(messages, max_tokens)["choices"][0].get("message") or {}).get("content")
+    def text(self, messages: list[dict], max_tokens: int = 64, **extra) -> str:
+        """The text of one chat completion (`extra`: more request fields, e.g. temperature and seed)."""
+        content = (self.chat(messages, max_tokens, **extra)["choices"][0].get("message") or {}).get("content")
         if not isinstance(content, str):
             raise MLLMError("bad_answer", "the MLLM peer's chat answer has no text")
         return content
@@ -205,17 +212,12 @@ class HTTPPeer:
 
     def reason(self, image: Image.Image, question: str) -> str:
         """The model's one-line reason for its answer to `question`."""
-        answer = self.text(self.messages(image, question + " In one line, why?", self.cfg.image_size), max_tokens=48)
-        return (answer.strip().splitlines() or [""])[0][:300]
+        return first_line(self.text(self.messages(image, question + " In one line, why?", self.cfg.image_size), max_tokens=48), 300)
 
     def complete(self, system: str, user: str, max_tokens: int, seed: int) -> str:
         """A text-only answer, sampled (temperature 0.8) with `seed` where the server samples."""
-        out = self.chat([{"role": "system", "content": system}, {"role": "user", "content": user}], max_tokens,
-                        temperature=0.8, seed=seed)
-        content = (out["choices"][0].get("message") or {}).get("content")
-        if not isinstance(content, str):
-            raise MLLMError("bad_answer", "the MLLM peer's chat answer has no text")
-        return content
+        return self.text([{"role": "system", "content": system}, {"role": "user", "content": user}], max_tokens,
+                         temperature=0.8, seed=seed)
 
 
 class LocalPeer:
@@ -266,8 +268,7 @@ class LocalPeer:
         return self.processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
     def reason(self, image: Image.Image, question: str) -> str:
-        answer = self._generate(self._inputs(image, question + " In one line, why?"), 48, None)
-        return (answer.strip().splitlines() or [""])[0][:300]
+        return first_line(self._generate(self._inputs(image, question + " In one line, why?"), 48, None), 300)
 
     def complete(self, system: str, user: str, max_tokens: int, seed: int) -> str:
         msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]

@@ -15,17 +15,14 @@ import torch
 from pydantic import Field
 
 from .images import Preprocess
-from .mllm import MLLMConfig, create_peer
+from .mllm import MATCH_QUESTION, MLLMConfig, create_peer
 from .registry import Expert, ExpertConfig, register_expert
-
-DEFAULT_QUESTION = "Does this image match the prompt \"{prompt}\"?"
-
 
 class VLMJudgeConfig(ExpertConfig, MLLMConfig):
     """The peer's settings (`MLLMConfig`: url, model, api_key, timeout_s, max_concurrency, retries, image_size,
     yes_no), the question, and an expert's weight and normalisation."""
 
-    question: str = Field(DEFAULT_QUESTION, min_length=1, max_length=2000, description="The yes/no question; {prompt} is the image's prompt.")
+    question: str = Field(MATCH_QUESTION, min_length=1, max_length=2000, description="The yes/no question; {prompt} is the image's prompt.")
 
 
 @register_expert

@@ -13,6 +13,7 @@ from pydantic import Field
 from finetune.settings import FinetuneSettings
 from prompter.enhance import DEFAULT_SYSTEM_PROMPT
 from rewarders import Limits
+from rewarders.mllm import MATCH_QUESTION
 
 
 class Settings(FinetuneSettings):
@@ -39,7 +40,7 @@ class Settings(FinetuneSettings):
                                   "positive.txt), hub id, 'tiny', or 'none' (no expansion).")
     max_n_prompts: int = Field(100, ge=1, le=100, description="Most prompts per topic in one /prompts request (at most the schema's 100).")
     verify_threshold: float = Field(0.5, ge=0.0, le=1.0, description="/verify: an image passes when the judge's P(yes) is at least this.")
-    verify_question: str = Field('Does this image match the prompt "{prompt}"?', min_length=1, description="/verify: the yes/no question; {prompt} is the prompt.")
+    verify_question: str = Field(MATCH_QUESTION, min_length=1, description="/verify: the yes/no question; {prompt} is the prompt.")
     enhance_system_prompt: str = Field(DEFAULT_SYSTEM_PROMPT, min_length=1, description="/prompts/enhance: the system prompt sent to the MLLM peer.")
     enhance_max_tokens: int = Field(96, ge=8, le=1024, description="/prompts/enhance: most tokens of one rewrite.")
 
