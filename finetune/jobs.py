@@ -142,7 +142,7 @@ def bounded_metrics(metrics: dict, points: int = METRIC_POINTS) -> dict:
     because the training thread appends to the curves while the state writer encodes them."""
     curves = [v for v in metrics.values() if isinstance(v, list)] + list((metrics.get("components") or {}).values())
     k = max(1, math.ceil(max(map(len, curves), default=0) / points))
-    thin = lambda n, v: list(v[::k]) if isinstance(v, list) and n != "resumed_at" else v  # noqa: E731
+    thin = lambda n, v: list(v[::k]) if isinstance(v, list) and n not in ("resumed_at", "rounds") else v  # noqa: E731
     out = {n: thin(n, v) for n, v in list(metrics.items())}
     if isinstance(metrics.get("components"), dict):
         out["components"] = {n: thin(n, v) for n, v in list(metrics["components"].items())}
@@ -195,7 +195,7 @@ class JobStore:
             pipe.multi()
             pipe.hset(key(job_id), mapping=encode({
                 "id": job_id, "spec": spec.model_dump_json(), "status": "queued", "attempt": 1,
-                "progress": {"step": 0, "total": spec.steps, "eta_s": None},
+                "progress": {"step": 0, "total": spec.total_steps, "eta_s": None},
                 "metrics": {"reward": [], "loss": [], "kl": []}, "artifacts": [], "error": "",
                 "created_at": now, "updated_at": now, "heartbeat": 0, "cancel": 0,
             }))

@@ -40,6 +40,8 @@ def prepare_job(spec: JobSpec, settings: FinetuneSettings, prompter: PromptIndex
         # validated, not copied: drawn prompts get the same bounds as given ones (the worker re-reads the spec)
         spec = JobSpec.model_validate({**spec.model_dump(), "prompts": [p for per_topic in found for p in per_topic]})
         validate_spec(spec, settings.job_limits, settings.models_dir, settings.data_dir)
+    if spec.method == "active_learning":
+        training_and_held_out(spec.prompts, spec.eval_prompts)  # raises when no prompt is left to train on
     pretrain = pretrain_folder(spec.pretrain_data, settings.data_dir) if spec.pretrain_data else None
     base_model = resolve_base_model(spec.base_model, settings.models_dir)
     check_layout(spec, base_model)
@@ -55,11 +57,28 @@ def prepare_job(spec: JobSpec, settings: FinetuneSettings, prompter: PromptIndex
     return PreparedJob(spec, base_model, pretrain, lora)
 
 
+def training_and_held_out(prompts: list[str], eval_prompts: Optional[list[str]]) -> tuple[list[str], list[str]]:
+    """Active learning's prompts: (the pool rounds draw from, the held-out evaluation prompts). The held-out
+    prompts are `eval_prompts` (removed from the pool), else the last quarter of the prompts (at least one),
+    so no round ever trains on what it is evaluated on."""
+    if eval_prompts:
+        held = list(dict.fromkeys(eval_prompts))
+        pool = [p for p in dict.fromkeys(prompts) if p not in set(held)]
+    else:
+        unique = list(dict.fromkeys(prompts))
+        cut = len(unique) - max(1, len(unique) // 4)
+        pool, held = unique[:cut], unique[cut:]
+    if not pool:
+        raise ValueError("active_learning needs training prompts besides the held-out ones: give at least 2 distinct prompts, "
+                         "or eval_prompts that are not all of the prompts")
+    return pool, held
+
+
 # the pipeline layouts each method's training loop runs on (`pipeline.pipeline_layout`): ReFL and reward-weighted
 # likelihood are written for noise prediction (DDIM's x0 estimate, the epsilon denoising loss), so not for
 # flow matching; GRPO needs only a stochastic sampler with log-probabilities, which every layout has
 METHOD_LAYOUTS = {"refl": {"sd", "sdxl"}, "reward_weighted": {"sd", "sdxl"}, "grpo": {"sd", "sdxl", "sd3"}, "ddpo": {"sd", "sdxl", "sd3"},
-                  "generate": {"sd", "sdxl", "sd3"}}
+                  "generate": {"sd", "sdxl", "sd3"}}  # active_learning: its learner's
 LAYOUT_NAMES = {"sd": "Stable Diffusion 1.x/2.x", "sdxl": "SDXL", "sd3": "SD3 (flow matching)"}
 
 
@@ -69,7 +88,8 @@ def check_layout(spec: JobSpec, base_model: str) -> None:
     from .pipeline import base_model_layout
 
     layout = base_model_layout(base_model, spec.base_model)
-    if layout is not None and layout not in METHOD_LAYOUTS[spec.method]:
-        runs_on = ", ".join(LAYOUT_NAMES[l] for l in LAYOUT_NAMES if l in METHOD_LAYOUTS[spec.method])
-        raise ValueError(f"method {spec.method!r} cannot run on a {layout} pipeline ({spec.base_model!r}); it runs on {runs_on} "
+    method = spec.training_method
+    if layout is not None and layout not in METHOD_LAYOUTS[method]:
+        runs_on = ", ".join(LAYOUT_NAMES[l] for l in LAYOUT_NAMES if l in METHOD_LAYOUTS[method])
+        raise ValueError(f"method {method!r} cannot run on a {layout} pipeline ({spec.base_model!r}); it runs on {runs_on} "
                          "pipelines; use method 'grpo' for flow-matching models")

@@ -51,3 +51,48 @@ def write_report(path: Path, metrics: dict, base_images: torch.Tensor, tuned_ima
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def write_rounds_report(path: Path, metrics: dict, base_images: torch.Tensor, tuned_images: torch.Tensor, max_images: int = 4) -> None:
+    """An active-learning job's report (`finetune.active`): on the held-out prompts, every scorer's mean
+    (± standard error) by round, round 0 being the base model, one panel per scorer (their scales differ);
+    the training reward by step with the rounds' boundaries; the base model's and the final model's images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ev, rounds = metrics["eval"], metrics["rounds"]
+    scorers = list(ev["base"])
+    n = min(max_images, len(base_images), len(tuned_images))
+    cols = max(len(scorers), n, 2)
+    fig = plt.figure(figsize=(max(10, 2.6 * cols), 11))
+    grid = fig.add_gridspec(4, cols, height_ratios=[1.2, 1.1, 1, 1])
+    x = list(range(len(rounds) + 1))
+    for c, name in enumerate(scorers):
+        ax = fig.add_subplot(grid[1, c])
+        points = [ev["base"][name]] + [rd["eval"][name] for rd in rounds]
+        ax.errorbar(x, [p["mean"] for p in points], yerr=[p["se"] for p in points], marker="o", capsize=3)
+        ax.axhline(ev["base"][name]["mean"], color="grey", lw=0.8, ls="--")
+        ax.set_xticks(x, ["base"] + [str(i) for i in x[1:]])
+        ax.set_xlabel("round")
+        ax.set_title(name)
+    ax = fig.add_subplot(grid[0, :])
+    ax.plot(range(1, len(metrics["reward"]) + 1), metrics["reward"], label="training reward (batch mean)")
+    per_round = len(metrics["reward"]) // max(1, len(rounds))
+    for i in range(1, len(rounds)):
+        ax.axvline(i * per_round + 0.5, color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("step (dotted: a new round)")
+    ax.set_ylabel("reward")
+    ax.set_title("active learning: training reward; below, held-out reward by round (mean ± se) for every scorer")
+    for k in range(n):
+        for row, (images, label) in enumerate(((base_images, "base"), (tuned_images, f"round {len(rounds)}")), start=2):
+            a = fig.add_subplot(grid[row, k])
+            a.imshow(images[k].permute(1, 2, 0).clamp(0, 1).numpy())
+            a.set_xticks([])
+            a.set_yticks([])
+            if k == 0:
+                a.set_ylabel(label)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

@@ -39,6 +39,7 @@ MAX_INFERENCE_STEPS = 1000  # the DDPM schedule SD was trained on has 1000 times
 MAX_WEIGHT = 1e3  # any loss or mixture weight, in absolute value
 MAX_SEED = 2**63 - 1  # what torch.manual_seed takes
 MAX_GROUP_SIZE = 64  # GRPO: images per prompt and step
+MAX_ROUNDS = 100  # active learning
 
 # Hub ids as the hub spells them: two parts of letters, digits, '_', '.', '-', neither starting nor ending
 # with '.' or '-', at most 96 characters each; '..' and '--' are refused (the hub refuses them too).
@@ -95,15 +96,16 @@ def _float(default: float, lo: float, hi: float, description: str, gt: bool = Fa
 class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN/inf in any float field: 422
 
-    method: Literal["refl", "reward_weighted", "grpo", "ddpo", "generate"] = Field("refl", description="ReFL with KL (thesis), reward-weighted "
-                                                                       "likelihood (Lee et al.), GRPO (group-relative PPO on the model's own samples, as "
-                                                                       "Flow-GRPO / DanceGRPO), ddpo: GRPO's preset for DDPO (group_size 1, per-prompt statistics), "
-                                                                       "or generate: best-of-n images per prompt, ranked by the rewards (no training).")
+    method: Literal["refl", "reward_weighted", "grpo", "ddpo", "generate", "active_learning"] = Field(
+        "refl", description="ReFL with KL (thesis), reward-weighted likelihood (Lee et al.), GRPO (group-relative PPO on the model's "
+        "own samples, as Flow-GRPO / DanceGRPO), ddpo: GRPO's preset for DDPO (group_size 1, per-prompt statistics), generate: "
+        "best-of-n images per prompt, ranked by the rewards (no training), or active_learning: rounds of generate, score, select "
+        "the most informative prompts, fine-tune on them with `learner`, evaluate on held-out prompts.")
     base_model: Optional[PathName] = Field(None, description="Hub id (org/name), a pipeline directory under the models directory, or 'tiny' / 'tiny-sdxl' / 'tiny-sd3' (tiny random SD-1.x / SDXL / SD3 pipelines); default: Stable Diffusion 1.5, or 'tiny' under the tiny profile.")
     prompts: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_PROMPTS, description="Training prompts (cycled); or give topics + n_prompts.")
     topics: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_TOPICS, description="Topics whose prompts the prompter supplies.")
     n_prompts: int = _int(8, 1, MAX_N_PROMPTS, "Prompts drawn per topic when topics are given.")
-    steps: int = _int(100, 1, MAX_STEPS, "Optimiser steps (the operator's limit may be lower).")
+    steps: int = _int(100, 1, MAX_STEPS, "Optimiser steps (active_learning: per round); the operator's limit (on all rounds' steps) may be lower.")
     learning_rate: float = _float(1e-4, 0, 1.0, "AdamW learning rate of the LoRA parameters.", gt=True)
     lora_rank: int = _int(4, 1, MAX_LORA_RANK, "LoRA rank (the operator's limit may be lower).")
     lora_alpha: float = _float(4.0, 0, 4096.0, "LoRA alpha (scale = alpha / rank).", gt=True)
@@ -139,9 +141,19 @@ class JobSpec(BaseModel):
     stat_buffer_size: int = _int(32, 1, 10_000, "GRPO with per_prompt_stats: rewards kept per prompt.")
     stat_min_count: int = _int(16, 1, 10_000, "GRPO with per_prompt_stats: below this many rewards a prompt is normalised with the whole batch.")
     # ---- generate (best-of-n)
-    n_images: int = _int(4, 1, MAX_GROUP_SIZE, "generate: images per prompt, ranked by the reward.")
+    n_images: int = _int(4, 1, MAX_GROUP_SIZE, "generate: images per prompt, ranked by the reward; active_learning: the K candidates "
+                         "generated per drawn prompt (at least 2).")
     enhance: bool = Field(False, description="generate: rewrite each prompt with the MLLM peer first (the worker's T2I_SERVICE_MLLM__*).")
     lora_from: Optional[JobId] = Field(None, description="generate: the id of an earlier job whose LoRA the base model loads.")
+    # ---- active learning (the MLLM-feedback seed's stage 2)
+    rounds: int = _int(2, 1, MAX_ROUNDS, "active_learning: rounds of draw, generate, score, select, fine-tune, evaluate.")
+    round_prompts: int = _int(4, 1, MAX_BATCH_SIZE, "active_learning: prompts drawn per round from the training prompts (not the held-out ones).")
+    select_prompts: int = _int(2, 1, MAX_BATCH_SIZE, "active_learning: the most informative of a round's prompts kept for fine-tuning (<= round_prompts).")
+    select: Literal["spread", "disagreement"] = Field("spread", description="active_learning: informativeness of a prompt: the spread "
+                                                      "(std) of its K candidates' total reward, or how much the experts disagree on their order "
+                                                      "(the variance across experts of each candidate's in-group z-score, averaged).")
+    learner: Literal["grpo", "reward_weighted", "refl"] = Field("grpo", description="active_learning: the method of each round's `steps` "
+                                                                "steps on the selected prompts (its own fields apply: group_size, kl_weight, ...).")
     # ---- reward-hacking sentinel (every method)
     eval_every: int = _int(0, 0, MAX_STEPS, "Every N steps, score the evaluation prompts with every configured expert and image statistics (0: only before and after).")
     stop_on_hacking: bool = Field(False, description="Stop, keep the best checkpoint and fail with the reason when a held-out expert falls while the optimised reward rises.")
@@ -152,13 +164,20 @@ class JobSpec(BaseModel):
         if not self.prompts and not self.topics:
             raise ValueError("give prompts, or topics and n_prompts")
         a, b = self.refl_step_range
-        if self.method == "refl" and not 0 <= a < b <= self.num_inference_steps:
+        if self.training_method == "refl" and not 0 <= a < b <= self.num_inference_steps:
             raise ValueError(f"refl_step_range must satisfy 0 <= a < b <= num_inference_steps, got ({a}, {b})")
-        if self.method == "grpo" and self.group_size < 2 and not self.per_prompt_stats:
+        if self.training_method == "grpo" and self.group_size < 2 and not self.per_prompt_stats:
             raise ValueError("GRPO needs group_size >= 2 (advantages are relative to the group); use method 'ddpo' "
                              "or per_prompt_stats for groups of one")
         if self.batch_size * self.group_size > MAX_BATCH_SIZE * 4:
             raise ValueError(f"batch_size * group_size is {self.batch_size * self.group_size}; the limit is {MAX_BATCH_SIZE * 4} images per step")
+        if self.method == "active_learning":
+            if self.n_images < 2:
+                raise ValueError("active_learning needs n_images >= 2: a prompt's informativeness compares its candidates")
+            if self.select_prompts > self.round_prompts:
+                raise ValueError(f"select_prompts ({self.select_prompts}) must be at most round_prompts ({self.round_prompts})")
+            if self.total_steps > MAX_STEPS:
+                raise ValueError(f"rounds * steps is {self.total_steps}; the limit is {MAX_STEPS}")
         return self
 
     @model_validator(mode="before")
@@ -171,8 +190,18 @@ class JobSpec(BaseModel):
         return data
 
     @property
+    def training_method(self) -> str:
+        """The method whose steps train the LoRA: active learning trains with its `learner`."""
+        return self.learner if self.method == "active_learning" else self.method
+
+    @property
     def is_policy_gradient(self) -> bool:
-        return self.method in ("grpo", "ddpo")
+        return self.training_method in ("grpo", "ddpo")
+
+    @property
+    def total_steps(self) -> int:
+        """Optimiser steps of the whole job (every round's, for active learning): the progress total."""
+        return self.rounds * self.steps if self.method == "active_learning" else self.steps
 
 
 class JobLimits(BaseModel):
@@ -189,7 +218,8 @@ class JobLimits(BaseModel):
 
 def validate_spec(spec: JobSpec, limits: JobLimits, models_dir: Path, data_dir: Path) -> None:
     """Raise ValueError naming the first field outside the limits or the confined directories."""
-    checks = [(spec.steps, limits.max_steps, "steps"), (spec.batch_size, limits.max_batch_size, "batch_size"),
+    steps = "rounds * steps" if spec.method == "active_learning" else "steps"
+    checks = [(spec.total_steps, limits.max_steps, steps), (spec.batch_size, limits.max_batch_size, "batch_size"),
               (spec.resolution, limits.max_resolution, "resolution"), (spec.lora_rank, limits.max_lora_rank, "lora_rank"),
               (len(spec.prompts or []), limits.max_prompts, "prompts"), (spec.group_size, limits.max_group_size, "group_size")]
     for value, limit, name in checks:

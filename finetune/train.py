@@ -49,6 +49,10 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
         from .generate import run_generate
 
         return run_generate(spec, ctx)
+    if spec.method == "active_learning":  # rounds of generate, select, train, evaluate (active.py)
+        from .active import run_active_learning
+
+        return run_active_learning(spec, ctx)
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -108,33 +112,7 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
         rng = random.Random(spec.seed * 1_000_003 + step + 7_919 * accelerator.process_index)
         first_prompt = (step * accelerator.num_processes + accelerator.process_index) * spec.batch_size
         prompts = [ctx.prompts[(first_prompt + k) % len(ctx.prompts)] for k in range(spec.batch_size)]
-        if spec.is_policy_gradient:  # each prompt group_size times: one group per prompt
-            prompts = [p for p in prompts for _ in range(spec.group_size)]
-        seeds = [rng.randrange(2**31) for _ in prompts]
-        cond, uncond = sampler.conditions(prompts)
-        models.denoiser.train()
-        if spec.is_policy_gradient:  # PPO steps the optimiser itself, once per inner epoch
-            result = grpo_step(sampler, spec, ctx.reward, prompts, seeds, cond, uncond, rng, models.optimizer, models.params,
-                               stats, weights, after_backward=lambda: average_gradients(accelerator, models.params))
-        elif spec.method == "refl":
-            result = refl_loss(sampler, spec, ctx.reward, prompts, seeds, cond, uncond, rng)
-            if pairs:
-                result.loss = result.loss + spec.pretrain_weight * pretrain_loss(sampler, pairs, step, spec.batch_size, spec.resolution)
-        else:
-            result = reward_weighted_loss(sampler, spec, ctx.reward, prompts, seeds, cond, uncond)
-            if spec.regularizer == "pretrain" and pairs:
-                result.loss = result.loss + spec.pretrain_weight * pretrain_loss(sampler, pairs, step, spec.batch_size, spec.resolution)
-        if not spec.is_policy_gradient:
-            models.optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            average_gradients(accelerator, models.params)
-            torch.nn.utils.clip_grad_norm_(models.params, 1.0)
-            models.optimizer.step()
-        record(ctx.metrics, accelerator, result)
-        step_loss, step_reward = ctx.metrics["loss"][-1], ctx.metrics["reward"][-1]  # averaged over processes: all stop together
-        if not (math.isfinite(step_loss) and math.isfinite(step_reward)):  # a NaN step ruins the LoRA: fail, never "succeed"
-            raise FloatingPointError(f"step {step + 1}: the loss ({step_loss}) or the reward ({step_reward}) is not finite; "
-                                     "try a lower learning_rate or guidance_scale")
+        train_step(spec, sampler, models, ctx.reward, prompts, step, rng, accelerator, stats, weights, pairs, ctx.metrics)
         done = step + 1
         eta = (time.perf_counter() - t0) / (done - first) * (spec.steps - done)
         bar.set_postfix(reward=f"{ctx.metrics['reward'][-1]:.3f}", loss=f"{ctx.metrics['loss'][-1]:.3f}")
@@ -156,6 +134,41 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
     if not main:
         return {"status": "succeeded", "metrics": ctx.metrics, "artifacts": [], "main_process": False}
     return finish(spec, ctx, sampler, models, out, eval_prompts, eval_p, eval_seeds, base_eval, sentinel)
+
+
+def train_step(spec: JobSpec, sampler: Sampler, models, reward: RewardFn, prompts: list[str], step: int, rng: random.Random,
+               accelerator, stats: Optional[PromptStats], weights: dict, pairs: list, metrics: dict):
+    """One optimiser step of the spec's training method (`spec.training_method`) on `prompts` (one per batch
+    entry; GRPO repeats each `group_size` times), recorded in `metrics`. Raises FloatingPointError when the
+    loss or the reward is not finite (a NaN step ruins the LoRA: the job fails, never "succeeds")."""
+    if spec.is_policy_gradient:  # each prompt group_size times: one group per prompt
+        prompts = [p for p in prompts for _ in range(spec.group_size)]
+    seeds = [rng.randrange(2**31) for _ in prompts]
+    cond, uncond = sampler.conditions(prompts)
+    models.denoiser.train()
+    if spec.is_policy_gradient:  # PPO steps the optimiser itself, once per inner epoch
+        result = grpo_step(sampler, spec, reward, prompts, seeds, cond, uncond, rng, models.optimizer, models.params,
+                           stats, weights, after_backward=lambda: average_gradients(accelerator, models.params))
+    elif spec.training_method == "refl":
+        result = refl_loss(sampler, spec, reward, prompts, seeds, cond, uncond, rng)
+        if pairs:
+            result.loss = result.loss + spec.pretrain_weight * pretrain_loss(sampler, pairs, step, spec.batch_size, spec.resolution)
+    else:
+        result = reward_weighted_loss(sampler, spec, reward, prompts, seeds, cond, uncond)
+        if spec.regularizer == "pretrain" and pairs:
+            result.loss = result.loss + spec.pretrain_weight * pretrain_loss(sampler, pairs, step, spec.batch_size, spec.resolution)
+    if not spec.is_policy_gradient:
+        models.optimizer.zero_grad(set_to_none=True)
+        result.loss.backward()
+        average_gradients(accelerator, models.params)
+        torch.nn.utils.clip_grad_norm_(models.params, 1.0)
+        models.optimizer.step()
+    record(metrics, accelerator, result)
+    step_loss, step_reward = metrics["loss"][-1], metrics["reward"][-1]  # averaged over processes: all stop together
+    if not (math.isfinite(step_loss) and math.isfinite(step_reward)):
+        raise FloatingPointError(f"step {step + 1}: the loss ({step_loss}) or the reward ({step_reward}) is not finite; "
+                                 "try a lower learning_rate or guidance_scale")
+    return result
 
 
 def watch(sentinel: Sentinel, sampler, ctx: JobContext, models, out: Path, step: int, eval_p, eval_seeds) -> Optional[str]:

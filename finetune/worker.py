@@ -115,7 +115,7 @@ class JobRunner:
             result = run_job(spec, ctx)
             # "failed" with an error when the job stopped itself (the reward-hacking sentinel), artifacts kept
             final = dict(status=result["status"], metrics=result["metrics"], artifacts=result["artifacts"],
-                         progress=result.get("progress") or {"step": spec.steps, "total": spec.steps, "eta_s": 0})
+                         progress=result.get("progress") or {"step": spec.total_steps, "total": spec.total_steps, "eta_s": 0})
             if result.get("error"):
                 final["error"] = result["error"]
         except LeaseLost as e:

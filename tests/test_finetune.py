@@ -226,6 +226,13 @@ def test_a_killed_grpo_job_on_sd3_resumes_where_it_was(api, env, worker, tmp_pat
         ({"method": "grpo", "group_size": 1}, "group_size >= 2"),
         ({"method": "grpo", "group_size": 33}, "group_size is 33; the limit is 32"),
         ({"method": "grpo", "batch_size": 16, "group_size": 32}, "images per step"),
+        ({"method": "active_learning", "n_images": 1}, "n_images >= 2"),
+        ({"method": "active_learning", "select_prompts": 5, "round_prompts": 4}, "select_prompts (5) must be at most"),
+        ({"method": "active_learning", "eval_prompts": ["a cat"]}, "training prompts besides the held-out"),
+        ({"method": "active_learning", "rounds": 101}, "rounds"),
+        ({"method": "active_learning", "rounds": 100, "steps": 11}, "rounds * steps is 1100; the limit is 1000"),
+        ({"method": "active_learning", "learner": "refl", "base_model": "tiny-sd3", "prompts": ["a", "b"]}, "'refl' cannot run on a sd3"),
+        ({"method": "active_learning", "learner": "grpo", "group_size": 1, "prompts": ["a", "b"]}, "group_size >= 2"),
     ],
 )
 def test_bad_specs_get_422(api, change, fragment):
@@ -385,3 +392,40 @@ def test_generate_specs_are_checked(api):
     r = api.post("/jobs", json={**GENERATE, "enhance": True})  # this API has no MLLM peer configured
     assert r.status_code == 422 and "enhance needs an MLLM peer" in r.text
     assert api.post("/jobs", json={**GENERATE, "lora_from": "../x"}).status_code == 422
+
+
+ACTIVE = {"method": "active_learning", "base_model": "tiny", "prompts": ["a red apple", "a blue car", "a green field", "a yellow sun"],
+          "eval_prompts": ["a black cat"], "rounds": 2, "steps": 2, "round_prompts": 3, "select_prompts": 1, "n_images": 3,
+          "learner": "grpo", "group_size": 2, "resolution": 32, "num_inference_steps": 4, "guidance_scale": 1.0,
+          "eval_images_per_prompt": 2, "learning_rate": 0.05, "clip_range": 0.2}
+
+
+def test_an_active_learning_job_runs_two_rounds_end_to_end(api, worker, tiny):
+    """Two rounds through REST, Redis and the worker: each round draws from the training prompts only, keeps
+    the candidate with the largest spread of its K candidates' totals (recomputed here from the round's
+    feedback.json), trains GRPO on it, and evaluates the held-out prompt; the by-round curve has the base
+    and both rounds for every expert; the report and the LoRA are there."""
+    job_id = api.post("/jobs", json=ACTIVE).json()["id"]
+    job = wait_for(api, job_id, {"succeeded"})
+    assert job["progress"] == {"step": 4, "total": 4, "eta_s": 0, "round": 2}
+    m = job["metrics"]
+    assert len(m["reward"]) == 4 and len(m["rounds"]) == 2
+    experts = {"total", *tiny.experts}
+    assert set(m["eval"]["by_round"]) == experts and all(len(v) == 3 for v in m["eval"]["by_round"].values())
+    assert m["eval"]["prompts"] == ["a black cat"]
+    for r, rnd in enumerate(m["rounds"], start=1):
+        assert rnd["round"] == r and len(rnd["drawn"]) == 3 and set(rnd["drawn"]) <= set(ACTIVE["prompts"])
+        feedback = api.get(f"/jobs/{job_id}/artifacts/rounds/{r:02d}/feedback.json").json()
+        assert feedback["round"] == r and [p["prompt"] for p in feedback["prompts"]] == rnd["drawn"]
+        spreads = [torch.tensor([im["total"] for im in p["images"]]).std(unbiased=False).item() for p in feedback["prompts"]]
+        assert spreads == pytest.approx(rnd["informativeness"], abs=1e-5)
+        best = rnd["drawn"][spreads.index(max(spreads))]
+        assert rnd["selected"] == [best] and [p["prompt"] for p in feedback["prompts"] if p["selected"]] == [best]
+        for p in feedback["prompts"]:
+            assert len(p["images"]) == 3 and set(p["images"][0]["components"]) == set(tiny.experts)
+            assert api.get(f"/jobs/{job_id}/artifacts/{p['images'][0]['file']}").content[:4] == b"\x89PNG"
+        assert set(rnd["eval"]) == experts
+    # the LoRA moved between rounds: the held-out evaluation (same seeds) changes
+    assert m["eval"]["by_round"]["total"][0] != m["eval"]["by_round"]["total"][2]
+    assert {"pytorch_lora_weights.safetensors", "metrics.json", "report.png"} <= set(job["artifacts"])
+    assert api.get(f"/jobs/{job_id}/artifacts/report.png").content[:4] == b"\x89PNG"

@@ -229,3 +229,35 @@ def test_a_generate_job_enhances_prompts_and_gives_reasons(cache_dir, tiny, tmp_
     assert out["status"] == "succeeded" and result["prompt"] == "a red apple" and result["used"] != "a red apple"
     assert all(isinstance(im["reason"], str) for im in result["images"])
     assert result["images"][0]["total"] >= result["images"][1]["total"]
+
+
+def test_an_active_learning_round_takes_the_judge_as_feedback(cache_dir, vlm, tmp_path):
+    """Stage 2 with the judge in the mixture (in-process tiny VLM) beside the tiny experts: every candidate's
+    feedback carries its vlm_judge score, and the prompt kept is the one whose candidates the experts (the
+    judge included) order least alike, recomputed here from feedback.json."""
+    import json
+
+    import torch
+
+    from finetune.active import informativeness
+    from finetune.rewards import LocalReward
+    from finetune.spec import JobSpec
+    from finetune.train import JobContext, run_job
+
+    mixture = create_rewarder(profile="tiny", cache_dir=cache_dir, device="cpu",
+                              experts={"vlm_judge": {"model": "tiny", "image_size": 56, "weight": 0.5}})
+    spec = JobSpec(method="active_learning", base_model="tiny", prompts=["a red apple", "a blue car", "a green field", "a dog"],
+                   eval_prompts=["a dog"], rounds=1, steps=1, round_prompts=3, select_prompts=1, n_images=3,
+                   learner="reward_weighted", select="disagreement", resolution=32, num_inference_steps=2, guidance_scale=1.0,
+                   eval_images_per_prompt=1)
+    out = run_job(spec, JobContext(out_dir=tmp_path, reward=LocalReward(mixture), prompts=spec.prompts, base_model="tiny",
+                                   cache_dir=cache_dir, device="cpu"))
+    assert out["status"] == "succeeded" and "vlm_judge" in out["metrics"]["eval"]["by_round"]
+    feedback = json.loads((tmp_path / "rounds" / "01" / "feedback.json").read_text())["prompts"]
+    images = [im for p in feedback for im in p["images"]]
+    assert all(0 <= im["components"]["vlm_judge"] <= 1 for im in images)
+    experts = list(images[0]["components"])
+    again = informativeness("disagreement", torch.tensor([im["total"] for im in images]),
+                            {n: torch.tensor([im["components"][n] for im in images]) for n in experts}, 3)
+    assert again == pytest.approx([p["informativeness"] for p in feedback], abs=1e-4)
+    assert [p["selected"] for p in feedback] == [i == again.index(max(again)) for i in range(3)]

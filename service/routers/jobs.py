@@ -13,7 +13,7 @@ from typing import Annotated, Any, Callable, Optional, TypeVar
 import redis
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from finetune.jobs import JOB_ID, MAX_OFFSET, JobStore
 from finetune.prepare import prepare_job
@@ -27,6 +27,10 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 408, 4
 
 
 class Progress(BaseModel):
+    """Steps done of the job's total; an active-learning job adds `round`, the round under way (1-based)."""
+
+    model_config = ConfigDict(extra="allow")
+
     step: int = Field(..., description="Steps done.")
     total: int = Field(..., description="Steps in the job.")
     eta_s: Optional[float] = Field(None, description="Estimated seconds left.")

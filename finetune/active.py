@@ -1,0 +1,171 @@
+"""Active learning (the MLLM-feedback seed's stage 2): the model generates, the rewards simulate a user's
+feedback, the most informative prompts are kept, the model is fine-tuned on them, and the loop repeats.
+
+One job, `rounds` rounds, one LoRA carried through them. Each round r:
+1. **draw** `round_prompts` prompts from the training pool (the job's prompts, or the prompter's for its
+   topics, minus the held-out evaluation prompts: `prepare.training_and_held_out`), seeded by the round;
+2. **generate** `n_images` candidates per prompt with the current LoRA (the deterministic chain, one seed
+   per candidate);
+3. **score** them with the job's rewards: the simulated feedback (the mixture, with the `vlm_judge` expert
+   when the worker's config has it);
+4. **select** the `select_prompts` most informative prompts: `spread` (the std of a prompt's candidates'
+   totals: where the model is unsure, feedback tells it most) or `disagreement` (how much the experts
+   disagree on the order of a prompt's candidates: the variance across experts of each candidate's
+   in-group z-score, averaged over the candidates);
+5. **fine-tune** `steps` optimiser steps of the `learner` method (GRPO, reward-weighted likelihood or
+   ReFL: `train.train_step`, the same steps a plain job runs) on the selected prompts;
+6. **evaluate** on the held-out prompts with the base model's seeds: every expert's mean and standard error.
+
+Artifacts: `rounds/<r>/candidate-*.png` with `rounds/<r>/feedback.json` (every candidate's prompt, scores,
+and whether its prompt was selected), `samples/base-*` and `samples/tuned-*`, the LoRA, `metrics.json`
+(`rounds`: per round what was drawn, selected, the feedback, the training reward and the evaluation;
+`eval.by_round`: each scorer's mean from the base model (round 0) through every round) and `report.png`
+(reward by round for every expert, the training curve, base vs final images). A checkpoint is written at
+the end of every round; a job resumed by the reaper starts again at the round after it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from rewarders.advantages import group_advantages
+
+from .artifacts import artifact_names, resume, save_checkpoint, save_images, summarise
+from .context import JobCancelled, JobContext, score
+from .context import guard as _guard
+from .grpo import PromptStats
+from .losses import image_tensor, load_pretrain_pairs
+from .pipeline import WEIGHT_DTYPES, save_lora, setup_models
+from .prepare import training_and_held_out
+from .sampler import Sampler
+from .spec import JobSpec
+
+
+def informativeness(select: str, total: torch.Tensor, components: dict[str, torch.Tensor], k: int) -> list[float]:
+    """Per prompt (its `k` candidates consecutive in `total` / `components`): how much feedback on it should
+    teach the model. `spread`: the population std of the candidates' totals. `disagreement`: each expert's
+    scores z-scored within the prompt's candidates (`rewarders.advantages`), then per candidate the variance
+    of those z-scores across experts (0 when every expert orders the candidates alike), averaged."""
+    if select == "spread":
+        return total.detach().double().cpu().view(-1, k).std(dim=1, unbiased=False).tolist()
+    if len(components) < 2:
+        raise ValueError(f"select 'disagreement' needs at least two experts in the rewards; this worker has {sorted(components)}")
+    z = group_advantages(total, components, [i // k for i in range(len(total))])
+    per_candidate = torch.stack([z[n] for n in components]).double().var(dim=0, unbiased=False)
+    return per_candidate.view(-1, k).mean(dim=1).tolist()
+
+
+def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
+    """Run (or resume) an active-learning job; returns the job's result like `run_job`. Raises JobCancelled."""
+    from accelerate import Accelerator
+
+    from .train import train_step
+
+    out = Path(ctx.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    # ---- accelerator and models, as a training job's
+    on_gpu = ctx.device != "cpu" and torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=spec.mixed_precision if on_gpu else "no")
+    if accelerator.num_processes > 1:  # rounds select on the whole round's feedback: one process decides
+        raise ValueError("active_learning runs in one process; start it without accelerate launch / torchrun")
+    device = accelerator.device if ctx.device in ("auto", "cpu") else torch.device(ctx.device)
+    models = setup_models(spec, ctx.base_model, ctx.cache_dir, device, WEIGHT_DTYPES[accelerator.mixed_precision])
+    sampler = Sampler(models, spec.guidance_scale, device, accelerator.autocast)
+    pairs = load_pretrain_pairs(ctx.pretrain_dir) if ctx.pretrain_dir is not None else []
+    pool, held_out = training_and_held_out(ctx.prompts, spec.eval_prompts)
+    eval_p = [p for p in held_out for _ in range(spec.eval_images_per_prompt)]
+    eval_seeds = [10_000 + k for k in range(len(eval_p))]
+
+    # ---- resume at the round after the last finished one; else evaluate the base model (round 0)
+    start, base_eval, extra = resume(out, models.denoiser, models.optimizer, ctx.metrics)
+    first_round = int(extra.get("round", 0))
+    stats = None
+    if spec.is_policy_gradient and spec.per_prompt_stats:
+        stats = PromptStats.from_dict(extra.get("prompt_stats") or {"buffer_size": spec.stat_buffer_size, "min_count": spec.stat_min_count})
+    weights = ctx.reward.expert_weights() if spec.is_policy_gradient and hasattr(ctx.reward, "expert_weights") else {}
+    metrics = ctx.metrics
+    metrics.setdefault("rounds", [])
+    metrics["processes"] = 1
+    if base_eval is None:
+        base_images = sampler.sample(eval_p, eval_seeds, base=True)
+        base_eval = summarise(*score(ctx.reward, base_images, eval_p))
+        _guard(ctx)
+        save_images(base_images, out / "samples", "base")
+
+    # ---- rounds
+    total_steps, t0, eval_images = spec.total_steps, time.perf_counter(), None
+    for r in range(first_round, spec.rounds):
+        _guard(ctx)
+        rng = random.Random(spec.seed * 1_000_003 + 104_729 * (r + 1))
+        drawn = rng.sample(pool, min(spec.round_prompts, len(pool)))
+        candidates = [p for p in drawn for _ in range(spec.n_images)]
+        models.denoiser.eval()
+        images = sampler.sample(candidates, [rng.randrange(2**31) for _ in candidates])
+        total, components = score(ctx.reward, images, candidates)
+        info = informativeness(spec.select, total, components, spec.n_images)
+        ranked = sorted(range(len(drawn)), key=lambda i: -info[i])[: spec.select_prompts]
+        selected = [drawn[i] for i in ranked]  # most informative first
+        _guard(ctx)
+        write_feedback(out / "rounds" / f"{r + 1:02d}", r + 1, spec, drawn, info, set(ranked), images, total, components, out)
+
+        for j in range(spec.steps):
+            step = r * spec.steps + j
+            _guard(ctx)
+            if ctx.should_stop is not None and ctx.should_stop():  # the last round's checkpoint is the resume point
+                raise JobCancelled(f"cancelled in round {r + 1}, at step {step}")
+            batch = [selected[(j * spec.batch_size + k) % len(selected)] for k in range(spec.batch_size)]
+            train_step(spec, sampler, models, ctx.reward, batch, step, random.Random(spec.seed * 1_000_003 + step), accelerator,
+                       stats, weights, pairs, metrics)
+            if ctx.on_progress is not None:
+                done = step + 1
+                eta = (time.perf_counter() - t0) / (done - start) * (total_steps - done)
+                ctx.on_progress({"step": done, "total": total_steps, "eta_s": round(eta, 1), "round": r + 1})
+
+        models.denoiser.eval()
+        eval_images = sampler.sample(eval_p, eval_seeds)
+        evaluation = summarise(*score(ctx.reward, eval_images, eval_p))
+        round_rewards = metrics["reward"][r * spec.steps:(r + 1) * spec.steps]
+        metrics["rounds"].append({
+            "round": r + 1, "drawn": drawn, "informativeness": info, "selected": selected,
+            "feedback": summarise(total, components), "train_reward": sum(round_rewards) / max(1, len(round_rewards)),
+            "eval": evaluation})
+        _guard(ctx)
+        extra = {"round": r + 1, **({"prompt_stats": stats.to_dict()} if stats is not None else {})}
+        save_checkpoint(out, (r + 1) * spec.steps, models.denoiser, models.optimizer, metrics, base_eval, extra)
+
+    # ---- save: the LoRA, the final evaluation images, metrics and report
+    if eval_images is None:  # resumed after the last round: the same seeds give the same images
+        eval_images = sampler.sample(eval_p, eval_seeds)
+    _guard(ctx)
+    save_lora(models.denoiser, out)
+    save_images(eval_images, out / "samples", "tuned")
+    by_round = {name: [base_eval[name]["mean"]] + [rd["eval"][name]["mean"] for rd in metrics["rounds"]] for name in base_eval}
+    final = {**metrics, "eval": {"prompts": held_out, "base": base_eval, "tuned": metrics["rounds"][-1]["eval"], "by_round": by_round}}
+    (out / "metrics.json").write_text(json.dumps(final, indent=2))
+    base_images = torch.stack([image_tensor(p, spec.resolution) for p in sorted((out / "samples").glob("base-*.png"))])
+    from .report import write_rounds_report
+
+    write_rounds_report(out / "report.png", final, base_images, eval_images.float().cpu())
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    return {"status": "succeeded", "metrics": final, "artifacts": artifact_names(out), "main_process": True,
+            "progress": {"step": total_steps, "total": total_steps, "eta_s": 0, "round": spec.rounds}}
+
+
+def write_feedback(folder: Path, round_no: int, spec: JobSpec, drawn: list[str], info: list[float], chosen: set[int],
+                   images: torch.Tensor, total: torch.Tensor, components: dict[str, torch.Tensor], out: Path) -> None:
+    """The round's candidates (`candidate-<n>.png`, prompt by prompt) and `feedback.json`: each prompt's
+    informativeness and whether it was selected, each candidate's file, total and expert scores."""
+    save_images(images, folder, "candidate")
+    k = spec.n_images
+    prompts = [{"prompt": p, "informativeness": info[i], "selected": i in chosen,
+                "images": [{"file": str((folder / f"candidate-{i * k + c:03d}.png").relative_to(out)), "total": float(total[i * k + c]),
+                            "components": {n: float(v[i * k + c]) for n, v in components.items()}} for c in range(k)]}
+               for i, p in enumerate(drawn)]
+    (folder / "feedback.json").write_text(json.dumps({"round": round_no, "select": spec.select, "prompts": prompts}, indent=2))
