@@ -3,8 +3,10 @@
     python benchmarks/pairs_throughput.py overhead --profile tiny --pairs 16 --requests 20
     python benchmarks/pairs_throughput.py throughput --profile random-full --pairs 16 --clients 1 8 32
 
-`overhead`: one rewarder object, served by uvicorn in a thread of this process; sequential requests of
-`--pairs` random 512x512 images, each with its own prompt, interleaved with the same work in-process.
+`overhead`: one rewarder object served by uvicorn in a thread of this process (`--server thread`, the
+default and the setting of the figures in docs/benchmarks.md; client and server share one interpreter),
+or the service in its own process (`--server process`: `t2i-reward serve`); sequential requests of `--pairs` random 512x512
+images, each with its own prompt, interleaved with the same work in-process (a rewarder in this process).
 Two transports: the raw tensor path (safetensors uint8 (B, H, W, 3) in, safetensors out, via
 `RewardClient.score_batch` when it exists, else a plain POST) against `check_tensor_request` +
 `score_checked`; and PNG multipart against `Mixture.score_many` on the same PNG bytes. Reports the
@@ -78,12 +80,22 @@ def overhead(args) -> dict:
     from service.app import create_app
     from service.settings import Settings
 
+    from service.memory import keep_freed_memory
+    from service.settings import Settings as _S
+
+    keep_freed_memory(_S().keep_freed_mb)  # the in-process side with the service's allocator setting: like for like
     rewarder = create_rewarder(profile=args.profile, max_batch_size=args.pairs)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Settings(max_images=max(64, args.pairs)), rewarder=rewarder),
-                                           port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
     url = f"http://127.0.0.1:{port}"
+    server = proc = None
+    if args.server == "thread":
+        server = uvicorn.Server(uvicorn.Config(create_app(Settings(max_images=max(64, args.pairs)), rewarder=rewarder),
+                                               port=port, log_level="warning"))
+        threading.Thread(target=server.run, daemon=True).start()
+    else:
+        env = {**os.environ, "T2I_REWARD_MAX_BATCH_SIZE": str(args.pairs), "T2I_SERVICE_MAX_IMAGES": str(max(64, args.pairs))}
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "t2i-reward"), "serve", "--profile", args.profile, "--port", str(port)],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     RewardClient(url).wait_ready(300)
     arr = random_images(args.pairs, args.size)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.pairs)]
@@ -96,8 +108,8 @@ def overhead(args) -> dict:
         "png_multipart": (lambda http: http.post("/reward", data={"prompts": prompts}, files=files).raise_for_status(),
                           lambda: rewarder.score_many([(prompts, pngs)])),
     }
-    out = {"profile": args.profile, "pairs_per_request": args.pairs, "size": args.size, "raw_body_bytes": len(body),
-           "png_body_bytes": sum(map(len, pngs))}
+    out = {"profile": args.profile, "server": args.server, "pairs_per_request": args.pairs, "size": args.size,
+           "raw_body_bytes": len(body), "png_body_bytes": sum(map(len, pngs))}
     with httpx.Client(base_url=url, timeout=600) as http:
         for name, (over_http, in_process) in runs.items():
             over_http(http), in_process()  # warm-up
@@ -112,7 +124,11 @@ def overhead(args) -> dict:
             ma, mb = statistics.median(a), statistics.median(b)
             out[name] = {"in_process_ms": round(1e3 * ma, 2), "http_ms": round(1e3 * mb, 2),
                          "overhead_ms_per_image": round(1e3 * (mb - ma) / args.pairs, 3)}
-    server.should_exit = True
+    if server is not None:
+        server.should_exit = True
+    else:
+        proc.terminate()
+        proc.wait(60)
     return out
 
 
@@ -173,6 +189,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--requests", type=int, default=20, help="overhead: requests per transport")
+    ap.add_argument("--server", choices=["thread", "process"], default="thread", help="overhead: where the service runs")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests-per-client", type=int, default=1)
     ap.add_argument("--in-process-requests", type=int, default=4)

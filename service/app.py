@@ -21,6 +21,7 @@ from prompter import PromptIndex, open_index
 from rewarders import Mixture, create_rewarder
 
 from .batcher import MicroBatcher
+from .memory import keep_freed_memory
 from .errors import install_error_handlers
 from .metrics import Metrics
 from .middleware import LimitsAndMetrics
@@ -44,6 +45,7 @@ def create_app(settings: Settings | None = None, rewarder: Mixture | None = None
     async def lifespan(app: FastAPI):
         # one loader, models then prompt index, in sequence: importing transformers from two threads
         # at once races inside its lazy module and fails
+        keep_freed_memory(settings.keep_freed_mb)  # request bodies reuse freed memory instead of faulting it in
         app.state.job_store = JobStore(settings.redis_url)  # connects on first use: Redis may start later
         loader = asyncio.create_task(_load(app, settings, metrics, rewarder, prompter))
         yield

@@ -22,6 +22,9 @@ class Settings(FinetuneSettings):
     api_keys: list[str] = Field(default_factory=list, description="Accepted API keys (JSON list); empty: no auth.")
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="Largest request body; larger gets 413.")
     body_timeout_s: float = Field(30.0, gt=0, description="Longest time a request body may take to arrive; slower gets 408.")
+    keep_freed_mb: int = Field(256, ge=0, le=65536, description="Freed memory (MB) the server keeps for the next request instead "
+                               "of giving it back to the kernel (glibc): large bodies then reuse it rather than page-fault it "
+                               "in again (service/memory.py); 0: the allocator's defaults.")
     max_concurrent_uploads: int = Field(32, ge=1, description="Request bodies being received at once; more gets 429.")
     max_images: int = Field(64, ge=1, description="Most images in one request (a GRPO batch); more gets 422.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Most pixels per image, checked from the header; more gets 413.")
