@@ -34,14 +34,7 @@ def write_report(path: Path, metrics: dict, base_images: torch.Tensor, tuned_ima
     table = table_ax.table(cellText=rows, colLabels=["scorer", "base", "fine-tuned"], loc="center")
     table.scale(1, 1.4)
     table_ax.set_title("evaluation prompts: mean ± standard error")
-    for k in range(n):
-        for row, (images, label) in enumerate(((base_images, "base"), (tuned_images, "fine-tuned")), start=1):
-            a = fig.add_subplot(grid[row, k])
-            a.imshow(images[k].permute(1, 2, 0).clamp(0, 1).numpy())
-            a.set_xticks([])
-            a.set_yticks([])
-            if k == 0:
-                a.set_ylabel(label)
+    image_rows(fig, grid, 1, n, (base_images, "base"), (tuned_images, "fine-tuned"))
     if drift:
         from .sentinel import draw_sentinel
 
@@ -51,6 +44,18 @@ def write_report(path: Path, metrics: dict, base_images: torch.Tensor, tuned_ima
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def image_rows(fig, grid, first_row: int, n: int, *rows: tuple[torch.Tensor, str]) -> None:
+    """The first `n` images of each (images, label) pair, one row each from grid row `first_row`."""
+    for row, (images, label) in enumerate(rows, start=first_row):
+        for k in range(n):
+            a = fig.add_subplot(grid[row, k])
+            a.imshow(images[k].permute(1, 2, 0).clamp(0, 1).numpy())
+            a.set_xticks([])
+            a.set_yticks([])
+            if k == 0:
+                a.set_ylabel(label)
 
 
 def write_rounds_report(path: Path, metrics: dict, base_images: torch.Tensor, tuned_images: torch.Tensor, max_images: int = 4) -> None:
@@ -85,14 +90,7 @@ def write_rounds_report(path: Path, metrics: dict, base_images: torch.Tensor, tu
     ax.set_xlabel("step (dotted: a new round)")
     ax.set_ylabel("reward")
     ax.set_title("active learning: training reward; below, held-out reward by round (mean ± se) for every scorer")
-    for k in range(n):
-        for row, (images, label) in enumerate(((base_images, "base"), (tuned_images, f"round {len(rounds)}")), start=2):
-            a = fig.add_subplot(grid[row, k])
-            a.imshow(images[k].permute(1, 2, 0).clamp(0, 1).numpy())
-            a.set_xticks([])
-            a.set_yticks([])
-            if k == 0:
-                a.set_ylabel(label)
+    image_rows(fig, grid, 2, n, (base_images, "base"), (tuned_images, f"round {len(rounds)}"))
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
