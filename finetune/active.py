@@ -13,7 +13,7 @@ One job, `rounds` rounds, one LoRA carried through them. Each round r:
    disagree on the order of a prompt's candidates: the variance across experts of each candidate's
    in-group z-score, averaged over the candidates);
 5. **fine-tune** `steps` optimiser steps of the `learner` method (GRPO, reward-weighted likelihood or
-   ReFL: `train.train_step`, the same steps a plain job runs) on the selected prompts;
+   ReFL: `step.train_step`, the same steps a plain job runs) on the selected prompts;
 6. **evaluate** on the held-out prompts with the base model's seeds: every expert's mean and standard error.
 
 Artifacts: `rounds/<r>/candidate-*.png` with `rounds/<r>/feedback.json` (every candidate's prompt, scores,
@@ -45,6 +45,7 @@ from .pipeline import WEIGHT_DTYPES, save_lora, setup_models
 from .prepare import training_and_held_out
 from .sampler import Sampler
 from .spec import JobSpec
+from .step import train_step
 
 
 def informativeness(select: str, total: torch.Tensor, components: dict[str, torch.Tensor], k: int) -> list[float]:
@@ -64,8 +65,6 @@ def informativeness(select: str, total: torch.Tensor, components: dict[str, torc
 def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
     """Run (or resume) an active-learning job; returns the job's result like `run_job`. Raises JobCancelled."""
     from accelerate import Accelerator
-
-    from .train import train_step
 
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -106,8 +105,9 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
         rng = random.Random(spec.seed * 1_000_003 + 104_729 * (r + 1))
         drawn = rng.sample(pool, min(spec.round_prompts, len(pool)))
         candidates = [p for p in drawn for _ in range(spec.n_images)]
+        seeds = [rng.randrange(2**31) for _ in candidates]
         models.denoiser.eval()
-        images = sampler.sample(candidates, [rng.randrange(2**31) for _ in candidates])
+        images = generate(sampler, spec, candidates, seeds)
         total, components = score(ctx.reward, images, candidates)
         info = informativeness(spec.select, total, components, spec.n_images)
         ranked = sorted(range(len(drawn)), key=lambda i: -info[i])[: spec.select_prompts]
@@ -156,6 +156,13 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return {"status": "succeeded", "metrics": final, "artifacts": artifact_names(out), "main_process": True,
             "progress": {"step": total_steps, "total": total_steps, "eta_s": 0, "round": spec.rounds}}
+
+
+def generate(sampler: Sampler, spec: JobSpec, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+    """The round's candidates, whole prompts at a time, at most as many images per chain as a training step
+    samples (or one prompt's K): up to round_prompts x n_images = 4096 images never go through at once."""
+    per_chunk = max(1, max(spec.batch_size * (spec.group_size if spec.is_policy_gradient else 1), spec.n_images) // spec.n_images) * spec.n_images
+    return torch.cat([sampler.sample(prompts[i:i + per_chunk], seeds[i:i + per_chunk]).cpu() for i in range(0, len(prompts), per_chunk)])
 
 
 def write_feedback(folder: Path, round_no: int, spec: JobSpec, drawn: list[str], info: list[float], chosen: set[int],

@@ -29,7 +29,7 @@ import torch
 from rewarders.advantages import EPS, group_advantages
 
 from .pipeline import adapters_disabled
-from .sampler import Sampler, transition_kl
+from .sampler import MIN_STD, Sampler, transition_kl
 from .spec import JobSpec
 
 
@@ -43,9 +43,8 @@ class Trajectory:
     images: torch.Tensor  # (B, 3, H, W) in [0, 1]
 
 
-# why: a step without noise (DDIM's last step when the schedule ends at alpha = 1, as SDXL's does) has no
-# density; its "log-probability" would divide by zero, so such steps are sampled but never trained on
-MIN_STD = 1e-6
+# MIN_STD (sampler.py): a step with less noise has no density; its "log-probability" would divide by zero,
+# so such steps are sampled but never trained on
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .pipeline import adapters_disabled
-from .sampler import Sampler, ddim_x0, transition_kl
+from .sampler import MIN_STD, Sampler, ddim_x0, transition_kl
 from .spec import JobSpec
 
 # reward(images (B,3,H,W) in [0,1], prompts) -> (total (B,), {expert: (B,)}): differentiable total
@@ -39,10 +39,14 @@ class StepLoss:
 
 def step_kl(s: Sampler, latents, k: int, cond, uncond, e: torch.Tensor) -> torch.Tensor:
     """KL between the LoRA's and the base's Gaussian steps x_t -> x_prev from schedule step k (DDIM with
-    eta = 1 variance), per element."""
+    eta = 1 variance), per element. A step without noise (SDXL's last) has no Gaussian to compare, and the KL
+    would divide by zero: there the term is the predictions' squared distance, as in reward-weighted
+    likelihood's regulariser."""
     with torch.no_grad(), adapters_disabled(s.m.denoiser, True):
         e_base = s.predict(latents, k, cond, uncond)
     mean, std = s.transition(e, latents, k, 1.0)
+    if float(std) <= MIN_STD:
+        return ((e - e_base) ** 2).mean()
     base_mean, _ = s.transition(e_base, latents, k, 1.0)
     return transition_kl(mean, base_mean, std)
 

@@ -51,6 +51,11 @@ class Cond:
         return Cond(join([p.embeds for p in parts]), join([p.pooled for p in parts]), join([p.time_ids for p in parts]))
 
 
+# why: a step without noise (DDIM's last step when the schedule ends at alpha = 1, as SDXL's does) has no
+# Gaussian density: GRPO does not train on it, and ReFL's KL there is measured on the predictions instead
+MIN_STD = 1e-6
+
+
 def ddim_x0(scheduler, eps: torch.Tensor, latents: torch.Tensor, k: int) -> torch.Tensor:
     """The clean latents a noise prediction at schedule step k implies (differentiable in `eps`)."""
     a_t = scheduler.alphas_cumprod[int(scheduler.timesteps[k])].to(latents.device)

@@ -171,7 +171,11 @@ class JobSpec(BaseModel):
                              "or per_prompt_stats for groups of one")
         if self.batch_size * self.group_size > MAX_BATCH_SIZE * 4:
             raise ValueError(f"batch_size * group_size is {self.batch_size * self.group_size}; the limit is {MAX_BATCH_SIZE * 4} images per step")
+        if self.method != "generate" and (self.enhance or self.lora_from is not None):
+            raise ValueError("enhance and lora_from apply to method 'generate' only")
         if self.method == "active_learning":
+            if self.eval_every or self.stop_on_hacking:
+                raise ValueError("active_learning evaluates the held-out prompts after every round; eval_every and stop_on_hacking do not apply")
             if self.n_images < 2:
                 raise ValueError("active_learning needs n_images >= 2: a prompt's informativeness compares its candidates")
             if self.select_prompts > self.round_prompts:

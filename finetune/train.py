@@ -3,16 +3,16 @@
 The pieces live beside it: `context.py` (the JobContext), `pipeline.py` (models, LoRA), `sampler.py`
 (each layout's conditioning, predictions and transitions), `losses.py` (ReFL and reward-weighted likelihood:
 one loss each), `grpo.py` (GRPO / DDPO: sampling with log-probabilities, group advantages, PPO updates),
-`sentinel.py` (reward hacking), `artifacts.py` (checkpoints, evaluation, artifacts); `generate.py` runs
-`method: generate` (best-of-n, no training) through the same door. Under
+`sentinel.py` (reward hacking), `artifacts.py` (checkpoints, evaluation, artifacts), `step.py` (one
+optimiser step of any method); `generate.py` runs `method: generate` (best-of-n, no training) and
+`active.py` `method: active_learning` through the same door. Under
 `accelerate launch` / `torchrun` every process takes its own device and its own share of each step's
-prompts; gradients are averaged in `average_gradients`, and the main process evaluates and writes.
+prompts; gradients are averaged in `step.average_gradients`, and the main process evaluates and writes.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from pathlib import Path
@@ -21,26 +21,19 @@ from typing import Optional
 import torch
 
 from .artifacts import artifact_names, resume, save_checkpoint, save_images, summarise, write_final
-from .grpo import PromptStats, grpo_step
+from .grpo import PromptStats
 from .sentinel import Sentinel
-from .losses import RewardFn, image_tensor, load_pretrain_pairs, pretrain_loss, refl_loss, reward_weighted_loss
+from .losses import RewardFn, image_tensor, load_pretrain_pairs
 from .pipeline import LORA_FILE, WEIGHT_DTYPES, save_lora, setup_models
 from .sampler import Sampler
 from .context import JobCancelled, JobContext, score
 from .context import guard as _guard
 from .spec import JobSpec
+from .step import train_step
 
 log = logging.getLogger(__name__)
 
 __all__ = ["JobCancelled", "JobContext", "LORA_FILE", "artifact_names", "run_job"]
-
-
-def average_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
-    """Data parallel without a DDP wrapper (a step runs several forward passes: guidance, the base model,
-    the pre-training loss): every process applies the mean gradient, so the LoRAs stay equal."""
-    if accelerator.num_processes > 1:
-        for p in params:
-            p.grad = accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
 
 
 def run_job(spec: JobSpec, ctx: JobContext) -> dict:
@@ -136,41 +129,6 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
     return finish(spec, ctx, sampler, models, out, eval_prompts, eval_p, eval_seeds, base_eval, sentinel)
 
 
-def train_step(spec: JobSpec, sampler: Sampler, models, reward: RewardFn, prompts: list[str], step: int, rng: random.Random,
-               accelerator, stats: Optional[PromptStats], weights: dict, pairs: list, metrics: dict):
-    """One optimiser step of the spec's training method (`spec.training_method`) on `prompts` (one per batch
-    entry; GRPO repeats each `group_size` times), recorded in `metrics`. Raises FloatingPointError when the
-    loss or the reward is not finite (a NaN step ruins the LoRA: the job fails, never "succeeds")."""
-    if spec.is_policy_gradient:  # each prompt group_size times: one group per prompt
-        prompts = [p for p in prompts for _ in range(spec.group_size)]
-    seeds = [rng.randrange(2**31) for _ in prompts]
-    cond, uncond = sampler.conditions(prompts)
-    models.denoiser.train()
-    if spec.is_policy_gradient:  # PPO steps the optimiser itself, once per inner epoch
-        result = grpo_step(sampler, spec, reward, prompts, seeds, cond, uncond, rng, models.optimizer, models.params,
-                           stats, weights, after_backward=lambda: average_gradients(accelerator, models.params))
-    elif spec.training_method == "refl":
-        result = refl_loss(sampler, spec, reward, prompts, seeds, cond, uncond, rng)
-        if pairs:
-            result.loss = result.loss + spec.pretrain_weight * pretrain_loss(sampler, pairs, step, spec.batch_size, spec.resolution)
-    else:
-        result = reward_weighted_loss(sampler, spec, reward, prompts, seeds, cond, uncond)
-        if spec.regularizer == "pretrain" and pairs:
-            result.loss = result.loss + spec.pretrain_weight * pretrain_loss(sampler, pairs, step, spec.batch_size, spec.resolution)
-    if not spec.is_policy_gradient:
-        models.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        average_gradients(accelerator, models.params)
-        torch.nn.utils.clip_grad_norm_(models.params, 1.0)
-        models.optimizer.step()
-    record(metrics, accelerator, result)
-    step_loss, step_reward = metrics["loss"][-1], metrics["reward"][-1]  # averaged over processes: all stop together
-    if not (math.isfinite(step_loss) and math.isfinite(step_reward)):
-        raise FloatingPointError(f"step {step + 1}: the loss ({step_loss}) or the reward ({step_reward}) is not finite; "
-                                 "try a lower learning_rate or guidance_scale")
-    return result
-
-
 def watch(sentinel: Sentinel, sampler, ctx: JobContext, models, out: Path, step: int, eval_p, eval_seeds) -> Optional[str]:
     """The sentinel's evaluation at `step`: every expert and the image statistics on the evaluation prompts,
     their drift from the base model; the LoRA of the best step so far is kept in `best/`. Returns why the
@@ -217,16 +175,3 @@ def finish(spec: JobSpec, ctx: JobContext, sampler, models, out: Path, eval_prom
 def evaluate(reward: RewardFn, images: torch.Tensor, prompts: list[str]) -> dict[str, dict[str, float]]:
     """Every scorer's mean and standard error on the evaluation images, from one reward call."""
     return summarise(*score(reward, images, prompts))
-
-
-def record(metrics: dict, accelerator, result) -> None:
-    """Append the step's reward, loss and KL (averaged over processes) and each expert's mean score."""
-    values = [result.reward.mean(), result.loss.detach(), result.kl]
-    if accelerator.num_processes > 1:
-        values = [accelerator.reduce(v.detach().float(), reduction="mean") for v in values]
-    for key, v in zip(("reward", "loss", "kl"), values):
-        metrics[key].append(float(v))
-    for name, v in result.components.items():
-        metrics.setdefault("components", {}).setdefault(name, []).append(float(v.float().mean()))
-    if getattr(result, "advantages", None) is not None:  # GRPO: how much of the batch the clip held back
-        metrics.setdefault("clip_fraction", []).append(float(result.clip_fraction))

@@ -227,6 +227,8 @@ def test_a_killed_grpo_job_on_sd3_resumes_where_it_was(api, env, worker, tmp_pat
         ({"method": "grpo", "group_size": 33}, "group_size is 33; the limit is 32"),
         ({"method": "grpo", "batch_size": 16, "group_size": 32}, "images per step"),
         ({"method": "active_learning", "n_images": 1}, "n_images >= 2"),
+        ({"method": "active_learning", "eval_every": 2}, "eval_every and stop_on_hacking do not apply"),
+        ({"lora_from": "abc"}, "apply to method 'generate' only"),
         ({"method": "active_learning", "select_prompts": 5, "round_prompts": 4}, "select_prompts (5) must be at most"),
         ({"method": "active_learning", "eval_prompts": ["a cat"]}, "training prompts besides the held-out"),
         ({"method": "active_learning", "rounds": 101}, "rounds"),

@@ -168,3 +168,35 @@ def test_refl_and_reward_weighted_jobs_run_on_sdxl(method, cache_dir, tmp_path):
     base = denoise(pipe)
     pipe.load_lora_weights(tmp_path, weight_name=LORA_FILE)
     assert not torch.allclose(base, denoise(pipe), atol=1e-6)  # the trained LoRA changes the SDXL UNet
+
+
+def test_refl_kl_at_sdxls_noise_free_last_step_is_the_prediction_distance(cache_dir):
+    """SDXL's DDIM schedule ends at alpha = 1, so its last step has no noise and no Gaussian to compare: ReFL's
+    KL there is the squared distance of the LoRA's and the base's predictions (before, it divided by a zero
+    std and reached 1e4); at a noisy step it is the Gaussian KL."""
+    import contextlib
+
+    from finetune.losses import step_kl
+    from finetune.pipeline import adapters_disabled, setup_models
+    from finetune.sampler import MIN_STD, Sampler, transition_kl
+    from finetune.spec import JobSpec
+
+    spec = JobSpec(method="refl", base_model="tiny-sdxl", prompts=["a red ball"], resolution=32, num_inference_steps=4,
+                   refl_step_range=(2, 4), guidance_scale=1.0)
+    models = setup_models(spec, "tiny-sdxl", cache_dir, torch.device("cpu"), torch.float32)
+    torch.manual_seed(0)
+    for p in models.params:
+        p.data.normal_(0, 0.05)  # a LoRA away from the base
+    s = Sampler(models, 1.0, torch.device("cpu"), contextlib.nullcontext)
+    cond, uncond = s.conditions(["a red ball"])
+    latents = s.initial_latents([0])
+    with torch.no_grad():
+        for k, noisy in ((s.num_steps - 1, False), (1, True)):
+            e = s.predict(latents, k, cond, uncond)
+            with adapters_disabled(models.denoiser, True):
+                e_base = s.predict(latents, k, cond, uncond)
+            mean, std = s.transition(e, latents, k, 1.0)
+            assert (float(std) > MIN_STD) == noisy
+            expected = transition_kl(mean, s.transition(e_base, latents, k, 1.0)[0], std) if noisy else ((e - e_base) ** 2).mean()
+            kl = step_kl(s, latents, k, cond, uncond, e)
+            assert 0 < float(kl) < 1.0 and float(kl) == pytest.approx(float(expected), rel=1e-5)
