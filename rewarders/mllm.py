@@ -224,7 +224,7 @@ class LocalPeer:
     """The model in this process (`AutoModelForImageTextToText` + `AutoProcessor`). Thread-safe (one call at
     a time)."""
 
-    def __init__(self, cfg: MLLMConfig, cache_dir: Path | None = None, device: str = "cpu"):
+    def __init__(self, cfg: MLLMConfig, cache_dir: Path | None = None, device: str = "cpu", dtype=None):
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -233,7 +233,10 @@ class LocalPeer:
         self.cfg = cfg
         path = str(ensure_tiny_vlm(cache_dir or Path.home() / ".cache" / "t2i-reward")) if cfg.model == "tiny" else cfg.model
         self.processor = AutoProcessor.from_pretrained(path)
-        self.model = AutoModelForImageTextToText.from_pretrained(path).to(device).eval()
+        # bfloat16 on a GPU, as the experts run there; float32 on the CPU (the processor's float32 pixels are
+        # cast to the vision tower's dtype by the model)
+        dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
         self.device, self.lock, self.torch = device, threading.Lock(), torch
         tok = self.processor.tokenizer
         ids = [tok(w, add_special_tokens=False)["input_ids"] for w in ("Yes", "No")]
@@ -277,6 +280,7 @@ class LocalPeer:
         return self._generate(inputs, max_tokens, seed)
 
 
-def create_peer(cfg: MLLMConfig, cache_dir: Path | None = None, device: str = "cpu"):
-    """The peer of `cfg`: over HTTP when it has a `url`, else in-process."""
-    return HTTPPeer(cfg) if cfg.url else LocalPeer(cfg, cache_dir, device)
+def create_peer(cfg: MLLMConfig, cache_dir: Path | None = None, device: str = "cpu", dtype=None):
+    """The peer of `cfg`: over HTTP when it has a `url`, else in-process (on `device`; `dtype` None: bfloat16
+    on a GPU, float32 on the CPU)."""
+    return HTTPPeer(cfg) if cfg.url else LocalPeer(cfg, cache_dir, device, dtype)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torchvision.transforms import functional as TF
 
-from .checkpoints import RANDOM, TINY, resolve_checkpoint
+from .checkpoints import TINY, resolve_checkpoint
 from .errors import ModelLoadError
 from .images import _NATIVE_MODES, Preprocess, _to_rgb
 from .registry import Expert, ExpertConfig, register_expert

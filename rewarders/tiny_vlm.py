@@ -29,10 +29,43 @@ _CORPUS = ["Yes", "No", "Answer Yes or No only.", "Does the image match the prom
            "a red square on a white background", "In one line, why?", "system user assistant"] * 10
 
 
+# the model's shape: `tiny` for tests; `2b` is real-size (a CLIP ViT-L/14-336 tower and a 1.7B Llama with
+# Qwen2-VL-2B's vocabulary size: 2.0 B parameters) for the judge's GPU benchmark, random all the same
+SHAPES = {
+    "tiny": dict(image=56, vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32),
+                 text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+                 vocab=None),
+    "2b": dict(image=336, vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, projection_dim=768),
+               text=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=4),
+               vocab=151_936),
+}
+
+
 def ensure_tiny_vlm(cache_dir: str | Path) -> Path:
+    return ensure_random_vlm(cache_dir, "tiny")
+
+
+def ensure_random_vlm(cache_dir: str | Path, shape: str = "tiny") -> Path:
+    """The random VLM of `shape` (see SHAPES), built once into `cache_dir`."""
     from .tiny import build_once
 
-    return build_once(Path(cache_dir) / f"tiny-vlm-v{TINY_VLM_VERSION}", "model.safetensors", _build)
+    name = f"tiny-vlm-v{TINY_VLM_VERSION}" if shape == "tiny" else f"random-vlm-{shape}-v{TINY_VLM_VERSION}"
+    return build_once(Path(cache_dir) / name, "model.safetensors", lambda out: _build(out, shape))
+
+
+def vlm_config(shape: str = "tiny"):
+    """The LlavaConfig of `shape` and its tokenizer (the config alone builds the model on the meta device)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    tok = _tokenizer()
+    spec = SHAPES[shape]
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(image_size=spec["image"], patch_size=14, **spec["vision"]).to_dict(),
+        text_config=LlamaConfig(vocab_size=spec["vocab"] or len(tok), max_position_embeddings=4096 if spec["vocab"] else 1024,
+                                bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **spec["text"]).to_dict(),
+        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default", vision_feature_layer=-2)
+    config.architectures = ["LlavaForConditionalGeneration"]
+    return config, tok
 
 
 def _tokenizer():
@@ -53,22 +86,13 @@ def _tokenizer():
     return fast
 
 
-def _build(out: Path) -> None:
+def _build(out: Path, shape: str = "tiny") -> None:
     import torch
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaImageProcessor,
-                              LlavaProcessor)
+    from transformers import LlavaForConditionalGeneration, LlavaImageProcessor, LlavaProcessor
 
     torch.manual_seed(0)
-    tok = _tokenizer()
-    size, patch = 56, 14  # 16 image tokens
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                       image_size=size, patch_size=patch, projection_dim=32).to_dict(),
-        text_config=LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                                bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).to_dict(),
-        image_token_index=tok.convert_tokens_to_ids("<image>"), vision_feature_select_strategy="default", vision_feature_layer=-2)
-    config.architectures = ["LlavaForConditionalGeneration"]
+    config, tok = vlm_config(shape)
+    size, patch = SHAPES[shape]["image"], 14  # tiny: 16 image tokens; 2b: 576
     model = LlavaForConditionalGeneration(config).eval()
     model.generation_config.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=16)
     model.save_pretrained(out)

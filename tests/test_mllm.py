@@ -79,6 +79,18 @@ def test_the_in_process_judge_scores_each_image(cache_dir, vlm):
     assert r.experts["vlm_judge"].describe()["peer"]["yes_no"] == "logits"
 
 
+def test_the_in_process_peer_runs_in_bfloat16_as_on_a_gpu(cache_dir, vlm):
+    """On a GPU the in-process peer loads the model in bfloat16 (the default there); the same dtype on the CPU
+    gives nearly the float32 probability."""
+    import torch
+
+    cfg = MLLMConfig(model="tiny", image_size=56)
+    full, half = create_peer(cfg, cache_dir), create_peer(cfg, cache_dir, "cpu", torch.bfloat16)
+    assert full.model.dtype == torch.float32 and half.model.dtype == torch.bfloat16
+    for im in IMAGES[:2]:
+        assert half.yes_probability(im, "Does it match?") == pytest.approx(full.yes_probability(im, "Does it match?"), abs=0.02)
+
+
 def test_the_judge_through_transformers_serve(cache_dir, vlm, served):
     """transformers serve ignores `logprobs`, so `auto` settles on its yes/no endpoint."""
     r = judge(cache_dir, url=served, model=str(vlm))
