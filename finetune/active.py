@@ -21,12 +21,15 @@ and whether its prompt was selected), `samples/base-*` and `samples/tuned-*`, th
 (`rounds`: per round what was drawn, selected, the feedback, the training reward and the evaluation;
 `eval.by_round`: each scorer's mean from the base model (round 0) through every round) and `report.png`
 (reward by round for every expert, the training curve, base vs final images). A checkpoint is written at
-the end of every round; a job resumed by the reaper starts again at the round after it.
+the end of every round and every `checkpoint_every` steps within one, with the round's selection: a job
+resumed by the reaper (or cancelled and run again by `t2i-reward finetune`) goes on from there without
+generating that round's candidates again.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -82,9 +85,9 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
     eval_p = [p for p in held_out for _ in range(spec.eval_images_per_prompt)]
     eval_seeds = [10_000 + k for k in range(len(eval_p))]
 
-    # ---- resume at the round after the last finished one; else evaluate the base model (round 0)
+    # ---- resume (at the round, and the step within it, of the last checkpoint); else evaluate the base (round 0)
     start, base_eval, extra = resume(out, models.denoiser, models.optimizer, ctx.metrics)
-    first_round = int(extra.get("round", 0))
+    first_round, in_round = int(extra.get("round", 0)), extra.get("in_round")
     stats = None
     if spec.is_policy_gradient and spec.per_prompt_stats:
         stats = PromptStats.from_dict(extra.get("prompt_stats") or {"buffer_size": spec.stat_buffer_size, "min_count": spec.stat_min_count})
@@ -92,57 +95,71 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
     metrics = ctx.metrics
     metrics.setdefault("rounds", [])
     metrics["processes"] = 1
+    chunk = max(spec.n_images, spec.batch_size * (spec.group_size if spec.is_policy_gradient else 1))  # images per chain
     if base_eval is None:
-        base_images = sampler.sample(eval_p, eval_seeds, base=True)
-        base_eval = summarise(*score(ctx.reward, base_images, eval_p))
+        base_images, total, components = sample_and_score(sampler, ctx.reward, eval_p, eval_seeds, chunk, base=True)
+        base_eval = summarise(total, components)
         _guard(ctx)
         save_images(base_images, out / "samples", "base")
+    if spec.select == "disagreement" and len(base_eval) - 1 < 2:  # before any round's work: the experts are known now
+        raise ValueError(f"select 'disagreement' needs at least two experts in the rewards; this worker has {[n for n in base_eval if n != 'total']}")
+
+    def state(r: int, current: dict | None) -> dict:  # saved with each checkpoint: finished rounds, the round under way
+        return {"round": r, **({"in_round": current} if current else {}), **({"prompt_stats": stats.to_dict()} if stats is not None else {})}
 
     # ---- rounds
     total_steps, t0, eval_images = spec.total_steps, time.perf_counter(), None
     for r in range(first_round, spec.rounds):
         _guard(ctx)
-        rng = random.Random(spec.seed * 1_000_003 + 104_729 * (r + 1))
-        drawn = rng.sample(pool, min(spec.round_prompts, len(pool)))
-        candidates = [p for p in drawn for _ in range(spec.n_images)]
-        seeds = [rng.randrange(2**31) for _ in candidates]
-        models.denoiser.eval()
-        images = generate(sampler, spec, candidates, seeds)
-        total, components = score(ctx.reward, images, candidates)
-        info = informativeness(spec.select, total, components, spec.n_images)
-        ranked = sorted(range(len(drawn)), key=lambda i: -info[i])[: spec.select_prompts]
-        selected = [drawn[i] for i in ranked]  # most informative first
-        _guard(ctx)
-        write_feedback(out / "rounds" / f"{r + 1:02d}", r + 1, spec, drawn, info, set(ranked), images, total, components, out)
+        if in_round is not None:  # resumed inside this round: its candidates were generated, scored and kept
+            current, in_round = in_round, None
+        else:
+            # why disjoint from the steps' seeds: seed * 1_000_003 + step, and step < MAX_STEPS < 104_729
+            rng = random.Random(spec.seed * 1_000_003 + 104_729 * (r + 1))
+            drawn = rng.sample(pool, min(spec.round_prompts, len(pool)))
+            candidates = [p for p in drawn for _ in range(spec.n_images)]
+            seeds = [rng.randrange(2**31) for _ in candidates]
+            models.denoiser.eval()
+            # whole prompts per chain: at most a training step's images, or one prompt's K
+            images, total, components = sample_and_score(sampler, ctx.reward, candidates, seeds, chunk // spec.n_images * spec.n_images)
+            info = informativeness(spec.select, total, components, spec.n_images)
+            order = sorted(range(len(drawn)), key=lambda i: -info[i] if math.isfinite(info[i]) else math.inf)  # NaN: least informative
+            chosen = order[: spec.select_prompts]
+            _guard(ctx)
+            write_feedback(out / "rounds" / f"{r + 1:02d}", r + 1, spec, drawn, info, set(chosen), images, total, components, out)
+            current = {"drawn": drawn, "informativeness": info, "selected": [drawn[i] for i in chosen],  # most informative first
+                       "feedback": summarise(total, components)}
+        selected = current["selected"]
 
-        for j in range(spec.steps):
+        for j in range(max(0, start - r * spec.steps), spec.steps):
             step = r * spec.steps + j
             _guard(ctx)
-            if ctx.should_stop is not None and ctx.should_stop():  # the last round's checkpoint is the resume point
+            if ctx.should_stop is not None and ctx.should_stop():
+                save_checkpoint(out, step, models.denoiser, models.optimizer, metrics, base_eval, state(r, current))
                 raise JobCancelled(f"cancelled in round {r + 1}, at step {step}")
             batch = [selected[(j * spec.batch_size + k) % len(selected)] for k in range(spec.batch_size)]
             train_step(spec, sampler, models, ctx.reward, batch, step, random.Random(spec.seed * 1_000_003 + step), accelerator,
                        stats, weights, pairs, metrics)
+            done = step + 1
+            if done % spec.checkpoint_every == 0 and j + 1 < spec.steps:  # a resume point inside a long round
+                _guard(ctx)
+                save_checkpoint(out, done, models.denoiser, models.optimizer, metrics, base_eval, state(r, current))
             if ctx.on_progress is not None:
-                done = step + 1
                 eta = (time.perf_counter() - t0) / (done - start) * (total_steps - done)
                 ctx.on_progress({"step": done, "total": total_steps, "eta_s": round(eta, 1), "round": r + 1})
 
         models.denoiser.eval()
-        eval_images = sampler.sample(eval_p, eval_seeds)
-        evaluation = summarise(*score(ctx.reward, eval_images, eval_p))
+        eval_images, total, components = sample_and_score(sampler, ctx.reward, eval_p, eval_seeds, chunk)
         round_rewards = metrics["reward"][r * spec.steps:(r + 1) * spec.steps]
-        metrics["rounds"].append({
-            "round": r + 1, "drawn": drawn, "informativeness": info, "selected": selected,
-            "feedback": summarise(total, components), "train_reward": sum(round_rewards) / max(1, len(round_rewards)),
-            "eval": evaluation})
+        metrics["rounds"].append({"round": r + 1, **current, "train_reward": sum(round_rewards) / max(1, len(round_rewards)),
+                                  "eval": summarise(total, components)})
         _guard(ctx)
-        extra = {"round": r + 1, **({"prompt_stats": stats.to_dict()} if stats is not None else {})}
-        save_checkpoint(out, (r + 1) * spec.steps, models.denoiser, models.optimizer, metrics, base_eval, extra)
+        save_checkpoint(out, (r + 1) * spec.steps, models.denoiser, models.optimizer, metrics, base_eval, state(r + 1, None))
 
     # ---- save: the LoRA, the final evaluation images, metrics and report
+    models.denoiser.eval()
     if eval_images is None:  # resumed after the last round: the same seeds give the same images
-        eval_images = sampler.sample(eval_p, eval_seeds)
+        eval_images = sample_and_score(sampler, None, eval_p, eval_seeds, chunk)[0]
     _guard(ctx)
     save_lora(models.denoiser, out)
     save_images(eval_images, out / "samples", "tuned")
@@ -158,11 +175,21 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
             "progress": {"step": total_steps, "total": total_steps, "eta_s": 0, "round": spec.rounds}}
 
 
-def generate(sampler: Sampler, spec: JobSpec, prompts: list[str], seeds: list[int]) -> torch.Tensor:
-    """The round's candidates, whole prompts at a time, at most as many images per chain as a training step
-    samples (or one prompt's K): up to round_prompts x n_images = 4096 images never go through at once."""
-    per_chunk = max(1, max(spec.batch_size * (spec.group_size if spec.is_policy_gradient else 1), spec.n_images) // spec.n_images) * spec.n_images
-    return torch.cat([sampler.sample(prompts[i:i + per_chunk], seeds[i:i + per_chunk]).cpu() for i in range(0, len(prompts), per_chunk)])
+def sample_and_score(sampler: Sampler, reward, prompts: list[str], seeds: list[int], chunk: int, base: bool = False):
+    """(images on the CPU, total, {expert: scores}) of `prompts`, `chunk` images per chain and reward call:
+    a round's round_prompts x n_images (up to 4096) candidates never go through at once. `reward` None:
+    the images only."""
+    images, totals, parts = [], [], []
+    for i in range(0, len(prompts), chunk):
+        batch = sampler.sample(prompts[i:i + chunk], seeds[i:i + chunk], base=base)
+        images.append(batch.cpu())
+        if reward is not None:
+            total, components = score(reward, batch, prompts[i:i + chunk])
+            totals.append(total)
+            parts.append(components)
+    if reward is None:
+        return torch.cat(images), None, None
+    return torch.cat(images), torch.cat(totals), {n: torch.cat([c[n] for c in parts]) for n in parts[0]}
 
 
 def write_feedback(folder: Path, round_no: int, spec: JobSpec, drawn: list[str], info: list[float], chosen: set[int],

@@ -42,10 +42,7 @@ def guard(ctx: JobContext) -> None:
 
 
 def score(reward: RewardFn, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The total and every expert's scores of evaluation images, without gradients: through the reward's
-    scalar path where it has one (`scores`: for the reward service, `/reward` rather than `/reward/gradient`,
-    which would compute a gradient nobody uses), else the call itself under no_grad."""
-    scalar = getattr(reward, "scores", None)
+    """The total and every expert's scores of evaluation images, without gradients."""
     with torch.no_grad():
-        total, components = scalar(images, prompts) if scalar is not None else reward(images, prompts)
+        total, components = reward(images, prompts)
     return total.detach().cpu(), {n: c.detach().cpu() for n, c in components.items()}

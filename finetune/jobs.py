@@ -142,8 +142,10 @@ def bounded_metrics(metrics: dict, points: int = METRIC_POINTS) -> dict:
     because the training thread appends to the curves while the state writer encodes them."""
     curves = [v for v in metrics.values() if isinstance(v, list)] + list((metrics.get("components") or {}).values())
     k = max(1, math.ceil(max(map(len, curves), default=0) / points))
-    thin = lambda n, v: list(v[::k]) if isinstance(v, list) and n not in ("resumed_at", "rounds") else v  # noqa: E731
-    out = {n: thin(n, v) for n, v in list(metrics.items())}
+    thin = lambda n, v: list(v[::k]) if isinstance(v, list) and n != "resumed_at" else v  # noqa: E731
+    out = {n: thin(n, v) for n, v in list(metrics.items()) if n != "rounds"}
+    if isinstance(metrics.get("rounds"), list):  # active learning: each round's scores; its prompts are in metrics.json
+        out["rounds"] = [{k: r[k] for k in ("round", "train_reward", "eval") if k in r} for r in list(metrics["rounds"])]
     if isinstance(metrics.get("components"), dict):
         out["components"] = {n: thin(n, v) for n, v in list(metrics["components"].items())}
     if k > 1:

@@ -10,7 +10,7 @@ from typing import Optional
 from prompter import PromptIndex
 
 from .settings import FinetuneSettings
-from .spec import JobSpec, pretrain_folder, resolve_base_model, validate_spec, with_defaults
+from .spec import MAX_EVAL_PROMPTS, JobSpec, pretrain_folder, resolve_base_model, validate_spec, with_defaults
 
 
 @dataclass(frozen=True)
@@ -59,15 +59,17 @@ def prepare_job(spec: JobSpec, settings: FinetuneSettings, prompter: PromptIndex
 
 def training_and_held_out(prompts: list[str], eval_prompts: Optional[list[str]]) -> tuple[list[str], list[str]]:
     """Active learning's prompts: (the pool rounds draw from, the held-out evaluation prompts). The held-out
-    prompts are `eval_prompts` (removed from the pool), else the last quarter of the prompts (at least one),
-    so no round ever trains on what it is evaluated on."""
+    prompts are `eval_prompts` (removed from the pool), else every 4th prompt (a quarter, at least one, at
+    most MAX_EVAL_PROMPTS), spread over the list so that each topic's prompts are evaluated too; no round
+    ever trains on what it is evaluated on."""
+    unique = list(dict.fromkeys(prompts))
     if eval_prompts:
         held = list(dict.fromkeys(eval_prompts))
-        pool = [p for p in dict.fromkeys(prompts) if p not in set(held)]
     else:
-        unique = list(dict.fromkeys(prompts))
-        cut = len(unique) - max(1, len(unique) // 4)
-        pool, held = unique[:cut], unique[cut:]
+        n_held = max(1, min(MAX_EVAL_PROMPTS, len(unique) // 4))
+        stride = len(unique) // n_held
+        held = unique[stride - 1::stride][:n_held]
+    pool = [p for p in unique if p not in set(held)]
     if not pool:
         raise ValueError("active_learning needs training prompts besides the held-out ones: give at least 2 distinct prompts, "
                          "or eval_prompts that are not all of the prompts")

@@ -125,8 +125,8 @@ class JobSpec(BaseModel):
     mixed_precision: Literal["no", "fp16", "bf16"] = Field("no", description="Autocast dtype on GPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward to save memory.")
     seed: int = _int(0, 0, MAX_SEED, "Seed of the noise, the prompt order and the step draws.")
-    checkpoint_every: int = _int(50, 1, MAX_STEPS, "Save LoRA and optimiser state every N steps (resume point).")
-    eval_prompts: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_EVAL_PROMPTS, description="Prompts of the before/after evaluation (default: the first 4 training prompts).")
+    checkpoint_every: int = _int(50, 1, MAX_STEPS, "Save LoRA and optimiser state every N steps (resume point; active_learning: also at the end of each round).")
+    eval_prompts: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_EVAL_PROMPTS, description="Prompts of the before/after evaluation (default: the first 4 training prompts; active_learning: held out of training, default every 4th prompt, at most 16).")
     eval_images_per_prompt: int = _int(2, 1, 16, "Images per evaluation prompt, for the base and the fine-tuned model.")
     # ---- GRPO / DDPO (defaults: DDPO's and Flow-GRPO's published settings where they agree)
     group_size: int = _int(4, 1, MAX_GROUP_SIZE, "GRPO: images sampled per prompt and step; the advantages are relative to the group (at least 2; ddpo: 1).")
@@ -226,6 +226,8 @@ def validate_spec(spec: JobSpec, limits: JobLimits, models_dir: Path, data_dir: 
     checks = [(spec.total_steps, limits.max_steps, steps), (spec.batch_size, limits.max_batch_size, "batch_size"),
               (spec.resolution, limits.max_resolution, "resolution"), (spec.lora_rank, limits.max_lora_rank, "lora_rank"),
               (len(spec.prompts or []), limits.max_prompts, "prompts"), (spec.group_size, limits.max_group_size, "group_size")]
+    if spec.method == "active_learning":  # a round generates round_prompts x n_images candidates
+        checks += [(spec.round_prompts, limits.max_batch_size, "round_prompts"), (spec.n_images, limits.max_group_size, "n_images")]
     for value, limit, name in checks:
         if value > limit:
             raise ValueError(f"{name} is {value}; the limit is {limit}")

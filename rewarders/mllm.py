@@ -233,9 +233,9 @@ class LocalPeer:
         self.cfg = cfg
         path = str(ensure_tiny_vlm(cache_dir or Path.home() / ".cache" / "t2i-reward")) if cfg.model == "tiny" else cfg.model
         self.processor = AutoProcessor.from_pretrained(path)
-        # bfloat16 on a GPU, as the experts run there; float32 on the CPU (the processor's float32 pixels are
-        # cast to the vision tower's dtype by the model)
-        dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
+        # bfloat16 on a GPU, as the experts run there; elsewhere the checkpoint's own dtype (the processor's
+        # float32 pixels are cast to the vision tower's dtype by the model)
+        dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else "auto")
         self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
         self.device, self.lock, self.torch = device, threading.Lock(), torch
         tok = self.processor.tokenizer
@@ -282,5 +282,5 @@ class LocalPeer:
 
 def create_peer(cfg: MLLMConfig, cache_dir: Path | None = None, device: str = "cpu", dtype=None):
     """The peer of `cfg`: over HTTP when it has a `url`, else in-process (on `device`; `dtype` None: bfloat16
-    on a GPU, float32 on the CPU)."""
+    on a GPU, the checkpoint's dtype elsewhere)."""
     return HTTPPeer(cfg) if cfg.url else LocalPeer(cfg, cache_dir, device, dtype)

@@ -53,25 +53,43 @@ def test_informativeness():
         informativeness("disagreement", total, {"a": agree["a"]}, 2)
 
 
-def test_a_cancelled_job_resumes_at_its_last_round(tmp_path, cache_dir, tiny):
-    """Cancelled in round 2, run again in the same directory: it starts at round 2 from round 1's checkpoint,
-    and ends with the uninterrupted job's rounds, rewards and evaluations."""
+def test_a_cancelled_job_resumes_inside_its_round(tmp_path, cache_dir, tiny):
+    """Cancelled in the middle of round 2, run again in the same directory: it goes on from the checkpoint the
+    cancel wrote, without generating round 2's candidates again, and ends with the uninterrupted job's
+    rounds, rewards and evaluations."""
     spec = dict(rounds=2, steps=2, round_prompts=2, select_prompts=1, n_images=2, group_size=2, learning_rate=0.05, clip_range=0.2,
                 select="disagreement")  # GRPO: its sampling noise is seeded, so the two runs can be compared
     whole = run(tmp_path / "whole", cache_dir, LocalReward(tiny), **spec)
     s = JobSpec(**{**BASE, **spec})
     calls = []
 
-    def stop_in_round_two():  # asked before every step: steps 0 and 1 are round 1's
+    def stop_in_round_two():  # asked before every step: steps 0 and 1 are round 1's, 2 and 3 round 2's
         calls.append(1)
-        return len(calls) > 2
+        return len(calls) > 3
 
     ctx = dict(reward=LocalReward(tiny), prompts=s.prompts, base_model="tiny", cache_dir=cache_dir, device="cpu")
     with pytest.raises(JobCancelled, match="round 2"):
         run_job(s, JobContext(out_dir=tmp_path / "cut", should_stop=stop_in_round_two, **ctx))
+    feedback = tmp_path / "cut" / "rounds" / "02" / "feedback.json"
+    written = feedback.stat().st_mtime_ns
     again = run_job(s, JobContext(out_dir=tmp_path / "cut", **ctx))
-    assert again["metrics"]["resumed_at"] == [2]
+    assert again["metrics"]["resumed_at"] == [3] and feedback.stat().st_mtime_ns == written  # not generated again
     assert again["metrics"]["reward"] == pytest.approx(whole["metrics"]["reward"], rel=1e-4, abs=1e-6)
     assert [r["selected"] for r in again["metrics"]["rounds"]] == [r["selected"] for r in whole["metrics"]["rounds"]]
     for name, curve in whole["metrics"]["eval"]["by_round"].items():
         assert again["metrics"]["eval"]["by_round"][name] == pytest.approx(curve, rel=1e-4, abs=1e-6)
+
+
+def test_held_out_prompts_are_spread_over_the_list():
+    """Every 4th prompt (at least 1, at most 16), so that with topics (stored topic by topic) each topic is
+    evaluated; given eval_prompts leave the pool; nothing left to train on is an error."""
+    from finetune.prepare import training_and_held_out
+
+    prompts = [f"p{i}" for i in range(40)]
+    pool, held = training_and_held_out(prompts, None)
+    assert held == [f"p{i}" for i in range(3, 40, 4)] and set(pool) == set(prompts) - set(held)
+    assert len(training_and_held_out([f"p{i}" for i in range(400)], None)[1]) == 16
+    assert training_and_held_out(["a", "b", "a"], None) == (["a"], ["b"])
+    assert training_and_held_out(["a", "b", "c"], ["b"]) == (["a", "c"], ["b"])
+    with pytest.raises(ValueError, match="training prompts besides the held-out"):
+        training_and_held_out(["a"], None)

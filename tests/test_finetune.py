@@ -232,6 +232,8 @@ def test_a_killed_grpo_job_on_sd3_resumes_where_it_was(api, env, worker, tmp_pat
         ({"method": "active_learning", "select_prompts": 5, "round_prompts": 4}, "select_prompts (5) must be at most"),
         ({"method": "active_learning", "eval_prompts": ["a cat"]}, "training prompts besides the held-out"),
         ({"method": "active_learning", "rounds": 101}, "rounds"),
+        ({"method": "active_learning", "round_prompts": 17, "select_prompts": 1}, "round_prompts is 17; the limit is 16"),
+        ({"method": "active_learning", "n_images": 33}, "n_images is 33; the limit is 32"),
         ({"method": "active_learning", "rounds": 100, "steps": 11}, "rounds * steps is 1100; the limit is 1000"),
         ({"method": "active_learning", "learner": "refl", "base_model": "tiny-sd3", "prompts": ["a", "b"]}, "'refl' cannot run on a sd3"),
         ({"method": "active_learning", "learner": "grpo", "group_size": 1, "prompts": ["a", "b"]}, "group_size >= 2"),
@@ -415,7 +417,10 @@ def test_an_active_learning_job_runs_two_rounds_end_to_end(api, worker, tiny):
     experts = {"total", *tiny.experts}
     assert set(m["eval"]["by_round"]) == experts and all(len(v) == 3 for v in m["eval"]["by_round"].values())
     assert m["eval"]["prompts"] == ["a black cat"]
-    for r, rnd in enumerate(m["rounds"], start=1):
+    assert [set(rnd) for rnd in m["rounds"]] == [{"round", "train_reward", "eval"}] * 2  # Redis keeps the scores; the prompts:
+    full = api.get(f"/jobs/{job_id}/artifacts/metrics.json").json()
+    assert [rnd["eval"] for rnd in full["rounds"]] == [rnd["eval"] for rnd in m["rounds"]]
+    for r, rnd in enumerate(full["rounds"], start=1):
         assert rnd["round"] == r and len(rnd["drawn"]) == 3 and set(rnd["drawn"]) <= set(ACTIVE["prompts"])
         feedback = api.get(f"/jobs/{job_id}/artifacts/rounds/{r:02d}/feedback.json").json()
         assert feedback["round"] == r and [p["prompt"] for p in feedback["prompts"]] == rnd["drawn"]
