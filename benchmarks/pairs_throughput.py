@@ -78,12 +78,10 @@ def overhead(args) -> dict:
 
     from rewarders import create_rewarder
     from service.app import create_app
+    from service.memory import keep_freed_memory
     from service.settings import Settings
 
-    from service.memory import keep_freed_memory
-    from service.settings import Settings as _S
-
-    keep_freed_memory(_S().keep_freed_mb)  # the in-process side with the service's allocator setting: like for like
+    keep_freed_memory(Settings().keep_freed_mb)  # the in-process side with the service's allocator setting: like for like
     rewarder = create_rewarder(profile=args.profile, max_batch_size=args.pairs)
     port = free_port()
     url = f"http://127.0.0.1:{port}"

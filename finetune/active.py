@@ -39,16 +39,21 @@ import torch
 
 from rewarders.advantages import group_advantages
 
-from .artifacts import artifact_names, resume, save_checkpoint, save_images, summarise
+from .artifacts import artifact_names, eval_batch, load_samples, resume, save_checkpoint, save_images, summarise
 from .context import JobCancelled, JobContext, score
 from .context import guard as _guard
 from .grpo import PromptStats
-from .losses import image_tensor, load_pretrain_pairs
-from .pipeline import WEIGHT_DTYPES, save_lora, setup_models
+from .pipeline import save_lora
 from .prepare import training_and_held_out
 from .sampler import Sampler
 from .spec import JobSpec
-from .step import train_step
+from .step import setup_training, train_step
+
+
+def need_two_experts(experts: list[str]) -> None:
+    """`disagreement` compares experts: ValueError with fewer than two."""
+    if len(experts) < 2:
+        raise ValueError(f"select 'disagreement' needs at least two experts in the rewards; this worker has {sorted(experts)}")
 
 
 def informativeness(select: str, total: torch.Tensor, components: dict[str, torch.Tensor], k: int) -> list[float]:
@@ -58,8 +63,7 @@ def informativeness(select: str, total: torch.Tensor, components: dict[str, torc
     of those z-scores across experts (0 when every expert orders the candidates alike), averaged."""
     if select == "spread":
         return total.detach().double().cpu().view(-1, k).std(dim=1, unbiased=False).tolist()
-    if len(components) < 2:
-        raise ValueError(f"select 'disagreement' needs at least two experts in the rewards; this worker has {sorted(components)}")
+    need_two_experts(list(components))
     z = group_advantages(total, components, [i // k for i in range(len(total))])
     per_candidate = torch.stack([z[n] for n in components]).double().var(dim=0, unbiased=False)
     return per_candidate.view(-1, k).mean(dim=1).tolist()
@@ -67,30 +71,20 @@ def informativeness(select: str, total: torch.Tensor, components: dict[str, torc
 
 def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
     """Run (or resume) an active-learning job; returns the job's result like `run_job`. Raises JobCancelled."""
-    from accelerate import Accelerator
-
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
     # ---- accelerator and models, as a training job's
-    on_gpu = ctx.device != "cpu" and torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=spec.mixed_precision if on_gpu else "no")
+    accelerator, models, sampler, pairs = setup_training(spec, ctx)
     if accelerator.num_processes > 1:  # rounds select on the whole round's feedback: one process decides
         raise ValueError("active_learning runs in one process; start it without accelerate launch / torchrun")
-    device = accelerator.device if ctx.device in ("auto", "cpu") else torch.device(ctx.device)
-    models = setup_models(spec, ctx.base_model, ctx.cache_dir, device, WEIGHT_DTYPES[accelerator.mixed_precision])
-    sampler = Sampler(models, spec.guidance_scale, device, accelerator.autocast)
-    pairs = load_pretrain_pairs(ctx.pretrain_dir) if ctx.pretrain_dir is not None else []
     pool, held_out = training_and_held_out(ctx.prompts, spec.eval_prompts)
-    eval_p = [p for p in held_out for _ in range(spec.eval_images_per_prompt)]
-    eval_seeds = [10_000 + k for k in range(len(eval_p))]
+    eval_p, eval_seeds = eval_batch(held_out, spec.eval_images_per_prompt)
 
     # ---- resume (at the round, and the step within it, of the last checkpoint); else evaluate the base (round 0)
     start, base_eval, extra = resume(out, models.denoiser, models.optimizer, ctx.metrics)
     first_round, in_round = int(extra.get("round", 0)), extra.get("in_round")
-    stats = None
-    if spec.is_policy_gradient and spec.per_prompt_stats:
-        stats = PromptStats.from_dict(extra.get("prompt_stats") or {"buffer_size": spec.stat_buffer_size, "min_count": spec.stat_min_count})
+    stats = PromptStats.for_spec(spec, extra.get("prompt_stats"))
     weights = ctx.reward.expert_weights() if spec.is_policy_gradient and hasattr(ctx.reward, "expert_weights") else {}
     metrics = ctx.metrics
     metrics.setdefault("rounds", [])
@@ -101,8 +95,8 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
         base_eval = summarise(total, components)
         _guard(ctx)
         save_images(base_images, out / "samples", "base")
-    if spec.select == "disagreement" and len(base_eval) - 1 < 2:  # before any round's work: the experts are known now
-        raise ValueError(f"select 'disagreement' needs at least two experts in the rewards; this worker has {[n for n in base_eval if n != 'total']}")
+    if spec.select == "disagreement":  # before any round's work: the experts are known now
+        need_two_experts([n for n in base_eval if n != "total"])
 
     def state(r: int, current: dict | None) -> dict:  # saved with each checkpoint: finished rounds, the round under way
         return {"round": r, **({"in_round": current} if current else {}), **({"prompt_stats": stats.to_dict()} if stats is not None else {})}
@@ -166,10 +160,9 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
     by_round = {name: [base_eval[name]["mean"]] + [rd["eval"][name]["mean"] for rd in metrics["rounds"]] for name in base_eval}
     final = {**metrics, "eval": {"prompts": held_out, "base": base_eval, "tuned": metrics["rounds"][-1]["eval"], "by_round": by_round}}
     (out / "metrics.json").write_text(json.dumps(final, indent=2))
-    base_images = torch.stack([image_tensor(p, spec.resolution) for p in sorted((out / "samples").glob("base-*.png"))])
     from .report import write_rounds_report
 
-    write_rounds_report(out / "report.png", final, base_images, eval_images.float().cpu())
+    write_rounds_report(out / "report.png", final, load_samples(out, "base", spec.resolution), eval_images.float().cpu())
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
     return {"status": "succeeded", "metrics": final, "artifacts": artifact_names(out), "main_process": True,
             "progress": {"step": total_steps, "total": total_steps, "eta_s": 0, "round": spec.rounds}}

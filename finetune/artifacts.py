@@ -69,6 +69,21 @@ def summarise(total: torch.Tensor, components: dict[str, torch.Tensor]) -> dict[
     return out
 
 
+def eval_batch(prompts: list[str], per_prompt: int) -> tuple[list[str], list[int]]:
+    """The evaluation's prompts (each `per_prompt` times) and seeds: the same seeds for the base model, every
+    later evaluation and the fine-tuned model, so their images differ only by the LoRA."""
+    eval_p = [p for p in prompts for _ in range(per_prompt)]
+    return eval_p, [10_000 + k for k in range(len(eval_p))]
+
+
+def load_samples(out: Path, prefix: str, resolution: int) -> torch.Tensor:
+    """The images `save_images` wrote under `out/samples` with `prefix` (the base model's, read back after a
+    resume), as (N, 3, resolution, resolution) in [0, 1]."""
+    from .losses import image_tensor
+
+    return torch.stack([image_tensor(p, resolution) for p in sorted((out / "samples").glob(f"{prefix}-*.png"))])
+
+
 def save_images(images: torch.Tensor, folder: Path, prefix: str) -> None:
     from torchvision.transforms.functional import to_pil_image
 

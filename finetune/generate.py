@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from rewarders.mllm import MATCH_QUESTION
+from rewarders.mllm import MATCH_QUESTION, question_for
 
 from .artifacts import artifact_names, save_images
 from .context import JobCancelled, score
@@ -60,7 +60,7 @@ def run_generate(spec: JobSpec, ctx) -> dict:
                 from torchvision.transforms.functional import to_pil_image
 
                 entry["reason"] = ctx.peer.reason(to_pil_image(images[k].float().clamp(0, 1).cpu()),
-                                                  MATCH_QUESTION.replace("{prompt}", used))
+                                                  question_for(MATCH_QUESTION, used))
             ranked.append(entry)
         results.append({"prompt": prompt, "used": used, "images": ranked})
         best.append(ranked[0]["total"])

@@ -99,6 +99,14 @@ class PromptStats:
         return {"buffer_size": self.buffer_size, "min_count": self.min_count, "buffers": self.buffers}
 
     @classmethod
+    def for_spec(cls, spec: JobSpec, saved: Optional[dict]) -> Optional["PromptStats"]:
+        """The statistics of a job that uses them (GRPO with `per_prompt_stats`), as its checkpoint left them
+        (`saved`), else None."""
+        if not (spec.is_policy_gradient and spec.per_prompt_stats):
+            return None
+        return cls.from_dict(saved or {"buffer_size": spec.stat_buffer_size, "min_count": spec.stat_min_count})
+
+    @classmethod
     def from_dict(cls, d: Optional[dict]) -> "PromptStats":
         stats = cls(d.get("buffer_size", 32), d.get("min_count", 16)) if d else cls()
         stats.buffers = {k: list(v) for k, v in (d or {}).get("buffers", {}).items()}

@@ -1,6 +1,7 @@
-"""One optimiser step of a training job, whatever its method (`train_step`), with what it needs: the
-gradients averaged across processes (`average_gradients`) and the step's numbers recorded (`record`).
-The trainer (`train.py`) and active learning (`active.py`) run their steps through it."""
+"""What every training job sets up (`setup_training`: the accelerator, models, sampler) and one optimiser
+step of it, whatever its method (`train_step`), with the gradients averaged across processes
+(`average_gradients`) and the step's numbers recorded (`record`). The trainer (`train.py`) and active
+learning (`active.py`) both run through it."""
 
 from __future__ import annotations
 
@@ -11,9 +12,25 @@ from typing import Optional
 import torch
 
 from .grpo import PromptStats, grpo_step
-from .losses import RewardFn, pretrain_loss, refl_loss, reward_weighted_loss
+from .losses import RewardFn, load_pretrain_pairs, pretrain_loss, refl_loss, reward_weighted_loss
+from .pipeline import WEIGHT_DTYPES, setup_models
 from .sampler import Sampler
 from .spec import JobSpec
+
+
+def setup_training(spec: JobSpec, ctx) -> tuple:
+    """(accelerator, models, sampler, pre-training pairs) of a job: the accelerator's device ("auto" takes the
+    GPU, a named device is used as named) with the spec's mixed precision on a GPU, the frozen pipeline with
+    the LoRA (`pipeline.setup_models`), the layout's sampler, and `pretrain_data`'s pairs (or none)."""
+    from accelerate import Accelerator
+
+    on_gpu = ctx.device != "cpu" and torch.cuda.is_available()
+    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=spec.mixed_precision if on_gpu else "no")
+    device = accelerator.device if ctx.device in ("auto", "cpu") else torch.device(ctx.device)
+    models = setup_models(spec, ctx.base_model, ctx.cache_dir, device, WEIGHT_DTYPES[accelerator.mixed_precision])
+    sampler = Sampler(models, spec.guidance_scale, device, accelerator.autocast)
+    pairs = load_pretrain_pairs(ctx.pretrain_dir) if ctx.pretrain_dir is not None else []
+    return accelerator, models, sampler, pairs
 
 
 def average_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:

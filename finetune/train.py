@@ -20,16 +20,15 @@ from typing import Optional
 
 import torch
 
-from .artifacts import artifact_names, resume, save_checkpoint, save_images, summarise, write_final
+from .artifacts import artifact_names, eval_batch, load_samples, resume, save_checkpoint, save_images, summarise, write_final
 from .grpo import PromptStats
 from .sentinel import Sentinel
-from .losses import RewardFn, image_tensor, load_pretrain_pairs
-from .pipeline import LORA_FILE, WEIGHT_DTYPES, save_lora, setup_models
-from .sampler import Sampler
+from .losses import RewardFn
+from .pipeline import LORA_FILE, save_lora
 from .context import JobCancelled, JobContext, score
 from .context import guard as _guard
 from .spec import JobSpec
-from .step import train_step
+from .step import setup_training, train_step
 
 log = logging.getLogger(__name__)
 
@@ -46,29 +45,18 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
         from .active import run_active_learning
 
         return run_active_learning(spec, ctx)
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    # ---- accelerator: the device, and mixed precision on a GPU (the spec's autocast dtype)
-    on_gpu = ctx.device not in ("cpu",) and torch.cuda.is_available()
-    accelerator = Accelerator(cpu=not on_gpu, mixed_precision=spec.mixed_precision if on_gpu else "no")
-    device = accelerator.device if ctx.device in ("auto", "cpu") else torch.device(ctx.device)
+    # ---- accelerator (the device, mixed precision on a GPU) and models
+    accelerator, models, sampler, pairs = setup_training(spec, ctx)
     main = accelerator.is_main_process
-    weight_dtype = WEIGHT_DTYPES[accelerator.mixed_precision]
-
-    # ---- models
-    models = setup_models(spec, ctx.base_model, ctx.cache_dir, device, weight_dtype)
-    sampler = Sampler(models, spec.guidance_scale, device, accelerator.autocast)
-    pairs = load_pretrain_pairs(ctx.pretrain_dir) if ctx.pretrain_dir is not None else []
 
     # ---- resume, and the base model's evaluation once, before any update
     start, base_eval, extra = resume(out, models.denoiser, models.optimizer, ctx.metrics)
-    stats = None
-    if spec.is_policy_gradient and spec.per_prompt_stats:  # DDPO's statistics, as the checkpoint left them
-        stats = PromptStats.from_dict(extra.get("prompt_stats") or {"buffer_size": spec.stat_buffer_size, "min_count": spec.stat_min_count})
+    stats = PromptStats.for_spec(spec, extra.get("prompt_stats"))  # DDPO's statistics, as the checkpoint left them
     weights = ctx.reward.expert_weights() if (spec.is_policy_gradient or spec.eval_every) and hasattr(ctx.reward, "expert_weights") else {}
     sentinel = None
     if spec.eval_every:  # every configured expert, the optimised (non-zero weight) and the held-out ones
@@ -81,8 +69,7 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
 
     ctx.metrics["processes"] = accelerator.num_processes
     eval_prompts = spec.eval_prompts or ctx.prompts[:4]
-    eval_p = [p for p in eval_prompts for _ in range(spec.eval_images_per_prompt)]
-    eval_seeds = [10_000 + k for k in range(len(eval_p))]
+    eval_p, eval_seeds = eval_batch(eval_prompts, spec.eval_images_per_prompt)
     if base_eval is None and main:
         base_images = sampler.sample(eval_p, eval_seeds, base=True)
         total, components = score(ctx.reward, base_images, eval_p)
@@ -162,7 +149,7 @@ def finish(spec: JobSpec, ctx: JobContext, sampler, models, out: Path, eval_prom
     elif kept_best:
         shutil.copy(best, out / LORA_FILE)
     shutil.rmtree(out / "best", ignore_errors=True)
-    base_images = torch.stack([image_tensor(p, spec.resolution) for p in sorted((out / "samples").glob("base-*.png"))])
+    base_images = load_samples(out, "base", spec.resolution)
     metrics = write_final(out, ctx.metrics, eval_prompts, base_eval, tuned_eval, base_images, tuned_images,
                           sentinel.to_dict() if sentinel is not None else None)
     result = {"status": "succeeded", "metrics": metrics, "artifacts": artifact_names(out), "main_process": True}

@@ -58,13 +58,17 @@ class MLLMError(RewardError):
         self.kind = kind
 
 
+def downscaled(image: Image.Image, max_side: int) -> Image.Image:
+    """`image` as RGB, its longer side at most `max_side` (never enlarged): what a peer is shown."""
+    im = image.convert("RGB")
+    im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+    return im
+
+
 def data_url(image: Image.Image, max_side: int) -> str:
     """PNG data URL of `image`, downscaled so that its longer side is at most `max_side`."""
-    im = image.convert("RGB")
-    if max(im.size) > max_side:
-        im.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     buf = io.BytesIO()
-    im.save(buf, format="PNG")
+    downscaled(image, max_side).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
@@ -78,6 +82,12 @@ def parse_rating(text: str) -> float:
 
 RATING_SUFFIX = " Rate it from 0 (not at all) to 10 (perfectly). Answer with one integer only."
 MATCH_QUESTION = 'Does this image match the prompt "{prompt}"?'  # the judge's, /verify's and generate's default
+
+
+def question_for(template: str, prompt: str) -> str:
+    """A configurable question (`MATCH_QUESTION`, `vlm_judge`'s `question`, the /verify setting) for one prompt:
+    `{prompt}` replaced, nothing else (a prompt's own braces stay as they are)."""
+    return template.replace("{prompt}", prompt)
 
 
 def first_line(text: str, limit: int | None = None) -> str:
@@ -250,12 +260,14 @@ class LocalPeer:
     def close(self) -> None:
         pass
 
-    def _inputs(self, image: Image.Image, question: str):
-        im = image.convert("RGB")
-        im.thumbnail((self.cfg.image_size, self.cfg.image_size), Image.Resampling.BICUBIC)
-        msgs = [{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": question}]}]
-        return self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
+    def _encode(self, messages: list[dict]):
+        """The chat, templated and tokenised (images through the processor), on the model's device."""
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                                   return_tensors="pt").to(self.device)
+
+    def _inputs(self, image: Image.Image, question: str):
+        im = downscaled(image, self.cfg.image_size)
+        return self._encode([{"role": "user", "content": [{"type": "image", "image": im}, {"type": "text", "text": question}]}])
 
     def yes_probability(self, image: Image.Image, question: str) -> float:
         with self.lock, self.torch.no_grad():
@@ -274,10 +286,7 @@ class LocalPeer:
         return first_line(self._generate(self._inputs(image, question + " In one line, why?"), 48, None), 300)
 
     def complete(self, system: str, user: str, max_tokens: int, seed: int) -> str:
-        msgs = [{"role": "system", "content": system}, {"role": "user", "content": user}]
-        inputs = self.processor.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                                    return_tensors="pt").to(self.device)
-        return self._generate(inputs, max_tokens, seed)
+        return self._generate(self._encode([{"role": "system", "content": system}, {"role": "user", "content": user}]), max_tokens, seed)
 
 
 def create_peer(cfg: MLLMConfig, cache_dir: Path | None = None, device: str = "cpu", dtype=None):

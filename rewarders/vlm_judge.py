@@ -11,12 +11,14 @@ with that message; nothing else is affected.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+
 import torch
 from pydantic import Field
 
 from .images import Preprocess
-from .mllm import MATCH_QUESTION, MLLMConfig, create_peer
+from .mllm import MATCH_QUESTION, MLLMConfig, create_peer, question_for
 from .registry import Expert, ExpertConfig, register_expert
+
 
 class VLMJudgeConfig(ExpertConfig, MLLMConfig):
     """The peer's settings (`MLLMConfig`: url, model, api_key, timeout_s, max_concurrency, retries, image_size,
@@ -46,7 +48,7 @@ class VLMJudge(Expert):
         from torchvision.transforms.functional import to_pil_image
 
         images = [to_pil_image(p.detach().float().clamp(0, 1).cpu()) for p in pixels]
-        questions = [self.question.replace("{prompt}", p) for p in prompts]
+        questions = [question_for(self.question, p) for p in prompts]
         with ThreadPoolExecutor(max(1, min(self.workers, len(images)))) as pool:
             return list(pool.map(self.peer.yes_probability, images, questions))
 

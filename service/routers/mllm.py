@@ -15,7 +15,7 @@ from finetune.spec import Text
 from prompter.enhance import MAX_ENHANCED, enhance_prompt
 from rewarders.errors import RewardError
 from rewarders.images import open_image
-from rewarders.mllm import MLLMError
+from rewarders.mllm import MLLMError, question_for
 
 from ..deps import AuthDep, PeerDep, SettingsDep
 from ..schemas import ErrorResponse
@@ -75,7 +75,7 @@ async def verify(body: VerifyRequest, peer: PeerDep, settings: SettingsDep) -> V
             images.append(open_image(decode_image_string(s, i), settings.max_image_pixels, settings.max_aspect_ratio))
         except RewardError as e:
             raise HTTPException(http_error(e).status_code, f"images[{i}]: {e}") from None
-    question = settings.verify_question.replace("{prompt}", body.prompt)
+    question = question_for(settings.verify_question, body.prompt)
     scores = await asyncio.gather(*(_ask(peer.yes_probability, im, question) for im in images))
     reasons = await asyncio.gather(*(_ask(peer.reason, im, question) for im in images))
     threshold = settings.verify_threshold if body.threshold is None else body.threshold
