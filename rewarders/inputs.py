@@ -32,9 +32,10 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 class Checked:
     """One validated request: a prompt per image, its effective weights and its prepared pixels.
 
-    Exactly one of `pixels` (per input spec, a CPU float tensor (B, 3, size, size), already normalised)
-    and `raw` (the request's image tensor, to prepare on the device) is set. `group_ids` (one per image)
-    ask for group-relative advantages; `explain` for each image's percentile per expert.
+    Once checked, exactly one of `pixels` (per input spec, a CPU float tensor (B, 3, size, size), already
+    normalised) and `raw` (the request's image tensor, to prepare on the device) is set; a request checked
+    with `prepare=False` holds its images in `pending` until `Mixture.join_parts` sets `pixels`.
+    `group_ids` (one per image) ask for group-relative advantages; `explain` for each image's percentile per expert.
     """
 
     prompts: list[str]
@@ -43,6 +44,7 @@ class Checked:
     raw: Optional[torch.Tensor] = field(default=None, repr=False)
     group_ids: Optional[list] = None
     explain: bool = False
+    pending: Optional[tuple] = field(default=None, repr=False)  # (images, limits) still to prepare: `Mixture.prepare_part`
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -114,10 +116,9 @@ class PilPixels:
         return spec.pil(list(self.images[start:stop])).to(self.device)
 
 
-def prepare_pil(images: Sequence, specs: Sequence[Preprocess], pin: bool) -> dict[Preprocess, torch.Tensor]:
-    """Every spec's input for decoded PIL images (the reference pipeline), pinned for a fast copy to a GPU."""
-    out = {spec: spec.pil(list(images)) for spec in specs}
-    return {s: t.pin_memory() for s, t in out.items()} if pin else out
+def prepare_pil(images: Sequence, specs: Sequence[Preprocess]) -> dict[Preprocess, torch.Tensor]:
+    """Every spec's input for decoded PIL images (the reference pipeline)."""
+    return {spec: spec.pil(list(images)) for spec in specs}
 
 
 def prepare_tensor(raw: torch.Tensor, specs: Sequence[Preprocess]) -> dict[Preprocess, torch.Tensor]:

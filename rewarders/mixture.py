@@ -383,27 +383,28 @@ class Mixture(nn.Module):
         return results
 
     def check_request(self, prompts, images, weights: Mapping[str, float] | None = None, limits: Limits | None = None,
-                      *, group_ids: Sequence | None = None, explain: bool = False) -> Checked:
+                      *, group_ids: Sequence | None = None, explain: bool = False, prepare: bool = True) -> Checked:
         """Validate one request, decode its images and prepare every backbone's input from them.
 
         `prompts`: one prompt for all images or a list with one per image. Raises a `RewardError` subclass
         for bad input. `limits` default to the config's; the service passes its own. The service calls
         this in its preprocessing pool, so decoding and resizing never run on the model thread.
+        `prepare=False` only validates and leaves the images `pending`: the caller prepares them in parts
+        (`prepare_part`, in parallel) and joins the parts (`join_parts`).
         """
         limits = limits or self.limits
         self._check_image_list(images, limits)
         c = self._checked(prompts, len(images), weights, limits, group_ids, explain)  # the cheap checks first
-        decoded = [open_image(im, limits.max_image_pixels, limits.max_aspect_ratio) for im in images]
-        c.pixels = prepare_pil(decoded, self.input_specs, pin=self.device.type == "cuda")
-        return c
+        c.pending = (list(images), limits)
+        return self.join_parts(c, [self.prepare_part(c, 0, len(c))]) if prepare else c
 
     def check_tensor_request(self, prompts, images: torch.Tensor, weights: Mapping[str, float] | None = None,
                              limits: Limits | None = None, *, group_ids: Sequence | None = None,
-                             explain: bool = False) -> Checked:
+                             explain: bool = False, prepare: bool = True) -> Checked:
         """Validate a request whose images are a tensor: uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1].
 
         On a GPU host the tensor stays raw (pinned) and is prepared on the device by the model thread;
-        on a CPU host it is prepared here."""
+        on a CPU host it is prepared here (or, with `prepare=False`, left `pending` as in `check_request`)."""
         limits = limits or self.limits
         b, h, w = check_image_tensor(images, limits.max_images)
         check_size((w, h), limits.max_image_pixels, limits.max_aspect_ratio, "'images'")
@@ -413,8 +414,26 @@ class Mixture(nn.Module):
         images = images.contiguous()
         if self.device.type == "cuda":
             c.raw = images.pin_memory()
-        else:
-            c.pixels = prepare_tensor(images, self.input_specs)
+            return c
+        c.pending = (images, limits)
+        return self.join_parts(c, [self.prepare_part(c, 0, b)]) if prepare else c
+
+    def prepare_part(self, c: Checked, start: int, stop: int) -> dict[Preprocess, torch.Tensor]:
+        """Every backbone's input for images `start:stop` of a request checked with `prepare=False`: decoded
+        and prepared with the reference pipeline (encoded images) or prepared in torch (a CPU tensor)."""
+        images, limits = c.pending
+        if isinstance(images, torch.Tensor):
+            return prepare_tensor(images[start:stop], self.input_specs)
+        decoded = [open_image(im, limits.max_image_pixels, limits.max_aspect_ratio) for im in images[start:stop]]
+        return prepare_pil(decoded, self.input_specs)
+
+    def join_parts(self, c: Checked, parts: Sequence[dict[Preprocess, torch.Tensor]]) -> Checked:
+        """Set a pending request's pixels from its prepared parts, in order (pinned for a GPU)."""
+        if sum(len(next(iter(p.values()))) for p in parts) != len(c):
+            raise ValueError(f"the parts hold a different number of images than the request's {len(c)}")
+        pixels = {s: parts[0][s] if len(parts) == 1 else torch.cat([p[s] for p in parts]) for s in self.input_specs}
+        c.pixels = {s: t.pin_memory() for s, t in pixels.items()} if self.device.type == "cuda" else pixels
+        c.pending = None
         return c
 
     def _checked(self, prompts, n: int, weights, limits: Limits, group_ids, explain: bool) -> Checked:

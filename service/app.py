@@ -20,7 +20,7 @@ from finetune.jobs import JobStore
 from prompter import PromptIndex, open_index
 from rewarders import Mixture, create_rewarder
 
-from .batcher import MicroBatcher
+from .batcher import MicroBatcher, model_thread_executor
 from .memory import keep_freed_memory
 from .errors import install_error_handlers
 from .metrics import Metrics
@@ -81,13 +81,17 @@ def create_app(settings: Settings | None = None, rewarder: Mixture | None = None
 
 async def _load(app: FastAPI, settings: Settings, metrics: Metrics, rewarder: Mixture | None, prompter: PromptIndex | None) -> None:
     try:
-        mixture = rewarder if rewarder is not None else await asyncio.to_thread(load_rewarder, settings)
+        # loaded on the model thread that will run them: its OpenMP team is then the process's only one
+        model_thread = model_thread_executor()
+        mixture = rewarder if rewarder is not None else await asyncio.get_running_loop().run_in_executor(
+            model_thread, load_rewarder, settings)
     except Exception as e:  # reported by /readyz; the process stays up to say why
         log.error("loading the models failed: %s", e)
         app.state.load_error = str(e)
+        model_thread.shutdown(wait=False)
         return
     batcher = MicroBatcher(mixture, settings.limits(), settings.max_batch_images, settings.max_wait_ms / 1000,
-                           settings.max_queue_images, settings.max_queue_wait_s, metrics, settings.prepare_workers)
+                           settings.max_queue_images, settings.max_queue_wait_s, metrics, settings.prepare_workers, model_thread)
     batcher.start()
     app.state.batcher = batcher
     if mixture.random_weights:

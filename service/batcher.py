@@ -27,10 +27,32 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import torch
+import torch.nn.functional as F
+
 from rewarders import Limits, Mixture, RewardResult
 from rewarders.inputs import Checked
 
 from .metrics import Metrics
+
+
+def single_threaded_torch() -> None:
+    """Thread initializer: torch ops in this thread run on it alone, without an OpenMP team of its own.
+
+    Why: the OpenMP runtime torch uses (libgomp) counts the threads of every team in the process; once they
+    outnumber the cores it stops letting idle team threads spin between parallel regions, and every region
+    of the model thread must wake its threads again. On the 2-core VM that made the tiny mix about 10 ms
+    slower per 16 images in the service than alone in a process (docs/benchmarks.md). The preprocessing
+    pool gets its parallelism from its many threads (a request's images are split among them), so its
+    threads need no teams, and the model thread keeps the only one. `torch.set_num_threads` would change
+    every thread; OpenMP's own limit, set through threadpoolctl, is per thread.
+    """
+    from threadpoolctl import threadpool_limits
+
+    # torch sets a thread's team size on its first parallel loop; run one too small to start a team first,
+    # or that would overwrite the limit below
+    F.interpolate(torch.zeros(1, 1, 2, 2), size=(3, 3), mode="bilinear")
+    threadpool_limits(1, user_api="openmp")
 
 
 class QueueFullError(RuntimeError):
@@ -39,6 +61,14 @@ class QueueFullError(RuntimeError):
 
 class QueueTimeoutError(RuntimeError):
     """The request waited longer than `max_queue_wait_s` for the model (504)."""
+
+
+MIN_IMAGES_PER_PART = 2  # a request's images are prepared in parts of at least this many (one part per pool thread)
+
+
+def model_thread_executor() -> ThreadPoolExecutor:
+    """The single model thread. The service loads the models on it too, so that its OpenMP team is the only one."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2i-model")
 
 
 @dataclass
@@ -51,11 +81,13 @@ class _Item:
     key: Any = None  # items batch together when their keys are equal: the kind, and a gradient's tensor size
     started: bool = False
     abandoned: bool = False
+    timing: Optional[dict] = None  # filled with 'queue' and 'model' seconds when given
 
 
 class MicroBatcher:
     def __init__(self, rewarder: Mixture, limits: Limits, max_batch_images: int, max_wait_s: float,
-                 max_queue_images: int, max_queue_wait_s: float, metrics: Metrics, prepare_workers: int | None = None):
+                 max_queue_images: int, max_queue_wait_s: float, metrics: Metrics, prepare_workers: int | None = None,
+                 model_thread: ThreadPoolExecutor | None = None):
         prepare_workers = prepare_workers or os.cpu_count() or 1
         if max_batch_images < 1 or max_queue_images < 1 or max_wait_s < 0 or max_queue_wait_s <= 0 or prepare_workers < 1:
             raise ValueError("batcher limits must be positive")
@@ -66,9 +98,12 @@ class MicroBatcher:
         self.max_queue_images = max_queue_images
         self.max_queue_wait_s = max_queue_wait_s
         self.metrics = metrics
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2i-model")
+        # the one thread that runs the models (pass the one that loaded them: it already holds their OpenMP team)
+        self.executor = model_thread or model_thread_executor()
         # decoding and preprocessing, in parallel with the model thread (PIL and torch release the GIL)
-        self.prepare_executor = ThreadPoolExecutor(max_workers=prepare_workers, thread_name_prefix="t2i-prepare")
+        self.prepare_workers = prepare_workers
+        self.prepare_executor = ThreadPoolExecutor(max_workers=prepare_workers, thread_name_prefix="t2i-prepare",
+                                                   initializer=single_threaded_torch)
         self._queue: collections.deque[_Item] = collections.deque()
         self._ready = asyncio.Event()
         self._waiting_images = 0
@@ -100,9 +135,22 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.prepare_executor, lambda: fn(*args, **kwargs))
 
-    async def score(self, request: Checked) -> RewardResult:
-        """Score one checked request, batched with its neighbours."""
-        return await self._submit(_Item(len(request), self._future(), time.monotonic(), request=request, key="score"))
+    async def prepare_request(self, check: Callable, *args, **kwargs) -> Checked:
+        """Check a request (`Mixture.check_request` or `check_tensor_request`) in the preprocessing pool, then
+        decode and prepare its images in parts, one per pool thread, in parallel, and join them."""
+        checked = await self.prepare(check, *args, prepare=False, **kwargs)
+        if checked.pending is None:  # a tensor for a GPU: prepared on the device by the model thread
+            return checked
+        n = len(checked)
+        k = max(1, min(self.prepare_workers, n // MIN_IMAGES_PER_PART))
+        bounds = [(n * i // k, n * (i + 1) // k) for i in range(k)]
+        parts = await asyncio.gather(*(self.prepare(self.rewarder.prepare_part, checked, a, b) for a, b in bounds))
+        return await self.prepare(self.rewarder.join_parts, checked, parts)
+
+    async def score(self, request: Checked, timing: dict | None = None) -> RewardResult:
+        """Score one checked request, batched with its neighbours. `timing`, when given, receives the
+        seconds the request waited for the model ('queue') and its micro-batch's model call took ('model')."""
+        return await self._submit(_Item(len(request), self._future(), time.monotonic(), request=request, key="score", timing=timing))
 
     async def reward_and_gradient(self, images, prompts, weights) -> dict:
         """Rewards and pixel gradients of an image tensor (`Mixture.reward_and_gradient`, the service's limits),
@@ -207,6 +255,7 @@ class MicroBatcher:
 
     async def _run_batch(self, batch: list[_Item]) -> None:
         loop = asyncio.get_running_loop()
+        start = time.monotonic()
         try:
             results = await loop.run_in_executor(self.executor, self._model_call(batch))
         except Exception as e:
@@ -218,6 +267,9 @@ class MicroBatcher:
             for item in batch:
                 await self._run_batch([item])
             return
+        end = time.monotonic()
         for item, result in zip(batch, results):
+            if item.timing is not None:
+                item.timing.update(queue=start - item.enqueued, model=end - start)
             if not item.future.done():  # the client may have gone away
                 item.future.set_result(result)

@@ -166,6 +166,97 @@ def test_preprocessing_never_runs_on_the_model_thread(client, monkeypatch, image
     assert threads and all(t.startswith("t2i-prepare") for t in threads), threads
 
 
+def test_a_request_is_prepared_in_parts_across_the_pool(make_client, tiny, monkeypatch, images):
+    """Seven images over three pool threads: three parts of 2, 2 and 3 images, prepared in different threads,
+    joined in order: each image scores as it does alone, on both the PNG and the tensor path."""
+    client = make_client(max_images=8, prepare_workers=3)
+    seen = []
+    real = tiny.prepare_part
+    monkeypatch.setattr(tiny, "prepare_part", lambda c, a, b: seen.append((a, b, threading.current_thread().name)) or real(c, a, b))
+    pics = [smooth_image(i, 40, 48) for i in range(7)]
+    prompts = [PROMPTS[i % 4] for i in range(7)]
+    r = client.post("/reward", data={"prompts": prompts}, files=[("images", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(pics)])
+    assert r.status_code == 200, r.text
+    assert sorted((a, b) for a, b, _ in seen) == [(0, 2), (2, 4), (4, 7)]
+    assert all(t.startswith("t2i-prepare") for _, _, t in seen)
+    for prompt, image, got in zip(prompts, pics, r.json()["images"]):
+        assert got["components"] == pytest.approx(alone(tiny, prompt, image), abs=1e-5)
+    seen.clear()
+    u8 = as_uint8(pics)
+    r = post_tensors(client, tensor_body(u8, prompts=prompts), accept="application/octet-stream")
+    assert r.status_code == 200, r.text
+    assert len(seen) == 3
+    whole = tiny.score_checked([tiny.check_tensor_request(prompts, u8)])[0]  # prepared in one piece, in-process
+    assert load_safetensors(r.content)["rewards"].tolist() == pytest.approx([im.total for im in whole.images], abs=1e-6)
+
+
+def test_parts_join_to_the_whole(tiny, images):
+    u8 = as_uint8([smooth_image(i, 40, 48) for i in range(5)])
+    whole = tiny.check_tensor_request("a", u8)
+    pending = tiny.check_tensor_request("a", u8, prepare=False)
+    assert pending.pixels is None and pending.pending is not None
+    joined = tiny.join_parts(pending, [tiny.prepare_part(pending, 0, 2), tiny.prepare_part(pending, 2, 5)])
+    assert joined.pending is None
+    for spec, t in whole.pixels.items():
+        assert torch.equal(joined.pixels[spec], t)
+    pngs = [png_bytes(im) for im in images[:3]]
+    whole = tiny.check_request("a", pngs)
+    pending = tiny.check_request("a", pngs, prepare=False)
+    joined = tiny.join_parts(pending, [tiny.prepare_part(pending, 0, 1), tiny.prepare_part(pending, 1, 3)])
+    for spec, t in whole.pixels.items():
+        assert torch.equal(joined.pixels[spec], t)
+    with pytest.raises(ValueError, match="different number of images"):
+        again = tiny.check_request("a", pngs, prepare=False)
+        tiny.join_parts(again, [tiny.prepare_part(again, 0, 1)])
+
+
+def test_a_bad_image_in_a_later_part_is_a_400(make_client, images):
+    client = make_client(max_images=8, prepare_workers=2)
+    files = [("images", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(images[:3])]
+    files.append(("images", ("3.png", b"not an image at all", "image/png")))
+    r = client.post("/reward", data={"prompt": "a"}, files=files)
+    assert r.status_code == 400, r.text
+    assert "image" in r.json()["detail"].lower()
+
+
+def test_pool_threads_run_torch_without_an_openmp_team():
+    """The pool's initializer: a large torch op in such a thread starts no OpenMP threads (the process's
+    thread count stays put), where a plain thread starts its own team; other threads keep their size."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    from service.batcher import single_threaded_torch
+
+    if not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2 or torch.get_num_threads() < 2:
+        pytest.skip("needs Linux's /proc and at least 2 torch threads (a team of 1 starts no threads anyway)")
+
+    def grown_by_big_op() -> tuple[int, int]:
+        before = len(os.listdir("/proc/self/task"))
+        torch.ones(4_000_000).mul_(2).add_(1)  # far over torch's grain size: a parallel region
+        openmp = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "openmp" and "torch" in i["filepath"]]
+        return len(os.listdir("/proc/self/task")) - before, openmp[0]
+
+    with ThreadPoolExecutor(1, initializer=single_threaded_torch) as pool:
+        assert pool.submit(grown_by_big_op).result() == (0, 1)
+        assert pool.submit(grown_by_big_op).result() == (0, 1)  # the limit stays
+    with ThreadPoolExecutor(1) as plain:  # the control: the same op in a thread without the initializer
+        grown, size = plain.submit(grown_by_big_op).result()
+        assert grown >= 1 and size == torch.get_num_threads()
+    assert torch.get_num_threads() >= 2  # the process-wide setting is untouched
+
+
+def test_server_timing_says_where_the_time_went(client):
+    r = post_tensors(client, tensor_body(as_uint8([smooth_image(0, 40, 40)] * 2), prompts="a"))
+    assert r.status_code == 200, r.text
+    phases = dict(part.split(";dur=") for part in r.headers["server-timing"].split(", "))
+    assert list(phases) == ["read", "prepare", "queue", "model", "encode"]
+    assert all(float(v) >= 0 for v in phases.values()) and float(phases["model"]) > 0
+    r = client.post("/reward", json={"prompt": "a", "images": [b64(smooth_image(1, 40, 40))]})
+    assert list(dict(p.split(";dur=") for p in r.headers["server-timing"].split(", "))) == ["read", "prepare", "queue", "model", "encode"]
+
+
 def test_gradient_requests_share_one_pass(client, tiny, monkeypatch):
     calls = []
     real = tiny.reward_and_gradient_many

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -255,18 +256,31 @@ async def reward(request: Request, batcher: BatcherDep) -> Response:
     """Score images against one prompt, or (prompt, image) pairs: base64 / data URLs in JSON, files in
     multipart, or a raw image tensor in safetensors (never encoded as an image)."""
     admit(batcher)
+    phases, t = {}, time.monotonic()
     body = await parse_reward_request(request, batcher.limits.max_images)
+    phases["read"], t = time.monotonic() - t, time.monotonic()
     rewarder, opts = batcher.rewarder, dict(limits=batcher.limits, group_ids=body.group_ids, explain=body.explain)
     # decoding, checking and preprocessing in the preprocessing pool, beside the model thread
     if body.tensor is not None:
-        checked = await run_model_call(batcher.prepare(rewarder.check_tensor_request, body.prompts, body.tensor, body.weights, **opts))
+        checked = await run_model_call(batcher.prepare_request(rewarder.check_tensor_request, body.prompts, body.tensor, body.weights, **opts))
     else:
-        checked = await run_model_call(batcher.prepare(rewarder.check_request, body.prompts, body.images, body.weights, **opts))
-    result = await run_model_call(batcher.score(checked))
+        checked = await run_model_call(batcher.prepare_request(rewarder.check_request, body.prompts, body.images, body.weights, **opts))
+    phases["prepare"] = time.monotonic() - t
+    result = await run_model_call(batcher.score(checked, timing=phases))
+    t = time.monotonic()
     if wants_tensors(request):
-        return Response(result_tensors(result, result.experts), media_type="application/octet-stream")
-    # the result is already typed; skip a second validation pass (the schema stays documented above)
-    return JSONResponse(result.to_dict())
+        response = Response(result_tensors(result, result.experts), media_type="application/octet-stream")
+    else:  # the result is already typed; skip a second validation pass (the schema stays documented above)
+        response = JSONResponse(result.to_dict())
+    phases["encode"] = time.monotonic() - t
+    response.headers["server-timing"] = server_timing(phases)
+    return response
+
+
+def server_timing(phases: dict[str, float]) -> str:
+    """A `Server-Timing` header (milliseconds) from phase durations in seconds: where a request's time went
+    on the server (read the body, prepare pixels, wait in the queue, the micro-batch's model call, encode)."""
+    return ", ".join(f"{name};dur={1e3 * seconds:.2f}" for name, seconds in phases.items())
 
 
 @router.post(
