@@ -3,14 +3,17 @@
     python benchmarks/pairs_throughput.py overhead --profile tiny --pairs 16 --requests 20
     python benchmarks/pairs_throughput.py throughput --profile random-full --pairs 16 --clients 1 8 32
 
-`overhead`: one rewarder object served by uvicorn in a thread of this process (`--server thread`, the
-default and the setting of the figures in docs/benchmarks.md; client and server share one interpreter),
-or the service in its own process (`--server process`: `t2i-reward serve`); sequential requests of `--pairs` random 512x512
-images, each with its own prompt, interleaved with the same work in-process (a rewarder in this process).
+`overhead`: the service in its own process (`--server process`, the default: `t2i-reward serve`), or one
+rewarder object served by uvicorn in a thread of this process (`--server thread`: client and server share
+one interpreter); sequential requests of `--pairs` random 512x512 images, each with its own prompt,
+interleaved with the same work in-process (a rewarder in this process), each timed call after a pause
+(`--pause-ms`, 50) in which the other side's OpenMP threads stop spinning.
 Two transports: the raw tensor path (safetensors uint8 (B, H, W, 3) in, safetensors out, via
-`RewardClient.score_batch` when it exists, else a plain POST) against `check_tensor_request` +
-`score_checked`; and PNG multipart against `Mixture.score_many` on the same PNG bytes. Reports the
-median HTTP time minus the median in-process time, per image.
+a plain POST) against `check_tensor_request` + `score_checked`; and PNG multipart against `check_request`
++ `score_checked` (`Mixture.score_many`'s two steps) on the same PNG bytes. Reports the
+median HTTP time minus the median in-process time, per image, and where the HTTP time went: the server's
+phases from its Server-Timing header (read the body, prepare, queue, model, encode) and the time outside
+the route (the client, the loopback, uvicorn before and after the route).
 
 `throughput`: the service in its own process (`t2i-reward serve`), N client threads each sending
 `--requests-per-client` requests of `--pairs` pairs on the raw tensor path; images/s per level, against
@@ -55,9 +58,22 @@ def tensor_body(arr: np.ndarray, prompts: list[str]) -> bytes:
     return save_safetensors({"images": torch.from_numpy(arr)}, metadata={"prompts": json.dumps(prompts)})
 
 
-def post_tensors(http: httpx.Client, body: bytes) -> None:
+def post_tensors(http: httpx.Client, body: bytes) -> httpx.Response:
     r = http.post("/reward", content=body, headers={"content-type": "application/octet-stream", "accept": "application/octet-stream"})
-    r.raise_for_status()
+    return r.raise_for_status()
+
+
+def minor_faults(pid: int) -> int | None:
+    """A process's minor page faults so far (Linux), None elsewhere."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+    except OSError:
+        return None
+
+
+def server_phases(r: httpx.Response) -> dict[str, float]:
+    """The service's Server-Timing header, in seconds per phase."""
+    return {k: float(v) / 1e3 for k, v in (part.split(";dur=") for part in r.headers["server-timing"].split(", "))}
 
 
 def png_bytes(arr: np.ndarray) -> list[bytes]:
@@ -100,28 +116,49 @@ def overhead(args) -> dict:
     pngs = png_bytes(arr)
     body = tensor_body(arr, prompts)
     files = [("images", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs)]
+    # in-process: (check and prepare, score); `score_many` is exactly these two steps
     runs = {
         "raw_tensor": (lambda http: post_tensors(http, body),
-                       lambda: rewarder.score_checked([rewarder.check_tensor_request(prompts, torch.from_numpy(arr))])),
+                       lambda: rewarder.check_tensor_request(prompts, torch.from_numpy(arr)), rewarder.score_checked),
         "png_multipart": (lambda http: http.post("/reward", data={"prompts": prompts}, files=files).raise_for_status(),
-                          lambda: rewarder.score_many([(prompts, pngs)])),
+                          lambda: rewarder.check_request(prompts, pngs), rewarder.score_checked),
     }
     out = {"profile": args.profile, "server": args.server, "pairs_per_request": args.pairs, "size": args.size,
            "raw_body_bytes": len(body), "png_body_bytes": sum(map(len, pngs))}
     with httpx.Client(base_url=url, timeout=600) as http:
-        for name, (over_http, in_process) in runs.items():
-            over_http(http), in_process()  # warm-up
-            a, b = [], []
+        for name, (over_http, check, score) in runs.items():
+            over_http(http), score([check()])  # warm-up
+            a, b, phases = [], [], []
+            faults = minor_faults(proc.pid) if proc is not None else None
             for _ in range(args.requests):
+                # why the pauses: a process's OpenMP threads spin for a few ms after its last parallel
+                # region; each timed call starts once the other side's have gone to sleep
+                time.sleep(args.pause_ms / 1e3)
                 t = time.perf_counter()
-                in_process()
-                a.append(time.perf_counter() - t)
+                checked = check()
+                t1 = time.perf_counter()
+                score([checked])
+                a.append((t1 - t, time.perf_counter() - t1))
+                time.sleep(args.pause_ms / 1e3)
                 t = time.perf_counter()
-                over_http(http)
+                r = over_http(http)
                 b.append(time.perf_counter() - t)
-            ma, mb = statistics.median(a), statistics.median(b)
+                phases.append(server_phases(r))
+            ma, mb = statistics.median(x + y for x, y in a), statistics.median(b)
+            # where the time went, medians per image: in-process, checking and preparing vs scoring; over
+            # HTTP, the server's phases (its Server-Timing header) and the rest (the client, the loopback,
+            # uvicorn before and after the route)
+            med = {k: statistics.median(p[k] for p in phases) for k in phases[0]}
+            outside = statistics.median(t - sum(p.values()) for t, p in zip(b, phases))
+            per_image = lambda v: round(1e3 * v / args.pairs, 3)  # noqa: E731
             out[name] = {"in_process_ms": round(1e3 * ma, 2), "http_ms": round(1e3 * mb, 2),
-                         "overhead_ms_per_image": round(1e3 * (mb - ma) / args.pairs, 3)}
+                         "overhead_ms_per_image": per_image(mb - ma),
+                         "in_process_ms_per_image": {"prepare": per_image(statistics.median(x for x, _ in a)),
+                                                     "model": per_image(statistics.median(y for _, y in a))},
+                         "server_ms_per_image": {k: per_image(v) for k, v in med.items()},
+                         "outside_server_ms_per_image": per_image(outside)}
+            if faults is not None:  # the server's page faults: memory given back and taken again
+                out[name]["server_minor_faults_per_request"] = round((minor_faults(proc.pid) - faults) / args.requests)
     if server is not None:
         server.should_exit = True
     else:
@@ -187,7 +224,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--requests", type=int, default=20, help="overhead: requests per transport")
-    ap.add_argument("--server", choices=["thread", "process"], default="thread", help="overhead: where the service runs")
+    ap.add_argument("--pause-ms", type=float, default=50, help="overhead: idle time before each timed call")
+    ap.add_argument("--server", choices=["thread", "process"], default="process", help="overhead: where the service runs")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests-per-client", type=int, default=1)
     ap.add_argument("--in-process-requests", type=int, default=4)

@@ -34,7 +34,7 @@ class Checked:
 
     Once checked, exactly one of `pixels` (per input spec, a CPU float tensor (B, 3, size, size), already
     normalised) and `raw` (the request's image tensor, to prepare on the device) is set; a request checked
-    with `prepare=False` holds its images in `pending` until `Mixture.join_parts` sets `pixels`.
+    with `prepare=False` holds its images in `pending` while `Mixture.prepare_part` fills `pixels`.
     `group_ids` (one per image) ask for group-relative advantages; `explain` for each image's percentile per expert.
     """
 
@@ -44,7 +44,7 @@ class Checked:
     raw: Optional[torch.Tensor] = field(default=None, repr=False)
     group_ids: Optional[list] = None
     explain: bool = False
-    pending: Optional[tuple] = field(default=None, repr=False)  # (images, limits) still to prepare: `Mixture.prepare_part`
+    pending: Optional[tuple] = field(default=None, repr=False)  # (images, limits) while `Mixture.prepare_part` fills `pixels`
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -121,8 +121,16 @@ def prepare_pil(images: Sequence, specs: Sequence[Preprocess]) -> dict[Preproces
     return {spec: spec.pil(list(images)) for spec in specs}
 
 
-def prepare_tensor(raw: torch.Tensor, specs: Sequence[Preprocess]) -> dict[Preprocess, torch.Tensor]:
-    """Every spec's input for a raw image tensor, computed where the tensor is (the CPU-host path)."""
+def prepare_tensor(raw: torch.Tensor, specs: Sequence[Preprocess],
+                   out: dict[Preprocess, torch.Tensor] | None = None) -> dict[Preprocess, torch.Tensor]:
+    """Every spec's input for a raw image tensor, computed where the tensor is (the CPU-host path), into `out`
+    when given. One image at a time: a 512x512 image's float copy is 3 MB, a batch's is B times that, and
+    small blocks stay in the cache and in the allocator's free lists (the results are the batch's, bit for bit)."""
+    n = raw.shape[0]
+    out = out if out is not None else {s: torch.empty((n, 3, s.size, s.size)) for s in specs}
     with torch.inference_mode():
-        x = as_float_images(raw)
-        return {spec: spec.tensor(x) for spec in specs}
+        for i in range(n):
+            x = as_float_images(raw[i : i + 1])
+            for spec in specs:
+                out[spec][i : i + 1] = spec.tensor(x)
+    return out

@@ -389,14 +389,17 @@ class Mixture(nn.Module):
         `prompts`: one prompt for all images or a list with one per image. Raises a `RewardError` subclass
         for bad input. `limits` default to the config's; the service passes its own. The service calls
         this in its preprocessing pool, so decoding and resizing never run on the model thread.
-        `prepare=False` only validates and leaves the images `pending`: the caller prepares them in parts
-        (`prepare_part`, in parallel) and joins the parts (`join_parts`).
+        `prepare=False` only validates: the images stay `pending` and the caller fills the pixels in parts
+        (`prepare_part`, in parallel), then clears `pending`.
         """
         limits = limits or self.limits
         self._check_image_list(images, limits)
         c = self._checked(prompts, len(images), weights, limits, group_ids, explain)  # the cheap checks first
-        c.pending = (list(images), limits)
-        return self.join_parts(c, [self.prepare_part(c, 0, len(c))]) if prepare else c
+        if not prepare:
+            return self._pending(c, list(images), limits)
+        decoded = [open_image(im, limits.max_image_pixels, limits.max_aspect_ratio) for im in images]
+        c.pixels = self._pinned(prepare_pil(decoded, self.input_specs))
+        return c
 
     def check_tensor_request(self, prompts, images: torch.Tensor, weights: Mapping[str, float] | None = None,
                              limits: Limits | None = None, *, group_ids: Sequence | None = None,
@@ -414,27 +417,35 @@ class Mixture(nn.Module):
         images = images.contiguous()
         if self.device.type == "cuda":
             c.raw = images.pin_memory()
-            return c
-        c.pending = (images, limits)
-        return self.join_parts(c, [self.prepare_part(c, 0, b)]) if prepare else c
-
-    def prepare_part(self, c: Checked, start: int, stop: int) -> dict[Preprocess, torch.Tensor]:
-        """Every backbone's input for images `start:stop` of a request checked with `prepare=False`: decoded
-        and prepared with the reference pipeline (encoded images) or prepared in torch (a CPU tensor)."""
-        images, limits = c.pending
-        if isinstance(images, torch.Tensor):
-            return prepare_tensor(images[start:stop], self.input_specs)
-        decoded = [open_image(im, limits.max_image_pixels, limits.max_aspect_ratio) for im in images[start:stop]]
-        return prepare_pil(decoded, self.input_specs)
-
-    def join_parts(self, c: Checked, parts: Sequence[dict[Preprocess, torch.Tensor]]) -> Checked:
-        """Set a pending request's pixels from its prepared parts, in order (pinned for a GPU)."""
-        if sum(len(next(iter(p.values()))) for p in parts) != len(c):
-            raise ValueError(f"the parts hold a different number of images than the request's {len(c)}")
-        pixels = {s: parts[0][s] if len(parts) == 1 else torch.cat([p[s] for p in parts]) for s in self.input_specs}
-        c.pixels = {s: t.pin_memory() for s, t in pixels.items()} if self.device.type == "cuda" else pixels
-        c.pending = None
+        elif not prepare:
+            self._pending(c, images, limits)
+        else:
+            c.pixels = prepare_tensor(images, self.input_specs)
         return c
+
+    def _pinned(self, pixels: dict[Preprocess, torch.Tensor]) -> dict[Preprocess, torch.Tensor]:
+        return {s: t.pin_memory() for s, t in pixels.items()} if self.device.type == "cuda" else pixels
+
+    def _pending(self, c: Checked, images, limits: Limits) -> Checked:
+        # the pixels' final tensors, filled part by part (pinned for a fast copy to a GPU)
+        c.pending = (images, limits)
+        n, cuda = len(c), self.device.type == "cuda"
+        c.pixels = {s: torch.empty((n, 3, s.size, s.size), pin_memory=cuda) for s in self.input_specs}
+        return c
+
+    def prepare_part(self, c: Checked, start: int, stop: int) -> None:
+        """Fill images `start:stop` of a pending request's pixels (checked with `prepare=False`): decoded and
+        prepared with the reference pipeline (encoded images) or prepared in torch (a CPU tensor). Parts
+        are disjoint, so several threads can fill one request at once."""
+        images, limits = c.pending
+        rows = {spec: t[start:stop] for spec, t in c.pixels.items()}
+        if isinstance(images, torch.Tensor):
+            prepare_tensor(images[start:stop], self.input_specs, out=rows)
+            return
+        part = prepare_pil([open_image(im, limits.max_image_pixels, limits.max_aspect_ratio) for im in images[start:stop]],
+                           self.input_specs)
+        for spec, t in part.items():
+            rows[spec].copy_(t)
 
     def _checked(self, prompts, n: int, weights, limits: Limits, group_ids, explain: bool) -> Checked:
         prompt_list = self._prompts_for(prompts, n, limits)

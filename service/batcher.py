@@ -137,15 +137,16 @@ class MicroBatcher:
 
     async def prepare_request(self, check: Callable, *args, **kwargs) -> Checked:
         """Check a request (`Mixture.check_request` or `check_tensor_request`) in the preprocessing pool, then
-        decode and prepare its images in parts, one per pool thread, in parallel, and join them."""
+        decode and prepare its images in parts, one per pool thread, in parallel, each into its own rows."""
         checked = await self.prepare(check, *args, prepare=False, **kwargs)
         if checked.pending is None:  # a tensor for a GPU: prepared on the device by the model thread
             return checked
         n = len(checked)
         k = max(1, min(self.prepare_workers, n // MIN_IMAGES_PER_PART))
         bounds = [(n * i // k, n * (i + 1) // k) for i in range(k)]
-        parts = await asyncio.gather(*(self.prepare(self.rewarder.prepare_part, checked, a, b) for a, b in bounds))
-        return await self.prepare(self.rewarder.join_parts, checked, parts)
+        await asyncio.gather(*(self.prepare(self.rewarder.prepare_part, checked, a, b) for a, b in bounds))
+        checked.pending = None  # every row is filled
+        return checked
 
     async def score(self, request: Checked, timing: dict | None = None) -> RewardResult:
         """Score one checked request, batched with its neighbours. `timing`, when given, receives the

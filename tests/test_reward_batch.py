@@ -190,24 +190,19 @@ def test_a_request_is_prepared_in_parts_across_the_pool(make_client, tiny, monke
     assert load_safetensors(r.content)["rewards"].tolist() == pytest.approx([im.total for im in whole.images], abs=1e-6)
 
 
-def test_parts_join_to_the_whole(tiny, images):
+def test_parts_fill_the_whole(tiny, images):
+    """Parts prepared separately (in any order) fill exactly the pixels of the request prepared in one piece."""
     u8 = as_uint8([smooth_image(i, 40, 48) for i in range(5)])
-    whole = tiny.check_tensor_request("a", u8)
-    pending = tiny.check_tensor_request("a", u8, prepare=False)
-    assert pending.pixels is None and pending.pending is not None
-    joined = tiny.join_parts(pending, [tiny.prepare_part(pending, 0, 2), tiny.prepare_part(pending, 2, 5)])
-    assert joined.pending is None
-    for spec, t in whole.pixels.items():
-        assert torch.equal(joined.pixels[spec], t)
     pngs = [png_bytes(im) for im in images[:3]]
-    whole = tiny.check_request("a", pngs)
-    pending = tiny.check_request("a", pngs, prepare=False)
-    joined = tiny.join_parts(pending, [tiny.prepare_part(pending, 0, 1), tiny.prepare_part(pending, 1, 3)])
-    for spec, t in whole.pixels.items():
-        assert torch.equal(joined.pixels[spec], t)
-    with pytest.raises(ValueError, match="different number of images"):
-        again = tiny.check_request("a", pngs, prepare=False)
-        tiny.join_parts(again, [tiny.prepare_part(again, 0, 1)])
+    for check, batch, bounds in ((tiny.check_tensor_request, u8, [(2, 5), (0, 2)]), (tiny.check_request, pngs, [(1, 3), (0, 1)])):
+        whole = check("a", batch)
+        pending = check("a", batch, prepare=False)
+        assert pending.pending is not None and pending.raw is None
+        for a, b in bounds:
+            tiny.prepare_part(pending, a, b)
+        assert set(pending.pixels) == set(whole.pixels)
+        for spec, t in whole.pixels.items():
+            assert torch.equal(pending.pixels[spec], t)
 
 
 def test_a_bad_image_in_a_later_part_is_a_400(make_client, images):
