@@ -183,11 +183,20 @@ def test_the_key_is_checked_before_the_body_is_read(server, path):
     assert status == 401
 
 
-def test_a_stalled_upload_times_out_with_408(server):
+@pytest.mark.parametrize("path, ctype, start", [
+    ("/reward", "application/json", b'{"prompt": "a'),
+    ("/reward", "multipart/form-data; boundary=xyz", b'--xyz\r\nContent-Disposition: form-data; name="prompt"\r\n\r\na'),
+    ("/reward", "application/octet-stream", b"\x40\x00\x00\x00\x00\x00\x00\x00{"),
+    ("/reward/gradient", "application/octet-stream", b"\x40\x00\x00\x00\x00\x00\x00\x00{"),
+])
+def test_a_stalled_upload_times_out_with_408(server, path, ctype, start):
     url = server(api_keys=[KEY], body_timeout_s=1.0)
-    status, text, elapsed = raw_request(url, post_head("/reward", 1000, key=KEY), b'{"prompt": "a')
+    status, text, elapsed = raw_request(url, post_head(path, 1000, ctype, key=KEY), start)
     assert status == 408 and "did not arrive within 1 s" in text
     assert elapsed < 10
+    # the deadline was the body's alone: a request that sends its body in time is served as before
+    status, _, _ = raw_request(url, post_head("/reward", 5, key=KEY), b"{oops")
+    assert status == 422
 
 
 def test_concurrent_uploads_are_bounded(server):
