@@ -78,7 +78,10 @@ class LimitsAndMetrics:
         try:
             async with asyncio.timeout(None) as deadline:
                 body.deadline_cm = deadline
-                await self.app(scope, body.receive, send_tracked)
+                try:
+                    await self.app(scope, body.receive, send_tracked)
+                finally:
+                    body.deadline_cm = None  # the deadline ends with the app, whether the body came or not
         except TimeoutError:
             if not deadline.expired():  # not the body's deadline: the app's own
                 raise
