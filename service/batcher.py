@@ -9,8 +9,10 @@ Requests (already validated and decoded by the library) wait in one queue:
   forward and backward pass (`Mixture.reward_and_gradient_many`, at most the config's `max_batch_size`
   images). If a batch fails, each of its requests runs alone, so a bad request fails alone and its
   neighbours get their results.
-The steps of a request: decode and prepare (the router, in the preprocessing pool `prepare`, sized to
-the cores: image decoding, resizing, cropping, normalising), batch (here), predict (the single model
+The steps of a request: decode and prepare (the router, through `prepare_request`: checked in the
+preprocessing pool, sized to the cores, then its images split into one part per pool thread for decoding,
+resizing, cropping and normalising; the pool's threads run torch without OpenMP teams, the model thread
+keeps the only one), batch (here), predict (the single model
 thread, which only concatenates prepared tensors, copies them to the device and runs the models), unbatch
 (each request's own result). So the event loop never blocks, the GPU sees one batch at a time and the
 model thread does no image work. The metrics are the batcher's: queue depth, batch sizes, refusals,
