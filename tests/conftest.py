@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,42 @@ def reference_scores(python, script, *args) -> list:
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_text(json.dumps(scores))
     return scores
+
+
+# ---- the service in-process (FastAPI's TestClient)
+
+LIMITS = dict(max_images=4, max_body_bytes=2_000_000, max_image_pixels=1_000_000, max_prompt_chars=300, max_wait_ms=2)
+
+
+def wait_ready(client, timeout: float = 30) -> None:
+    """Until a TestClient's app has loaded its models (/readyz)."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if client.get("/readyz").status_code == 200:
+            return
+        time.sleep(0.02)
+    raise AssertionError("service never became ready")
+
+
+@pytest.fixture
+def make_client(tiny):
+    """`make(**settings)`: a TestClient of the app serving the session's tiny rewarder, with LIMITS and
+    `settings`; closed at the end of the test. (The service is imported here, after HF_HUB_OFFLINE is set.)"""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    clients = []
+
+    def make(**settings):
+        app = create_app(Settings(**{**LIMITS, **settings}), rewarder=tiny)
+        client = TestClient(app)
+        client.__enter__()
+        clients.append(client)
+        wait_ready(client)
+        return client
+
+    yield make
+    for c in clients:
+        c.__exit__(None, None, None)

@@ -16,7 +16,7 @@ from rewarders.images import Preprocess
 
 from .conftest import smooth_image
 from .test_images import png_bytes
-from .test_service import b64, make_client  # noqa: F401  (the fixture)
+from .test_service import b64
 
 PROMPTS = ["a red apple", "a blue car", "a green forest", "a city at night"]
 

@@ -15,37 +15,8 @@ from service.app import create_app
 from service.client import RewardClient, RewardServiceError
 from service.settings import Settings
 
-from .conftest import running_server, smooth_image
+from .conftest import LIMITS, running_server, smooth_image, wait_ready
 from .test_images import bomb_png, png_bytes
-
-LIMITS = dict(max_images=4, max_body_bytes=2_000_000, max_image_pixels=1_000_000, max_prompt_chars=300, max_wait_ms=2)
-
-
-def wait_ready(client: TestClient, timeout: float = 30) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if client.get("/readyz").status_code == 200:
-            return
-        time.sleep(0.02)
-    raise AssertionError("service never became ready")
-
-
-@pytest.fixture
-def make_client(tiny):
-    clients = []
-
-    def make(**settings):
-        app = create_app(Settings(**{**LIMITS, **settings}), rewarder=tiny)
-        client = TestClient(app)
-        client.__enter__()
-        clients.append(client)
-        wait_ready(client)
-        return client
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
-
 
 @pytest.fixture
 def client(make_client):

@@ -18,9 +18,8 @@ from safetensors.torch import save as save_safetensors
 from service.app import create_app
 from service.settings import Settings
 
-from .conftest import running_server, smooth_image
+from .conftest import running_server, smooth_image, wait_ready
 from .test_images import png_bytes
-from .test_service import wait_ready
 
 KEY = "s3cret-key"
 
