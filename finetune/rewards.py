@@ -59,13 +59,26 @@ class RemoteReward:
         # with the service's last answer (`RewardServiceError`)
         self.client = client or RewardClient(base_url, api_key=api_key, retries=5)
         self.weights = dict(weights) if weights else None
-        self.chunk_size = 16  # a float32 512x512 image is 3 MB: 16 stay well under the service's body limit
+        self._limits: dict | None = None
+
+    def request_size(self, images: torch.Tensor) -> int:
+        """Images per `/reward` request for this batch: as few requests as the service's limits allow
+        (GET /models: images per request, body bytes, with room for the metadata), of balanced sizes, so a
+        batch-level expert (diversity) sees the whole batch when it fits, as in-process, and never a
+        request of one image when it does not."""
+        if self._limits is None:  # a service older than its "limits" answer: 16, the former fixed size
+            self._limits = self.client.models().get("limits") or {"max_images": 16, "max_body_bytes": 64 << 20}
+        per_image = max(1, images[0].numel() * 4)  # float32 pixels
+        cap = max(1, min(int(self._limits["max_images"]), (int(self._limits["max_body_bytes"]) * 3 // 4) // per_image))
+        n = len(images)
+        requests = -(-n // cap)
+        return -(-n // requests)
 
     def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar rewards only (policy-gradient methods), on `/reward`'s raw-tensor path (float32 pixels, so
-        the numbers equal the in-process ones); in requests of at most `chunk_size` images."""
-        out = self.client.score_batch(list(prompts), images.detach().float().clamp(0, 1).cpu().contiguous(),
-                                      weights=self.weights, chunk_size=self.chunk_size)
+        the numbers equal the in-process ones), in as few requests as the service allows (`request_size`)."""
+        x = images.detach().float().clamp(0, 1).cpu().contiguous()
+        out = self.client.score_batch(list(prompts), x, weights=self.weights, chunk_size=self.request_size(x))
         return out.rewards, dict(out.components)
 
     def expert_weights(self) -> dict[str, float]:

@@ -188,6 +188,33 @@ def test_remote_rewards_give_the_same_first_step_advantages(tmp_path, cache_dir,
     assert a[:3].sum().item() == pytest.approx(0, abs=1e-4)  # z-scores within each prompt's group
 
 
+def test_remote_rewards_use_as_few_balanced_requests_as_the_service_allows(redness):
+    """RemoteReward.scores sizes its /reward requests from the service's limits (GET /models): one request
+    when the batch fits, else balanced ones (17 images at most 8 per request: 6, 6 and 5, never a lone
+    image); the scores equal the in-process ones."""
+    import httpx
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    def reward_requests(url):
+        text = httpx.get(url + "/metrics").text
+        return sum(float(line.split()[-1]) for line in text.splitlines()
+                   if line.startswith("t2i_requests_total") and 'endpoint="/reward"' in line)
+
+    images = torch.rand(17, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(17)]
+    local_total, _ = LocalReward(redness).scores(images, prompts)
+    for max_images, sent in ((64, 1), (8, 3)):
+        with running_server(create_app(Settings(max_images=max_images), rewarder=redness)) as url:
+            remote = RemoteReward(url)
+            assert remote.client.models()["limits"]["max_images"] == max_images
+            assert remote.request_size(images) == (17 if max_images == 64 else 6)
+            total, _ = remote.scores(images, prompts)
+            assert reward_requests(url) == sent
+        assert total.tolist() == pytest.approx(local_total.tolist(), abs=1e-5)
+
+
 def test_per_expert_advantages_weight_the_z_scores():
     spec = JobSpec(method="grpo", prompts=["x"], advantage_normalization="per_expert")
     comps = {"a": torch.tensor([1.0, 2.0, 10.0, 20.0]), "b": torch.tensor([5.0, 1.0, 0.0, 0.0])}

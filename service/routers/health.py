@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..deps import AuthDep, RewarderDep
+from ..deps import AuthDep, RewarderDep, SettingsDep
 from ..schemas import ErrorResponse
 
 router = APIRouter(tags=["health"])
@@ -47,10 +47,14 @@ def metrics(request: Request) -> Response:
 
 @router.get("/models", summary="Experts, checkpoints, devices, dtypes, weights and normalisation", dependencies=[AuthDep],
             responses={code: {"model": ErrorResponse} for code in (401, 403, 503)})
-def models(rewarder: RewarderDep) -> dict:
+def models(rewarder: RewarderDep, settings: SettingsDep) -> dict:
+    limits = settings.limits()
     return {
         "profile": rewarder.config.profile,
         "normalize": rewarder.config.normalize,
         "random_weights": rewarder.random_weights,
         "experts": rewarder.describe(),
+        # one request's limits, so that clients can size their requests (RemoteReward does)
+        "limits": {"max_images": limits.max_images, "max_image_pixels": limits.max_image_pixels,
+                   "max_prompt_chars": limits.max_prompt_chars, "max_body_bytes": settings.max_body_bytes},
     }
