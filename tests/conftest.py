@@ -118,10 +118,10 @@ def wait_ready(client, timeout: float = 30) -> None:
     raise AssertionError("service never became ready")
 
 
-@pytest.fixture
-def make_client(tiny):
-    """`make(**settings)`: a TestClient of the app serving the session's tiny rewarder, with LIMITS and
-    `settings`; closed at the end of the test. (The service is imported here, after HF_HUB_OFFLINE is set.)"""
+def client_maker(rewarder, defaults: dict):
+    """A fixture body: yields `make(**settings)`, a ready TestClient of the app serving `rewarder` with
+    `defaults` and `settings`; closes every client made when the test ends. (The service is imported here,
+    after HF_HUB_OFFLINE is set.)"""
     from fastapi.testclient import TestClient
 
     from service.app import create_app
@@ -130,8 +130,7 @@ def make_client(tiny):
     clients = []
 
     def make(**settings):
-        app = create_app(Settings(**{**LIMITS, **settings}), rewarder=tiny)
-        client = TestClient(app)
+        client = TestClient(create_app(Settings(**{**defaults, **settings}), rewarder=rewarder))
         client.__enter__()
         clients.append(client)
         wait_ready(client)
@@ -140,3 +139,9 @@ def make_client(tiny):
     yield make
     for c in clients:
         c.__exit__(None, None, None)
+
+
+@pytest.fixture
+def make_client(tiny):
+    """`make(**settings)`: a TestClient of the app serving the session's tiny rewarder, with LIMITS."""
+    yield from client_maker(tiny, LIMITS)

@@ -11,14 +11,13 @@ import time
 import httpx
 import pytest
 import torch
-from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import save as save_safetensors
 
 from service.app import create_app
 from service.settings import Settings
 
-from .conftest import running_server, smooth_image, wait_ready
+from .conftest import client_maker, running_server, smooth_image
 from .test_images import png_bytes
 
 KEY = "s3cret-key"
@@ -26,18 +25,8 @@ KEY = "s3cret-key"
 
 @pytest.fixture
 def make_client(tiny):
-    clients = []
-
-    def make(**settings):
-        client = TestClient(create_app(Settings(**settings), rewarder=tiny))
-        client.__enter__()
-        clients.append(client)
-        wait_ready(client)
-        return client
-
-    yield make
-    for c in clients:
-        c.__exit__(None, None, None)
+    """The service's own defaults (not the other tests' smaller LIMITS): the limits are what is tested."""
+    yield from client_maker(tiny, {})
 
 
 def b64(im) -> str:
