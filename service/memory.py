@@ -10,8 +10,9 @@ page. The price is resident memory: after a peak the process stays up to `mb` ab
 Threads share one arena (glibc's `M_ARENA_MAX` = 1). Why: every other arena lives in heaps of at most
 64 MB, and a preprocessing thread's working set for one part of a request (a float copy of 8 images of
 512x512 is 25 MB, plus the outputs) spills into fresh heaps that glibc hands back when they empty; the
-preprocessing pool then faulted in ~6,000 pages per 16-image request (24 MB), where one arena faults none.
-Allocations this large are few per request, so the shared arena's lock costs nothing measurable.
+preprocessing pool then faulted in ~6,000 pages per 16-image request (24 MB); with one arena 500-1,300, and
+40-180 once raw tensors were prepared one image at a time (docs/benchmarks.md). Every malloc then takes that arena's lock; with a few threads, as on the 2-core VM,
+that cost did not show, and it was not measured on a many-core host.
 """
 
 from __future__ import annotations
