@@ -87,22 +87,28 @@ def test_bad_json_pairs_are_422(client, images, body, match):
     assert pytest.approx(0) == 0 and __import__("re").search(match, json.dumps(r.json()["detail"]))
 
 
-def test_uint8_tensor_path_equals_float_path_and_each_alone(client, tiny, images):
+def test_uint8_tensor_path_is_pils_and_each_alone(client, tiny, images):
     ims = [smooth_image(i, 96, 128) for i in range(4)]
     u8 = as_uint8(ims)
     r8 = post_tensors(client, tensor_body(u8, prompts=PROMPTS))
     assert r8.status_code == 200, r8.text
-    f32 = (u8.permute(0, 3, 1, 2).float() / 255).contiguous()
-    rf = post_tensors(client, tensor_body(f32, prompts=PROMPTS))
-    assert [i["total"] for i in r8.json()["images"]] == pytest.approx([i["total"] for i in rf.json()["images"]], abs=1e-5)
     # each pair as if sent alone
     for k in range(4):
         one = post_tensors(client, tensor_body(u8[k : k + 1], prompts=PROMPTS[k])).json()
         assert one["images"][0]["components"] == pytest.approx(r8.json()["images"][k]["components"], abs=1e-5)
-    # the tensor path resizes in torch: close to the PIL reference pipeline, not bit-equal
+    # on a CPU host uint8 is resized in 8 bits, as PIL does: the reference pipeline's scores but for a
+    # level or two on a few pixels (ImageReward 1e-4 apart here); float tensors are resized in float,
+    # the GPU path's arithmetic (3e-3 apart here)
     png = client.post("/reward", json={"prompts": PROMPTS, "images": [b64(im) for im in ims]}).json()
-    for a, b in zip(r8.json()["images"], png["images"]):
-        assert a["components"]["aesthetic"] == pytest.approx(b["components"]["aesthetic"], rel=0.02, abs=0.02)
+    f32 = (u8.permute(0, 3, 1, 2).float() / 255).contiguous()
+    rf = post_tensors(client, tensor_body(f32, prompts=PROMPTS)).json()
+    off8 = off_float = 0.0
+    for a, f, b in zip(r8.json()["images"], rf["images"], png["images"]):
+        assert a["components"] == pytest.approx(b["components"], abs=5e-4)
+        assert f["components"] == pytest.approx(b["components"], rel=0.02, abs=0.01)
+        off8 += abs(a["components"]["imagereward"] - b["components"]["imagereward"])
+        off_float += abs(f["components"]["imagereward"] - b["components"]["imagereward"])
+    assert off8 < off_float / 5, (off8, off_float)
 
 
 def test_safetensors_answer_with_advantages(client, images):
