@@ -20,7 +20,7 @@ from finetune.jobs import JobStore
 from prompter import PromptIndex, open_index
 from rewarders import Mixture, create_rewarder
 
-from .batcher import MicroBatcher, model_thread_executor
+from .batcher import MicroBatcher, model_thread_executor, side_executor
 from .memory import keep_freed_memory
 from .errors import install_error_handlers
 from .metrics import Metrics
@@ -46,6 +46,8 @@ def create_app(settings: Settings | None = None, rewarder: Mixture | None = None
         # one loader, models then prompt index, in sequence: importing transformers from two threads
         # at once races inside its lazy module and fails
         keep_freed_memory(settings.keep_freed_mb)  # request bodies reuse freed memory instead of faulting it in
+        # asyncio.to_thread's threads (prompts, the MLLM judge, jobs) get no OpenMP teams: the model thread's is the only one
+        asyncio.get_running_loop().set_default_executor(side_executor())
         app.state.job_store = JobStore(settings.redis_url)  # connects on first use: Redis may start later
         loader = asyncio.create_task(_load(app, settings, metrics, rewarder, prompter))
         yield

@@ -220,25 +220,33 @@ def test_a_bad_image_in_a_later_part_is_a_400(make_client, images):
     assert "image" in r.json()["detail"].lower()
 
 
-def test_pool_threads_run_torch_without_an_openmp_team():
-    """The pool's initializer: a large torch op in such a thread starts no OpenMP threads (the process's
-    thread count stays put), where a plain thread starts its own team; other threads keep their size."""
+def _needs_openmp_threads():
     import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    from threadpoolctl import threadpool_info
-
-    from service.batcher import single_threaded_torch
 
     if not os.path.isdir("/proc/self/task") or (os.cpu_count() or 1) < 2 or torch.get_num_threads() < 2:
         pytest.skip("needs Linux's /proc and at least 2 torch threads (a team of 1 starts no threads anyway)")
 
-    def grown_by_big_op() -> tuple[int, int]:
-        before = len(os.listdir("/proc/self/task"))
-        torch.ones(4_000_000).mul_(2).add_(1)  # far over torch's grain size: a parallel region
-        openmp = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "openmp" and "torch" in i["filepath"]]
-        return len(os.listdir("/proc/self/task")) - before, openmp[0]
 
+def grown_by_big_op() -> tuple[int, int]:
+    """(threads the process gained, this thread's OpenMP team size) after a large torch op in this thread."""
+    import os
+
+    from threadpoolctl import threadpool_info
+
+    before = len(os.listdir("/proc/self/task"))
+    torch.ones(4_000_000).mul_(2).add_(1)  # far over torch's grain size: a parallel region
+    openmp = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "openmp" and "torch" in i["filepath"]]
+    return len(os.listdir("/proc/self/task")) - before, openmp[0]
+
+
+def test_pool_threads_run_torch_without_an_openmp_team():
+    """The pool's initializer: a large torch op in such a thread starts no OpenMP threads (the process's
+    thread count stays put), where a plain thread starts its own team; other threads keep their size."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.batcher import single_threaded_torch
+
+    _needs_openmp_threads()
     with ThreadPoolExecutor(1, initializer=single_threaded_torch) as pool:
         assert pool.submit(grown_by_big_op).result() == (0, 1)
         assert pool.submit(grown_by_big_op).result() == (0, 1)  # the limit stays
@@ -246,6 +254,18 @@ def test_pool_threads_run_torch_without_an_openmp_team():
         grown, size = plain.submit(grown_by_big_op).result()
         assert grown >= 1 and size == torch.get_num_threads()
     assert torch.get_num_threads() >= 2  # the process-wide setting is untouched
+
+
+def test_the_apps_side_threads_run_torch_without_an_openmp_team(client):
+    """asyncio.to_thread in the running app (prompt search, the MLLM judge, jobs) uses threads without OpenMP
+    teams, so a /prompts call cannot get the model thread's team throttled; the prompts still come back."""
+    import asyncio
+
+    _needs_openmp_threads()
+    for _ in range(2):
+        assert client.portal.call(asyncio.to_thread, grown_by_big_op) == (0, 1)
+    r = client.post("/prompts", json={"topics": ["a red fox"], "n_prompts": 3, "diversity": 0.3})
+    assert r.status_code == 200 and len(r.json()["prompts"][0]) == 3, r.text
 
 
 def test_server_timing_says_where_the_time_went(client):
