@@ -175,12 +175,13 @@ class HTTPPeer:
                                              {"type": "text", "text": question}]}]
 
     def yes_probability(self, image: Image.Image, question: str) -> float:
-        modes = ["logprobs", "systemone", "rating"] if self.mode == "auto" else [self.mode]
+        auto = self.mode == "auto"  # read once: a concurrent call may settle the mode while this one probes
+        modes = ["logprobs", "systemone", "rating"] if auto else [self.mode]
         for mode in modes:
             try:
                 p = getattr(self, f"_yes_{mode}")(image, question)
             except MLLMError as e:
-                if self.mode != "auto" or mode == modes[-1] or e.kind != "bad_answer":
+                if not auto or mode == modes[-1] or e.kind != "bad_answer":
                     raise
                 continue  # this peer does not offer the mode: try the next one
             self.mode = mode  # remembered: later calls go straight there

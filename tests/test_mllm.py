@@ -98,6 +98,35 @@ def test_the_judge_through_transformers_serve(cache_dir, vlm, served):
     assert r.experts["vlm_judge"].peer.describe()["yes_no"] == "systemone"
 
 
+def test_concurrent_first_calls_each_find_the_mode(vlm, served):
+    """In `auto` mode the first calls probe the peer at the same time; one settling the mode must not turn
+    another's failed probe (transformers serve has no log-probabilities) into an error. The first call's
+    failed probe is held until a second call has settled the mode."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    peer = HTTPPeer(MLLMConfig(url=served, model=str(vlm), image_size=56))
+    real, probing, settled = peer._yes_logprobs, threading.Event(), threading.Event()
+
+    def first_probe_held(image, question):
+        first = not probing.is_set()
+        probing.set()
+        try:
+            return real(image, question)
+        finally:
+            if first:
+                settled.wait(60)
+
+    peer._yes_logprobs = first_probe_held
+    with ThreadPoolExecutor(1) as pool:
+        held = pool.submit(peer.yes_probability, IMAGES[0], "Is it red?")
+        assert probing.wait(60)
+        second = peer.yes_probability(IMAGES[1], "Is it red?")
+        assert peer.mode == "systemone"
+        settled.set()
+        assert 0.0 <= held.result(60) <= 1.0 and 0.0 <= second <= 1.0
+
+
 def test_a_peer_answering_garbage_is_a_clear_error(vlm, served):
     """The random model's chat answers are noise: a 0-10 rating cannot be read from them."""
     peer = HTTPPeer(MLLMConfig(url=served, model=str(vlm), yes_no="rating", image_size=56))
