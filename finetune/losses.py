@@ -51,10 +51,17 @@ def step_kl(s: Sampler, latents, k: int, cond, uncond, e: torch.Tensor) -> torch
     return transition_kl(mean, base_mean, std)
 
 
-def denoising_loss(s: Sampler, latents: torch.Tensor, cond: torch.Tensor):
+def step_generator(rng: random.Random) -> torch.Generator:
+    """A CPU generator seeded from the step's `rng`: a step's random draws depend on its seed alone, not on
+    what ran before it in the process (so a resumed job takes the uninterrupted job's steps), and are the
+    same numbers on any device (drawn on the CPU, then moved)."""
+    return torch.Generator().manual_seed(rng.getrandbits(63))
+
+
+def denoising_loss(s: Sampler, latents: torch.Tensor, cond: torch.Tensor, generator: torch.Generator):
     """Per-image epsilon-prediction loss at random timesteps; also (noisy, t, pred) for a regulariser."""
-    noise = torch.randn_like(latents)
-    t = torch.randint(0, s.scheduler.config.num_train_timesteps, (latents.shape[0],), device=s.device)
+    noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
+    t = torch.randint(0, s.scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator).to(s.device)
     noisy = s.scheduler.add_noise(latents, noise, t)
     pred = s.model(noisy, t, cond)
     return ((pred - noise) ** 2).mean(dim=(1, 2, 3)), (noisy, t, pred)
@@ -73,13 +80,14 @@ def refl_loss(s: Sampler, spec: JobSpec, reward: RewardFn, prompts: list[str], s
     return StepLoss(loss, total.detach(), kl.detach(), components)
 
 
-def reward_weighted_loss(s: Sampler, spec: JobSpec, reward: RewardFn, prompts: list[str], seeds: list[int], cond, uncond) -> StepLoss:
+def reward_weighted_loss(s: Sampler, spec: JobSpec, reward: RewardFn, prompts: list[str], seeds: list[int], cond, uncond,
+                         rng: random.Random) -> StepLoss:
     with torch.no_grad():
         images = s.sample(prompts, seeds, cond=cond, uncond=uncond)
         total, components = reward(images, prompts)
         total = total.detach().to(s.device)
     latents0 = s.encode_images(images, sample=False)
-    per_image, (noisy, t, pred) = denoising_loss(s, latents0, cond)
+    per_image, (noisy, t, pred) = denoising_loss(s, latents0, cond, step_generator(rng))
     loss = spec.reward_weight * (torch.sigmoid(total) * per_image).mean()
     kl = torch.zeros((), device=s.device)
     if spec.regularizer == "kl" and spec.kl_weight > 0:
@@ -90,12 +98,15 @@ def reward_weighted_loss(s: Sampler, spec: JobSpec, reward: RewardFn, prompts: l
     return StepLoss(loss, total, kl.detach(), components)
 
 
-def pretrain_loss(s: Sampler, pairs: list[tuple[Path, str]], step: int, batch_size: int, resolution: int) -> torch.Tensor:
-    """The pre-training denoising loss on the pairs of this step (cycled)."""
+def pretrain_loss(s: Sampler, pairs: list[tuple[Path, str]], step: int, batch_size: int, resolution: int,
+                  rng: random.Random) -> torch.Tensor:
+    """The pre-training denoising loss on the pairs of this step (cycled); the VAE's posterior sample, the
+    noise and the timesteps drawn from `rng`."""
     batch = [pairs[(step * batch_size + k) % len(pairs)] for k in range(batch_size)]
     images = torch.stack([image_tensor(p, resolution) for p, _ in batch]).to(s.device)
-    latents = s.encode_images(images, sample=True)
-    return denoising_loss(s, latents, s.encode([c for _, c in batch]))[0].mean()
+    generator = step_generator(rng)
+    latents = s.encode_images(images, sample=True, generator=generator)
+    return denoising_loss(s, latents, s.encode([c for _, c in batch]), generator)[0].mean()
 
 
 def load_pretrain_pairs(folder: Path) -> list[tuple[Path, str]]:

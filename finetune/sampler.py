@@ -166,12 +166,12 @@ class Sampler:
             images = vae.decode(latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample.float()
         return (images / 2 + 0.5).clamp(0, 1)
 
-    def encode_images(self, images: torch.Tensor, sample: bool) -> torch.Tensor:
-        """Images in [0, 1] -> scaled latents (a sample of the posterior, or its mode)."""
+    def encode_images(self, images: torch.Tensor, sample: bool, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Images in [0, 1] -> scaled latents (a sample of the posterior, drawn with `generator`, or its mode)."""
         vae = self.m.vae
         with torch.no_grad(), self.autocast():
             dist = vae.encode(images * 2 - 1).latent_dist
-            latents = dist.sample() if sample else dist.mode()
+            latents = dist.sample(generator) if sample else dist.mode()
         return (latents.float() - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
     def initial_latents(self, seeds: list[int]) -> torch.Tensor:

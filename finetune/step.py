@@ -57,11 +57,11 @@ def train_step(spec: JobSpec, sampler: Sampler, models, reward: RewardFn, prompt
     elif spec.training_method == "refl":
         result = refl_loss(sampler, spec, reward, prompts, seeds, cond, uncond, rng)
         if pairs:
-            result.loss = result.loss + spec.pretrain_weight * pretrain_loss(sampler, pairs, step, spec.batch_size, spec.resolution)
+            result.loss = result.loss + spec.pretrain_weight * pretrain_loss(sampler, pairs, step, spec.batch_size, spec.resolution, rng)
     else:
-        result = reward_weighted_loss(sampler, spec, reward, prompts, seeds, cond, uncond)
+        result = reward_weighted_loss(sampler, spec, reward, prompts, seeds, cond, uncond, rng)
         if spec.regularizer == "pretrain" and pairs:
-            result.loss = result.loss + spec.pretrain_weight * pretrain_loss(sampler, pairs, step, spec.batch_size, spec.resolution)
+            result.loss = result.loss + spec.pretrain_weight * pretrain_loss(sampler, pairs, step, spec.batch_size, spec.resolution, rng)
     if not spec.is_policy_gradient:
         models.optimizer.zero_grad(set_to_none=True)
         result.loss.backward()

@@ -337,6 +337,46 @@ def test_pretrain_regulariser(tiny, cache_dir, tmp_path, method, extra):
         run_job(spec, ctx)
 
 
+PAIRS = {"pretrain_data": "pairs", "pretrain_weight": 1.0}
+
+
+@pytest.mark.parametrize("method, extra", [("reward_weighted", {"regularizer": "kl"}),
+                                           ("reward_weighted", {"regularizer": "pretrain", **PAIRS}),
+                                           ("refl", {"kl_weight": 0.0, **PAIRS})])
+def test_a_cut_job_resumes_exactly(tiny, cache_dir, tmp_path, method, extra):
+    """A job cut off after step 2 and run again ends with the uninterrupted job's losses and LoRA: every random
+    draw of a step (its denoising noise and timesteps, the VAE's posterior sample of a pre-training pair) comes
+    from that step's seed, not from the process's global generator (which the run before the cut had moved)."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from finetune import JobCancelled, JobContext, JobSpec, run_job
+    from finetune.rewards import LocalReward
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    for k, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        Image.new("RGB", (48, 48), colour).save(pairs / f"{k}.png")
+        (pairs / f"{k}.txt").write_text(f"square {k}")
+    spec = JobSpec(method=method, prompts=["a square", "a circle"], steps=4, batch_size=2, **extra, **FAST)
+
+    def job(out, should_stop=None):
+        return JobContext(out_dir=tmp_path / out, reward=LocalReward(tiny), prompts=spec.prompts, base_model="tiny",
+                          cache_dir=cache_dir, pretrain_dir=pairs if "pretrain_data" in extra else None, should_stop=should_stop)
+
+    whole = run_job(spec, job("whole"))
+    calls = iter(range(100))
+    cut = job("cut", should_stop=lambda: next(calls) >= 2)  # stops before step 2, after saving a checkpoint
+    with pytest.raises(JobCancelled):
+        run_job(spec, cut)
+    cut.should_stop = None
+    resumed = run_job(spec, cut)
+    assert resumed["metrics"]["resumed_at"] == [2]
+    assert resumed["metrics"]["loss"] == whole["metrics"]["loss"]
+    a, b = load_file(tmp_path / "whole" / "pytorch_lora_weights.safetensors"), load_file(tmp_path / "cut" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_client_job_calls(api, worker, tiny):
     from service.client import RewardClient
 
