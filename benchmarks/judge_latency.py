@@ -33,22 +33,30 @@ from rewarders.mllm import MLLMConfig, create_peer  # noqa: E402
 from rewarders.tiny_vlm import ensure_random_vlm  # noqa: E402
 
 
-def serve(folder: Path, port: int, device: str = "cpu", extra: tuple[str, ...] = ()):
+def serve(folder: Path, port: int, device: str = "cpu", extra: tuple[str, ...] = (), home: Path | None = None,
+          timeout_s: float = 600) -> subprocess.Popen:
+    """`transformers serve <folder>` on loopback `port`, offline, with its own HF_HOME (`home`, default a new
+    temporary folder) and its output in `home/serve.log`; returns the process once /health answers. On a CPU
+    the server runs one OpenMP thread, on a GPU in bfloat16. Raises RuntimeError with the log's tail if it
+    exits or is not healthy within `timeout_s` (a 2 B model loads in a minute or two). The tests' peer too."""
     exe = Path(sys.executable).parent / "transformers"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "HF_HOME": tempfile.mkdtemp(prefix="hf-home-"),
+    home = Path(home or tempfile.mkdtemp(prefix="hf-home-"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "HF_HOME": str(home),
            **({"OMP_NUM_THREADS": "1"} if device == "cpu" else {})}
     dtype = ("--dtype", "bfloat16") if device.startswith("cuda") else ()
-    proc = subprocess.Popen([str(exe), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--device", device, *dtype, *extra],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    end = time.time() + 600  # a 2 B model loads in a minute or two
-    while time.time() < end:
+    with open(home / "serve.log", "w") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen([str(exe), "serve", str(folder), "--host", "127.0.0.1", "--port", str(port), "--device", device,
+                                 *dtype, *extra], env=env, stdout=log, stderr=subprocess.STDOUT)
+    end = time.time() + timeout_s
+    while proc.poll() is None and time.time() < end:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             time.sleep(0.3)
     proc.kill()
-    raise RuntimeError("transformers serve did not start")
+    proc.wait(30)
+    raise RuntimeError(f"transformers serve did not start:\n{(home / 'serve.log').read_text()[-3000:]}")
 
 
 def timed(peer, images, question, levels: list[int]) -> dict:

@@ -2,13 +2,10 @@
 server that ships with transformers) serving the project's tiny random LLaVA on loopback, and the same model
 in-process. Also the peer down, too slow, and answering garbage."""
 
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from PIL import Image
 
@@ -29,32 +26,19 @@ def vlm(cache_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def served(vlm, tmp_path_factory):
-    """`transformers serve <tiny VLM folder>` on a free loopback port, offline, one thread."""
-    exe = Path(sys.executable).parent / "transformers"
-    if not exe.exists():
+    """`transformers serve <tiny VLM folder>` on a free loopback port, offline, one thread (the benchmark's
+    `serve`)."""
+    from benchmarks.judge_latency import serve
+
+    if not (Path(sys.executable).parent / "transformers").exists():
         pytest.skip("transformers serve is not installed (pip install 'transformers[serving]')")
-    port, home = free_port(), tmp_path_factory.mktemp("hf-home")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_UPDATE_CHECK": "1", "OMP_NUM_THREADS": "1", "HF_HOME": str(home)}
-    log = open(home / "serve.log", "w")
-    proc = subprocess.Popen([str(exe), "serve", str(vlm), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    port = free_port()
+    proc = serve(vlm, port, home=tmp_path_factory.mktemp("hf-home"), timeout_s=120)
     try:
-        end = time.time() + 120
-        while True:
-            assert proc.poll() is None, (home / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < end, "transformers serve never became healthy"
-            time.sleep(0.3)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
         proc.wait(30)
-        log.close()
 
 
 def judge(cache_dir, **cfg):
