@@ -342,11 +342,14 @@ PAIRS = {"pretrain_data": "pairs", "pretrain_weight": 1.0}
 
 @pytest.mark.parametrize("method, extra", [("reward_weighted", {"regularizer": "kl"}),
                                            ("reward_weighted", {"regularizer": "pretrain", **PAIRS}),
-                                           ("refl", {"kl_weight": 0.0, **PAIRS})])
+                                           ("refl", {"kl_weight": 0.0, **PAIRS}),
+                                           ("grpo", {"group_size": 2, "batch_size": 1}),
+                                           ("ddpo", {"batch_size": 2, "per_prompt_stats": True, "stat_min_count": 2})])
 def test_a_cut_job_resumes_exactly(tiny, cache_dir, tmp_path, method, extra):
     """A job cut off after step 2 and run again ends with the uninterrupted job's losses and LoRA: every random
-    draw of a step (its denoising noise and timesteps, the VAE's posterior sample of a pre-training pair) comes
-    from that step's seed, not from the process's global generator (which the run before the cut had moved)."""
+    draw of a step (its denoising noise and timesteps, the VAE's posterior sample of a pre-training pair, GRPO's
+    sampling noise and transition subsets) comes from that step's seed, not from the process's global generator
+    (which the run before the cut had moved); DDPO's per-prompt statistics come back from the checkpoint."""
     from PIL import Image
     from safetensors.torch import load_file
 
@@ -358,7 +361,7 @@ def test_a_cut_job_resumes_exactly(tiny, cache_dir, tmp_path, method, extra):
     for k, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
         Image.new("RGB", (48, 48), colour).save(pairs / f"{k}.png")
         (pairs / f"{k}.txt").write_text(f"square {k}")
-    spec = JobSpec(method=method, prompts=["a square", "a circle"], steps=4, batch_size=2, **extra, **FAST)
+    spec = JobSpec(method=method, prompts=["a square", "a circle"], steps=4, **{"batch_size": 2, **extra}, **FAST)
 
     def job(out, should_stop=None):
         return JobContext(out_dir=tmp_path / out, reward=LocalReward(tiny), prompts=spec.prompts, base_model="tiny",
