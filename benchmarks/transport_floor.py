@@ -27,7 +27,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.model_thread import random_images  # noqa: E402
-from benchmarks.pairs_throughput import PROMPTS, free_port, tensor_body  # noqa: E402
+from benchmarks.pairs_throughput import PROMPTS, free_port, post_tensors, tensor_body  # noqa: E402
 
 
 def body_only_app():
@@ -109,8 +109,7 @@ def main() -> None:
                     break
                 except httpx.TransportError:
                     time.sleep(0.1)
-            headers = {"content-type": "application/octet-stream"}
-            http_s = timed(lambda: http.post("/reward", content=body, headers=headers).raise_for_status(), args.requests, pause)
+            http_s = timed(lambda: post_tensors(http, body), args.requests, pause)  # the overhead benchmark's request
     finally:
         proc.terminate()
         proc.wait(30)
