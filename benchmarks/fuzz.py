@@ -40,8 +40,8 @@ import numpy as np
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, seed, settings
-from hypothesis.errors import Unsatisfiable
 from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
 from PIL import Image
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
@@ -408,10 +408,9 @@ def tiny_server(redis_url: str, key: str = KEY, **settings):
     Its Redis db must be the script's own: it is emptied before and after."""
     import redis
     import uvicorn
-
-    from rewarders.client import RewardClient
-    from service.app import create_app
-    from service.settings import Settings
+    from t2i_reward.rewarders.client import RewardClient
+    from t2i_reward.service.app import create_app
+    from t2i_reward.service.settings import Settings
 
     root = Path(tempfile.mkdtemp(prefix="t2i-fuzz-"))
     db = redis.Redis.from_url(redis_url)

@@ -7,7 +7,7 @@ on a GPU.
     python benchmarks/grpo_step.py --model sd15-random --resolution 512 --steps 4 --gradient-checkpointing --mixed-precision bf16
     python benchmarks/grpo_step.py --model sd3-medium-random --resolution 512 --steps 4 --gradient-checkpointing --mixed-precision bf16
 
-Runs `finetune.run_job` (method grpo) with in-process rewards of the matching profile (tiny, or
+Runs `t2i_reward.finetune.run_job` (method grpo) with in-process rewards of the matching profile (tiny, or
 random-full) and times the steps from the progress callbacks (the median step: loading and evaluation do
 not count). The phases are timed by wrapping the sampler and the reward for the run. Prints one JSON object.
 """
@@ -27,10 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from finetune import JobContext, JobSpec, grpo, run_job  # noqa: E402
-from finetune.rewards import LocalReward  # noqa: E402
 from refl_step import sd15_random  # noqa: E402
-from rewarders import create_rewarder  # noqa: E402
+from t2i_reward.finetune import JobContext, JobSpec, grpo, run_job  # noqa: E402
+from t2i_reward.finetune.rewards import LocalReward  # noqa: E402
+from t2i_reward.rewarders import create_rewarder  # noqa: E402
 
 TINY = ("tiny", "tiny-sdxl", "tiny-sd3")
 
@@ -38,10 +38,14 @@ TINY = ("tiny", "tiny-sdxl", "tiny-sd3")
 def sd3_medium_random(out: Path) -> Path:
     """A random pipeline with SD3-medium's architecture: a 24-block MMDiT (1536 wide), the 16-channel VAE,
     CLIP ViT-L and ViT-bigG text encoders and a T5-XXL encoder. Build it on a machine with memory to spare."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from t2i_reward.finetune.tiny import _clip_tokenizers, t5_tokenizer
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    from finetune.tiny import _clip_tokenizers, t5_tokenizer
 
     transformer = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
                                         attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,

@@ -28,8 +28,8 @@ from pathlib import Path
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from finetune.jobs import INDEX, PREFIX, JobStore  # noqa: E402
-from finetune.spec import JobSpec  # noqa: E402
+from t2i_reward.finetune.jobs import INDEX, PREFIX, JobStore  # noqa: E402
+from t2i_reward.finetune.spec import JobSpec  # noqa: E402
 
 EXPERTS = ("imagereward", "aesthetic", "mlp")
 
@@ -107,9 +107,8 @@ def main() -> None:
         out["library_get_ms"] = timed(lambda: store.get(job_id), args.repeats)
 
         from fastapi.testclient import TestClient
-
-        from service.app import create_app
-        from service.settings import Settings
+        from t2i_reward.service.app import create_app
+        from t2i_reward.service.settings import Settings
 
         with TestClient(create_app(Settings(redis_url=url, profile="tiny"))) as client:
             for _ in range(600):  # time the listing once the models and prompt index are loaded, not while

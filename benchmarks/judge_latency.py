@@ -29,8 +29,8 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rewarders.mllm import MLLMConfig, create_peer  # noqa: E402
-from rewarders.tiny_vlm import ensure_random_vlm  # noqa: E402
+from t2i_reward.rewarders.mllm import MLLMConfig, create_peer  # noqa: E402
+from t2i_reward.rewarders.tiny_vlm import ensure_random_vlm  # noqa: E402
 
 
 def serve(folder: Path, port: int, device: str = "cpu", extra: tuple[str, ...] = (), home: Path | None = None,

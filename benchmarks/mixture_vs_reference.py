@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from rewarders import create_rewarder  # noqa: E402
+from t2i_reward.rewarders import create_rewarder  # noqa: E402
 
 PROMPT = "a photo of a cat on a red sofa, highly detailed"
 

@@ -41,8 +41,9 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from t2i_reward.rewarders.client import RewardClient  # noqa: E402
+
 from benchmarks.model_thread import random_images  # noqa: E402
-from rewarders.client import RewardClient  # noqa: E402
 
 PROMPTS = ["a photo of a cat on a red sofa", "a watercolor lighthouse at dusk", "a city street at night, neon",
            "portrait of an old fisherman, oil painting"]
@@ -91,11 +92,10 @@ def png_bytes(arr: np.ndarray) -> list[bytes]:
 
 def overhead(args) -> dict:
     import uvicorn
-
-    from rewarders import create_rewarder
-    from service.app import create_app
-    from service.memory import keep_freed_memory
-    from service.settings import Settings
+    from t2i_reward.rewarders import create_rewarder
+    from t2i_reward.service.app import create_app
+    from t2i_reward.service.memory import keep_freed_memory
+    from t2i_reward.service.settings import Settings
 
     keep_freed_memory(Settings().keep_freed_mb)  # the in-process side with the service's allocator setting: like for like
     rewarder = create_rewarder(profile=args.profile, max_batch_size=args.pairs)
@@ -201,7 +201,7 @@ def throughput(args) -> dict:
         proc.terminate()
         proc.wait(60)
     # in-process, in this process once the server is gone: the same batches one after another
-    from rewarders import create_rewarder
+    from t2i_reward.rewarders import create_rewarder
 
     rewarder = create_rewarder(profile=args.profile, max_batch_size=args.pairs, max_images=max(64, args.pairs))
     rewarder.score_checked([rewarder.check_tensor_request(prompts, torch.from_numpy(arr))])

@@ -27,9 +27,9 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from prompter import PromptIndex, build_index, read_prompts  # noqa: E402
-from prompter.index import embed  # noqa: E402
-from service.client import RewardClient  # noqa: E402
+from t2i_reward.prompter import PromptIndex, build_index, read_prompts  # noqa: E402
+from t2i_reward.prompter.index import embed  # noqa: E402
+from t2i_reward.service.client import RewardClient  # noqa: E402
 
 TOPICS = ["landscape", "portrait", "cat", "dragon", "city", "anime", "car", "castle", "robot", "forest", "space", "flower"]
 ENDINGS = [f"{a}, {b}" for a in ("oil painting", "watercolor", "photo", "3d render", "pencil sketch", "digital art",

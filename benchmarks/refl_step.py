@@ -4,7 +4,7 @@ UNet/VAE/text encoder at 512 px on a GPU (the thesis's budget: under 16 GB with 
     python benchmarks/refl_step.py --model tiny --resolution 64 --steps 12
     python benchmarks/refl_step.py --model sd15-random --resolution 512 --steps 10 --gradient-checkpointing --mixed-precision bf16
 
-Runs `finetune.run_job` with in-process rewards from the matching profile (tiny, or random-full) and
+Runs `t2i_reward.finetune.run_job` with in-process rewards from the matching profile (tiny, or random-full) and
 times the steps from the progress callbacks (the median step, so loading and evaluation do not count).
 Prints one JSON object.
 """
@@ -23,17 +23,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from finetune import JobContext, JobSpec, run_job  # noqa: E402
-from finetune.rewards import LocalReward  # noqa: E402
-from rewarders import create_rewarder  # noqa: E402
+from t2i_reward.finetune import JobContext, JobSpec, run_job  # noqa: E402
+from t2i_reward.finetune.rewards import LocalReward  # noqa: E402
+from t2i_reward.rewarders import create_rewarder  # noqa: E402
 
 
 def sd15_random(out: Path) -> Path:
     """A random pipeline with Stable Diffusion 1.5's architecture (UNet, VAE, CLIP ViT-L/14 text encoder)."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from t2i_reward.finetune.tiny import clip_tokenizer_files
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from finetune.tiny import clip_tokenizer_files
 
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
     vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from service.client import RewardClient  # noqa: E402
+from t2i_reward.service.client import RewardClient  # noqa: E402
 
 PROMPT = "a photo of a cat on a red sofa, highly detailed"
 
@@ -85,10 +85,9 @@ def overhead(profile: str, image: bytes, n: int) -> dict:
     import threading
 
     import uvicorn
-
-    from rewarders import create_rewarder
-    from service.app import create_app
-    from service.settings import Settings
+    from t2i_reward.rewarders import create_rewarder
+    from t2i_reward.service.app import create_app
+    from t2i_reward.service.settings import Settings
 
     rewarder = create_rewarder(profile=profile)
     with socket.socket() as s:

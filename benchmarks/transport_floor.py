@@ -35,9 +35,8 @@ def body_only_app():
     from starlette.applications import Starlette
     from starlette.responses import Response
     from starlette.routing import Route
-
-    from service.memory import keep_freed_memory
-    from service.settings import Settings
+    from t2i_reward.service.memory import keep_freed_memory
+    from t2i_reward.service.settings import Settings
 
     keep_freed_memory(Settings().keep_freed_mb)  # as the service sets glibc: a body costs a copy, not page faults
 

@@ -1,7 +1,7 @@
 """Reward fine-tuning of diffusion models with LoRA: ReFL with KL, and reward-weighted likelihood."""
 
-from .settings import FinetuneSettings
 from .prepare import PreparedJob, prepare_job
+from .settings import FinetuneSettings
 from .spec import JobLimits, JobSpec, validate_spec
 from .train import JobCancelled, JobContext, run_job
 

@@ -36,8 +36,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from rewarders.advantages import group_advantages
+from t2i_reward.rewarders.advantages import group_advantages
 
 from .artifacts import artifact_names, eval_batch, load_samples, resume, save_checkpoint, save_images, summarise
 from .context import JobCancelled, JobContext, score
@@ -59,7 +58,7 @@ def need_two_experts(experts: list[str]) -> None:
 def informativeness(select: str, total: torch.Tensor, components: dict[str, torch.Tensor], k: int) -> list[float]:
     """Per prompt (its `k` candidates consecutive in `total` / `components`): how much feedback on it should
     teach the model. `spread`: the population std of the candidates' totals. `disagreement`: each expert's
-    scores z-scored within the prompt's candidates (`rewarders.advantages`), then per candidate the variance
+    scores z-scored within the prompt's candidates (`t2i_reward.rewarders.advantages`), then per candidate the variance
     of those z-scores across experts (0 when every expert orders the candidates alike), averaged."""
     if select == "spread":
         return total.detach().double().cpu().view(-1, k).std(dim=1, unbiased=False).tolist()

@@ -33,7 +33,7 @@ class JobContext:
     guard: Optional[Callable[[], None]] = None
     metrics: dict = field(default_factory=lambda: {"reward": [], "loss": [], "kl": []})
     lora_path: Optional[Path] = None  # generate: the LoRA the base model loads
-    peer: Optional[object] = None  # the MLLM peer (rewarders.mllm), for generate's enhancement and reasons
+    peer: Optional[object] = None  # the MLLM peer (t2i_reward.rewarders.mllm), for generate's enhancement and reasons
 
 
 def guard(ctx: JobContext) -> None:

@@ -13,13 +13,13 @@ import json
 from pathlib import Path
 
 import torch
-
-from rewarders.mllm import MATCH_QUESTION, question_for
+from t2i_reward.rewarders.mllm import MATCH_QUESTION, question_for
 
 from .artifacts import artifact_names, save_images
 from .context import JobCancelled, score
 from .context import guard as _guard
 from .spec import JobSpec
+
 
 def run_generate(spec: JobSpec, ctx) -> dict:
     """Run a generate job (`ctx` is the trainer's `JobContext`); returns the job's result like `run_job`."""
@@ -41,7 +41,7 @@ def run_generate(spec: JobSpec, ctx) -> dict:
             raise JobCancelled(f"cancelled at prompt {i}")
         used = prompt
         if spec.enhance:
-            from prompter.enhance import enhance_prompt
+            from t2i_reward.prompter.enhance import enhance_prompt
 
             used = enhance_prompt(ctx.peer, prompt, 1, seed=spec.seed + i)[0]
         with torch.no_grad():

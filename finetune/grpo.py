@@ -5,7 +5,7 @@ One step of a job:
    DDIM for SD-1.x/2.x and SDXL, the flow-matching SDE for SD3; `Sampler.transition`), keeping every
    transition x_t -> x_prev and its log-probability under the current policy (`sample_with_logprobs`);
 2. **score** the images (scalar rewards only: in-process, or the service's raw-tensor `/reward`);
-3. **advantages**: each image's reward z-scored within its prompt's group (`rewarders.advantages`):
+3. **advantages**: each image's reward z-scored within its prompt's group (`t2i_reward.rewarders.advantages`):
    the weighted total (`advantage_normalization: total`), or each expert z-scored then weighted
    (`per_expert`); with `per_prompt_stats` (DDPO) against the prompt's rewards of earlier steps too
    (`PromptStats`); clipped to +-`adv_clip_max`;
@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, Optional
 
 import torch
-
-from rewarders.advantages import EPS, group_advantages
+from t2i_reward.rewarders.advantages import EPS, group_advantages
 
 from .pipeline import adapters_disabled
 from .sampler import MIN_STD, Sampler, transition_kl

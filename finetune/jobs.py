@@ -185,7 +185,7 @@ class JobStore:
         self.queue.connection.close()
 
     def _enqueue(self, job_id: str, attempt: int, pipe) -> None:
-        self.queue.enqueue("finetune.worker.execute_job", job_id, attempt, job_id=f"{job_id}-{attempt}", pipeline=pipe,
+        self.queue.enqueue("t2i_reward.finetune.worker.execute_job", job_id, attempt, job_id=f"{job_id}-{attempt}", pipeline=pipe,
                            job_timeout=JOB_TIMEOUT_S, result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600)
 
     # ---- API side

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from prompter import PromptIndex
+from t2i_reward.prompter import PromptIndex
 
 from .settings import FinetuneSettings
 from .spec import MAX_EVAL_PROMPTS, JobSpec, pretrain_folder, resolve_base_model, validate_spec, with_defaults

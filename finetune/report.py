@@ -1,7 +1,7 @@
 """report.png: the reward curve, a before/after grid on the evaluation prompts, and each scorer's mean
 (± standard error) for the base and the fine-tuned model (the optimised reward and the experts it did
 not optimise side by side, so reward hacking shows), and, given the sentinel's state, each scorer's and
-image statistic's drift from the base model per evaluation (`finetune.sentinel`)."""
+image statistic's drift from the base model per evaluation (`t2i_reward.finetune.sentinel`)."""
 
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def image_rows(fig, grid, first_row: int, n: int, *rows: tuple[torch.Tensor, str
 
 
 def write_rounds_report(path: Path, metrics: dict, base_images: torch.Tensor, tuned_images: torch.Tensor, max_images: int = 4) -> None:
-    """An active-learning job's report (`finetune.active`): on the held-out prompts, every scorer's mean
+    """An active-learning job's report (`t2i_reward.finetune.active`): on the held-out prompts, every scorer's mean
     (± standard error) by round, round 0 being the base model, one panel per scorer (their scales differ);
     the training reward by step with the rounds' boundaries; the base model's and the final model's images."""
     import matplotlib

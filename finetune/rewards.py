@@ -14,9 +14,8 @@ from __future__ import annotations
 from typing import Mapping, Sequence
 
 import torch
-
-from rewarders import Mixture
-from rewarders.client import RewardClient
+from t2i_reward.rewarders import Mixture
+from t2i_reward.rewarders.client import RewardClient
 
 
 class LocalReward:

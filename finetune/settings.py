@@ -11,9 +11,8 @@ from typing import Optional
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from rewarders import RewardConfig, load_config
-from rewarders.mllm import MLLMConfig
+from t2i_reward.rewarders import RewardConfig, load_config
+from t2i_reward.rewarders.mllm import MLLMConfig
 
 from .spec import JobLimits
 

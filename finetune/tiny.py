@@ -8,7 +8,7 @@ real BPE vocabulary, written from the copy the open_clip package ships. SD3's T5
 tokenizer (sentencepiece-style Unigram, `T5TokenizerFast`) whose pieces are taken from that same CLIP
 vocabulary: no T5 sentencepiece model is packaged offline (nor is sentencepiece installed), and
 transformers builds a T5 tokenizer from a list of (piece, score) pairs without one.
-Each is built into a temporary folder and renamed into place (`rewarders.tiny.build_once`), once.
+Each is built into a temporary folder and renamed into place (`t2i_reward.rewarders.tiny.build_once`), once.
 """
 
 from __future__ import annotations
@@ -30,19 +30,19 @@ TINY_SD3_VERSION = "2"
 
 
 def ensure_tiny_sd(cache_dir: str | Path) -> Path:
-    from rewarders.tiny import build_once
+    from t2i_reward.rewarders.tiny import build_once
 
     return build_once(Path(cache_dir) / f"tiny-sd-v{TINY_SD_VERSION}", "model_index.json", _build)
 
 
 def ensure_tiny_sdxl(cache_dir: str | Path) -> Path:
-    from rewarders.tiny import build_once
+    from t2i_reward.rewarders.tiny import build_once
 
     return build_once(Path(cache_dir) / f"tiny-sdxl-v{TINY_SDXL_VERSION}", "model_index.json", _build_sdxl)
 
 
 def ensure_tiny_sd3(cache_dir: str | Path) -> Path:
-    from rewarders.tiny import build_once
+    from t2i_reward.rewarders.tiny import build_once
 
     return build_once(Path(cache_dir) / f"tiny-sd3-v{TINY_SD3_VERSION}", "model_index.json", _build_sd3)
 
@@ -195,8 +195,12 @@ def _build_sdxl(out: Path) -> None:
 
 
 def _build_sd3(out: Path) -> None:
-    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
-                           StableDiffusion3Pipeline)
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     torch.manual_seed(0)

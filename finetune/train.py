@@ -20,13 +20,22 @@ from typing import Optional
 
 import torch
 
-from .artifacts import artifact_names, eval_batch, load_samples, resume, save_checkpoint, save_images, summarise, write_final
-from .grpo import PromptStats
-from .sentinel import Sentinel
-from .losses import RewardFn
-from .pipeline import LORA_FILE, save_lora
+from .artifacts import (
+    artifact_names,
+    eval_batch,
+    load_samples,
+    resume,
+    save_checkpoint,
+    save_images,
+    summarise,
+    write_final,
+)
 from .context import JobCancelled, JobContext, score
 from .context import guard as _guard
+from .grpo import PromptStats
+from .losses import RewardFn
+from .pipeline import LORA_FILE, save_lora
+from .sentinel import Sentinel
 from .spec import JobSpec
 from .step import setup_training, train_step
 

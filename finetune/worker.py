@@ -26,8 +26,8 @@ from typing import Callable, Optional
 import redis
 
 from .jobs import QUEUE, JobStore, LeaseLost, bounded_metrics, worker_name
-from .settings import FinetuneSettings
 from .prepare import prepare_job
+from .settings import FinetuneSettings
 from .spec import JobSpec
 from .train import JobCancelled, JobContext, artifact_names, run_job
 
@@ -56,7 +56,7 @@ class JobRunner:
 
     def prompter(self):
         if self._prompter is None:
-            from prompter import open_index
+            from t2i_reward.prompter import open_index
 
             self._prompter = open_index(self.settings.prompts_index, self.cache_dir)
         return self._prompter
@@ -68,7 +68,7 @@ class JobRunner:
         if s.reward_service_url:
             return RemoteReward(s.reward_service_url, api_key=s.reward_service_api_key, weights=spec.reward_weights)
         if self._mixture is None:
-            from rewarders import create_rewarder
+            from t2i_reward.rewarders import create_rewarder
 
             self._mixture = create_rewarder(self.reward_config)
         return LocalReward(self._mixture, spec.reward_weights)
@@ -76,7 +76,7 @@ class JobRunner:
     def peer(self):
         """The MLLM peer of the settings, made once."""
         if self._peer is None:
-            from rewarders.mllm import create_peer
+            from t2i_reward.rewarders.mllm import create_peer
 
             self._peer = create_peer(self.settings.mllm, self.cache_dir)
         return self._peer
@@ -263,6 +263,25 @@ def execute_job(job_id: str, attempt: Optional[int] = None) -> None:
     _runner.execute(job_id, attempt)
 
 
+# rq stores a job's function as a dotted path. Before the single import root, jobs were enqueued as
+# "finetune.worker.execute_job"; a worker of this version runs those too, so an upgrade loses no queued job.
+LEGACY_FUNCTIONS = {"finetune.worker.execute_job": f"{__name__}.execute_job"}
+
+
+def job_class():
+    """rq's Job, reading the function paths of older releases as today's (`LEGACY_FUNCTIONS`)."""
+    from rq.job import Job
+    from rq.utils import import_attribute
+
+    class CompatJob(Job):
+        @property
+        def func(self):
+            name = self.func_name
+            return import_attribute(LEGACY_FUNCTIONS[name]) if name in LEGACY_FUNCTIONS else super().func
+
+    return CompatJob
+
+
 def run_worker(settings: FinetuneSettings, burst: bool = False) -> None:
     """rq's SimpleWorker, restarted with back-off whenever it quits on a Redis error (rq's loop gives up on
     one), plus a reaper thread that re-queues jobs whose lease expired."""
@@ -290,14 +309,15 @@ def run_worker(settings: FinetuneSettings, burst: bool = False) -> None:
                 log.exception("reaper")
 
     threading.Thread(target=reap, daemon=True, name="reaper").start()
+    compat = job_class()
     connection = redis.Redis.from_url(settings.redis_url)  # rq's own: it sets a socket timeout above its blocking pop
     delay = 1.0
     try:
         while True:
             worker, started = None, time.monotonic()
             try:
-                queue = Queue(QUEUE, connection=connection, serializer=JSONSerializer)  # no pickle from Redis
-                worker = SimpleWorker([queue], connection=connection, serializer=JSONSerializer)  # talks to Redis
+                queue = Queue(QUEUE, connection=connection, serializer=JSONSerializer, job_class=compat)  # no pickle
+                worker = SimpleWorker([queue], connection=connection, serializer=JSONSerializer, job_class=compat)
                 worker.work(burst=burst, with_scheduler=False)
                 if worker._shutdown_requested_date is not None:  # SIGTERM / SIGINT: a warm shutdown
                     return

@@ -4,7 +4,7 @@ different rewrites (a server that decodes greedily gives the same one n times)."
 
 from __future__ import annotations
 
-from rewarders.mllm import MLLMError, first_line
+from t2i_reward.rewarders.mllm import MLLMError, first_line
 
 DEFAULT_SYSTEM_PROMPT = (
     "You rewrite prompts for a text-to-image model. Keep every subject, attribute, count and relation the user "

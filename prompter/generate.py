@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-
-from rewarders.errors import InvalidPromptError, InvalidRequestError, ModelLoadError
+from t2i_reward.rewarders.errors import InvalidPromptError, InvalidRequestError, ModelLoadError
 
 DEFAULT_MAGICPROMPT = "Gustavosta/MagicPrompt-Stable-Diffusion"
 MAX_NEW_TOKENS = 77  # longest continuation (and expansion) in tokens: one CLIP text window
@@ -168,7 +167,7 @@ class PromptGenerator:
         if str(name) != TINY:
             return name
         if cache_dir is None:
-            from rewarders.config import RewardConfig
+            from t2i_reward.rewarders.config import RewardConfig
 
             cache_dir = RewardConfig().cache_dir  # T2I_REWARD_CACHE_DIR, else ~/.cache/t2i-reward
         return ensure_tiny_gpt2(cache_dir, kind)
@@ -238,7 +237,7 @@ def ensure_tiny_gpt2(cache_dir: str | Path, kind: str = "magicprompt") -> Path:
     """`cache_dir/tiny-gpt2-v{N}/{kind}`: a tiny random GPT2LMHeadModel and a GPT-2 byte-level BPE
     tokenizer (trained offline on the project's corpus), saved like a hub GPT-2; the expansion kind
     also has positive.txt. Built once."""
-    from rewarders.tiny import build_once
+    from t2i_reward.rewarders.tiny import build_once
 
     if kind not in ("magicprompt", "expansion"):
         raise ValueError(f"unknown tiny GPT-2 kind {kind!r}")

@@ -1,6 +1,6 @@
 """A FAISS index over prompts, embedded with sentence-transformers, and topic search with optional MMR.
 
-    from prompter import build_index, PromptIndex
+    from t2i_reward.prompter import build_index, PromptIndex
     build_index(prompts, "my-index/")                  # or the CLI: t2i-reward prompts build
     index = PromptIndex.load("my-index/")
     prompts, scores = index.search(["artistic style", "animated style"], n_prompts=5, diversity=0.3)
@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-
-from rewarders.errors import InvalidRequestError, ModelLoadError, RewardError
+from t2i_reward.rewarders.errors import InvalidRequestError, ModelLoadError, RewardError
 
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 INDEX_FILE, PROMPTS_FILE, META_FILE = "index.faiss", "prompts.json", "meta.json"
@@ -238,7 +237,7 @@ def open_index(path: str | os.PathLike | None, cache_dir: str | os.PathLike) -> 
 
 
 def default_index(cache_dir: str | os.PathLike) -> PromptIndex:
-    """The project's own corpus (prompter.corpus), built into the cache on first use."""
+    """The project's own corpus (t2i_reward.prompter.corpus), built into the cache on first use."""
     from .corpus import default_prompts
 
     out = Path(cache_dir) / "prompts-default"

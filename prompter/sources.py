@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Iterable
 
-from rewarders.errors import RewardError
+from t2i_reward.rewarders.errors import RewardError
 
 TEXT_FIELDS = ("prompt", "text")
 DEFAULT_SOURCE = "THUDM/ImageRewardDB"

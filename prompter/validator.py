@@ -1,6 +1,6 @@
 """ig-rewarding's Validator API over t2i-reward, so its users switch with one import.
 
-    from prompter.validator import Validator          # also: from service.client import Validator
+    from t2i_reward.prompter.validator import Validator          # also: from t2i_reward.service.client import Validator
     config = yaml.safe_load(open("ig_rewarding/config/baseline.yaml"))
     validator = Validator(config["rewarder"], config["prompter"])  # ig-rewarding's own config dicts
     validator = Validator(base_url="http://127.0.0.1:8000")      # through the service
@@ -14,7 +14,7 @@ weighted sum of the per-expert means as ig-rewarding computes it, and `component
 the entry names (`image_rewarder`, ...). ig-rewarding's own params (`device`, `name`, timm `model`) have
 no meaning here and are ignored; params that are fields of our expert's config (`checkpoint`, `clip`, ...)
 are passed on. Its prompters map by class: `GPTPrompt` (its baseline) generates prompts as it does, with
-MagicPrompt (`params.model_name`) and the Fooocus expansion (`prompter.generate.PromptGenerator`; the
+MagicPrompt (`params.model_name`) and the Fooocus expansion (`t2i_reward.prompter.generate.PromptGenerator`; the
 expansion needs a local Fooocus folder, `prompt_expansion=`, since ig-rewarding's `fooocus_cfg.url` is a
 bare weights file without its tokenizer and word list); `PromptGenerator` (its retrieval prompter)
 retrieves prompts from our prompt index.
@@ -27,10 +27,10 @@ import os
 import secrets
 from typing import Any, Mapping, Sequence
 
-from rewarders.client import RewardClient
-from rewarders.config import PROFILES, RewardConfig, load_config
-from rewarders.errors import InvalidRequestError
-from rewarders.registry import get_expert_class
+from t2i_reward.rewarders.client import RewardClient
+from t2i_reward.rewarders.config import PROFILES, RewardConfig, load_config
+from t2i_reward.rewarders.errors import InvalidRequestError
+from t2i_reward.rewarders.registry import get_expert_class
 
 from .index import PromptIndex, open_index
 
@@ -131,7 +131,7 @@ class Validator:
         if base_url is not None:
             self.client = RewardClient(base_url, api_key=api_key)
             return
-        from rewarders import create_rewarder
+        from t2i_reward.rewarders import create_rewarder
 
         if rewarder_cfg is not None:
             config, self.names = ig_reward_config(rewarder_cfg, profile or "ig-rewarding", device)

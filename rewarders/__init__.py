@@ -1,6 +1,6 @@
 """t2i-reward's reward experts and their mixture.
 
-    from rewarders import create_rewarder, list_experts, list_profiles
+    from t2i_reward.rewarders import create_rewarder, list_experts, list_profiles
     rewarder = create_rewarder(profile="tiny")
     result = rewarder.score("a red apple on a table", ["apple.png"])
 """

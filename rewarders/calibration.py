@@ -1,6 +1,6 @@
 """Score calibration: where a raw expert score falls in the scores of a reference set of images.
 
-    from rewarders.calibration import calibrate, load_calibration
+    from t2i_reward.rewarders.calibration import calibrate, load_calibration
     cal = calibrate(rewarder, prompts, images, source="my-prompts.txt")   # or `t2i-reward calibrate`
     cal.save("calibration.json")
     cal = load_calibration("calibration.json")          # or "tiny": the packaged file of the tiny profile
@@ -170,7 +170,7 @@ def load_calibration(spec: str | os.PathLike, cache_dir: str | os.PathLike | Non
     if spec in PACKAGED:
         name = f"packaged calibration {spec!r}"
         try:
-            text = resources.files("rewarders").joinpath("data", PACKAGED[spec]).read_text()
+            text = resources.files("t2i_reward.rewarders").joinpath("data", PACKAGED[spec]).read_text()
         except OSError as e:
             raise ModelLoadError(f"{name}: cannot read it ({e}); reinstall t2i-reward") from None
     else:

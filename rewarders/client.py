@@ -1,7 +1,7 @@
 """The Python clients of the reward service: plain httpx, no FastAPI, so fine-tuning workers and users
 import them without the server's dependencies.
 
-    from rewarders.client import RewardClient, AsyncRewardClient
+    from t2i_reward.rewarders.client import RewardClient, AsyncRewardClient
     client = RewardClient("http://127.0.0.1:8000", api_key=None)
     client.reward("a red apple", ["a.png", pil_image, png_bytes])    # -> the /reward JSON as a dict
     scores = client.score_batch(prompts, images, group_ids=ids)       # raw tensors in, BatchScores out
@@ -41,7 +41,6 @@ import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-
 
 # statuses that say "this replica cannot take it now", not "this request is wrong"
 RETRY_STATUSES = (429, 502, 503, 504)

@@ -1,6 +1,6 @@
 """One door to a rewarder: `create_rewarder(config | path | profile=...)` builds every configured expert.
 
-    from rewarders import create_rewarder, list_experts
+    from t2i_reward.rewarders import create_rewarder, list_experts
     rewarder = create_rewarder(profile="tiny")                  # a built-in profile
     rewarder = create_rewarder("reward.yaml")                   # a YAML file (over its profile)
     rewarder = create_rewarder(profile="tiny", experts={"mlp": None}, max_batch_size=4)   # overrides

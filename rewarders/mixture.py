@@ -1,7 +1,7 @@
 """The mixture of reward experts: one object that scores (prompt, images). It only scores: the factory
 (`factory.create_rewarder`) loads the experts and hands them over.
 
-    from rewarders import create_rewarder
+    from t2i_reward.rewarders import create_rewarder
     rewarder = create_rewarder(profile="tiny")          # or create_rewarder(config)
     result = rewarder.score("a red apple", ["a.png", "b.png"])
     result.mean_reward, result.component_rewards, result.images[0].total
@@ -43,7 +43,7 @@ from .advantages import group_advantages
 from .config import RewardConfig
 from .errors import InvalidPromptError, InvalidRequestError
 from .images import MAX_ASPECT_RATIO, ImageLike, Preprocess, check_size, open_image
-from .inputs import Checked, Pixels, PilPixels, check_image_tensor, prepare_pil, prepare_tensor
+from .inputs import Checked, PilPixels, Pixels, check_image_tensor, prepare_pil, prepare_tensor
 from .registry import Expert
 
 # Largest |weight| a call may give an expert: weights beyond make totals overflow float32 (and JSON).

@@ -40,15 +40,15 @@ ENTRY_POINT_GROUP = "t2i_reward.experts"
 
 # the built-in experts, as "module:class" like entry points, so this module imports none of them
 BUILTIN = {
-    "imagereward": "rewarders.imagereward:ImageRewardExpert",
-    "aesthetic": "rewarders.aesthetic:AestheticExpert",
-    "mlp": "rewarders.mlp:MLPExpert",
-    "blip_score": "rewarders.blip_score:BlipScoreExpert",
-    "diversity": "rewarders.diversity:DiversityExpert",
-    "pickscore": "rewarders.pickscore:PickScoreExpert",
-    "hpsv2": "rewarders.hpsv2:HPSv2Expert",
-    "clip_score": "rewarders.clip_score:ClipScoreExpert",
-    "vlm_judge": "rewarders.vlm_judge:VLMJudge",
+    "imagereward": "t2i_reward.rewarders.experts.imagereward:ImageRewardExpert",
+    "aesthetic": "t2i_reward.rewarders.experts.aesthetic:AestheticExpert",
+    "mlp": "t2i_reward.rewarders.experts.mlp:MLPExpert",
+    "blip_score": "t2i_reward.rewarders.experts.blip_score:BlipScoreExpert",
+    "diversity": "t2i_reward.rewarders.experts.diversity:DiversityExpert",
+    "pickscore": "t2i_reward.rewarders.experts.pickscore:PickScoreExpert",
+    "hpsv2": "t2i_reward.rewarders.experts.hpsv2:HPSv2Expert",
+    "clip_score": "t2i_reward.rewarders.experts.clip_score:ClipScoreExpert",
+    "vlm_judge": "t2i_reward.rewarders.experts.vlm_judge:VLMJudge",
 }
 
 

@@ -3,7 +3,7 @@
 from `create_rewarder`, through `check_tensor_request` + `score_checked`). Both give the same numbers for
 the same pixels. No FastAPI and nothing from `service/` is imported.
 
-    from rewarders.reward_fns import ddpo_reward_fn, flow_grpo_reward_fn, dance_grpo_reward_fn
+    from t2i_reward.rewarders.reward_fns import ddpo_reward_fn, flow_grpo_reward_fn, dance_grpo_reward_fn
     reward_fn = ddpo_reward_fn("http://a:8000,http://b:8000")        # or a RewardClient, or a Mixture
     scores, info = reward_fn(images, prompts, prompt_metadata)        # ddpo-pytorch / Flow-GRPO single score
 
@@ -30,8 +30,16 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .client import (AsyncRewardClient, BatchScores, RewardClient, _checked_batch, _part, batch_scores_from_result,
-                     merge_scores, to_image_tensor)
+from .client import (
+    AsyncRewardClient,
+    BatchScores,
+    RewardClient,
+    _checked_batch,
+    _part,
+    batch_scores_from_result,
+    merge_scores,
+    to_image_tensor,
+)
 
 Scorer = Callable[..., BatchScores]
 

@@ -6,7 +6,7 @@ The calibration set is made here, from nothing but a seed: 50 prompts composed f
 4 procedural images each (gradients, noise, shapes, stripes, checkerboards; several sizes and aspect
 ratios), 200 pairs in all. No dataset is read. The tiny models are random-weight but deterministic (built
 from fixed seeds), so running this again gives the same file, apart from `created`. Run it again whenever
-the tiny models change (`rewarders.tiny.TINY_VERSION`; the file's `source` names the version it was made
+the tiny models change (`t2i_reward.rewarders.tiny.TINY_VERSION`; the file's `source` names the version it was made
 with, and tests/test_calibration.py checks it). Their scores mean nothing: the file exists so that
 calibration and `"explain": true` are tested on the tiny profile.
 """
@@ -73,9 +73,9 @@ def make_image(rng: np.random.Generator, kind: int) -> Image.Image:
 
 
 def main() -> None:
-    from rewarders import create_rewarder
-    from rewarders.calibration import calibrate
-    from rewarders.tiny import TINY_VERSION
+    from t2i_reward.rewarders import create_rewarder
+    from t2i_reward.rewarders.calibration import calibrate
+    from t2i_reward.rewarders.tiny import TINY_VERSION
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "rewarders" / "data" / "calibration-tiny.json"))

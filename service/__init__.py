@@ -1,6 +1,6 @@
 """The reward service: a thin FastAPI shell over `rewarders`, `prompter` and `finetune` (see app.create_app).
 
-Importing the package imports nothing else: `service.app` (FastAPI) loads only when asked for.
+Importing the package imports nothing else: `t2i_reward.service.app` (FastAPI) loads only when asked for.
 """
 
 __all__ = ["Settings", "create_app"]

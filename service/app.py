@@ -1,6 +1,6 @@
 """The FastAPI app: a thin shell over `rewarders`.
 
-    uvicorn --factory service.app:create_app        # settings from T2I_SERVICE_* variables
+    uvicorn --factory t2i_reward.service.app:create_app        # settings from T2I_SERVICE_* variables
     t2i-reward serve --profile tiny                  # the same, from the CLI
 
 Models and the prompt index load in background threads at start-up: /healthz answers at once,
@@ -15,14 +15,13 @@ import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-
-from finetune.jobs import JobStore
-from prompter import PromptIndex, open_index
-from rewarders import Mixture, create_rewarder
+from t2i_reward.finetune.jobs import JobStore
+from t2i_reward.prompter import PromptIndex, open_index
+from t2i_reward.rewarders import Mixture, create_rewarder
 
 from .batcher import MicroBatcher, model_thread_executor, side_executor
-from .memory import keep_freed_memory
 from .errors import install_error_handlers
+from .memory import keep_freed_memory
 from .metrics import Metrics
 from .middleware import LimitsAndMetrics
 from .routers import health, jobs, mllm, prompts, reward

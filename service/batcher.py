@@ -31,9 +31,8 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
-
-from rewarders import Limits, Mixture, RewardResult
-from rewarders.inputs import Checked
+from t2i_reward.rewarders import Limits, Mixture, RewardResult
+from t2i_reward.rewarders.inputs import Checked
 
 from .metrics import Metrics
 

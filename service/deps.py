@@ -6,10 +6,9 @@ import secrets
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
-
-from finetune.jobs import JobStore
-from prompter import PromptIndex
-from rewarders import Mixture
+from t2i_reward.finetune.jobs import JobStore
+from t2i_reward.prompter import PromptIndex
+from t2i_reward.rewarders import Mixture
 
 from .batcher import MicroBatcher
 from .settings import Settings
@@ -53,7 +52,7 @@ def get_peer(request: Request):
                                  "(or T2I_SERVICE_MLLM__MODEL alone for the model in-process)")
     with state.peer_lock:
         if state.peer is None:
-            from rewarders.mllm import create_peer
+            from t2i_reward.rewarders.mllm import create_peer
 
             try:
                 state.peer = create_peer(settings.mllm, settings.rewarder_config().cache_dir)

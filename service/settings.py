@@ -9,11 +9,10 @@ from __future__ import annotations
 from typing import Optional
 
 from pydantic import Field
-
-from finetune.settings import FinetuneSettings
-from prompter.enhance import DEFAULT_SYSTEM_PROMPT
-from rewarders import Limits
-from rewarders.mllm import MATCH_QUESTION
+from t2i_reward.finetune.settings import FinetuneSettings
+from t2i_reward.prompter.enhance import DEFAULT_SYSTEM_PROMPT
+from t2i_reward.rewarders import Limits
+from t2i_reward.rewarders.mllm import MATCH_QUESTION
 
 
 class Settings(FinetuneSettings):

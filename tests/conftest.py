@@ -26,7 +26,7 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny(cache_dir):
-    from rewarders import create_rewarder
+    from t2i_reward.rewarders import create_rewarder
 
     return create_rewarder(profile="tiny", cache_dir=cache_dir)
 
@@ -53,8 +53,7 @@ def free_port() -> int:
 def running_server(app, timeout: float = 60):
     """Serve `app` with uvicorn on a free loopback port in a thread; yields the base URL once /readyz is 200."""
     import uvicorn
-
-    from rewarders.client import RewardClient
+    from t2i_reward.rewarders.client import RewardClient
 
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -123,9 +122,8 @@ def client_maker(rewarder, defaults: dict):
     `defaults` and `settings`; closes every client made when the test ends. (The service is imported here,
     after HF_HUB_OFFLINE is set.)"""
     from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.settings import Settings
+    from t2i_reward.service.app import create_app
+    from t2i_reward.service.settings import Settings
 
     clients = []
 

@@ -4,12 +4,11 @@ without the policy loss), selection by the experts' disagreement, a cancelled jo
 
 import pytest
 import torch
-
-from finetune import grpo
-from finetune.active import informativeness
-from finetune.rewards import LocalReward
-from finetune.spec import JobSpec
-from finetune.train import JobCancelled, JobContext, run_job
+from t2i_reward.finetune import grpo
+from t2i_reward.finetune.active import informativeness
+from t2i_reward.finetune.rewards import LocalReward
+from t2i_reward.finetune.spec import JobSpec
+from t2i_reward.finetune.train import JobCancelled, JobContext, run_job
 
 from .test_grpo import redness  # noqa: F401  (the fixture, and the test-only `redness` expert it registers)
 
@@ -83,7 +82,7 @@ def test_a_cancelled_job_resumes_inside_its_round(tmp_path, cache_dir, tiny):
 def test_held_out_prompts_are_spread_over_the_list():
     """Every 4th prompt (at least 1, at most 16), so that with topics (stored topic by topic) each topic is
     evaluated; given eval_prompts leave the pool; nothing left to train on is an error."""
-    from finetune.prepare import training_and_held_out
+    from t2i_reward.finetune.prepare import training_and_held_out
 
     prompts = [f"p{i}" for i in range(40)]
     pool, held = training_and_held_out(prompts, None)

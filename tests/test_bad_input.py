@@ -8,11 +8,10 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-
-from finetune.spec import JobLimits, JobSpec
-from prompter import PromptIndex, build_index
-from service.app import create_app
-from service.settings import Settings
+from t2i_reward.finetune.spec import JobLimits, JobSpec
+from t2i_reward.prompter import PromptIndex, build_index
+from t2i_reward.service.app import create_app
+from t2i_reward.service.settings import Settings
 
 REDIS_URL = os.environ.get("T2I_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 NAN, INF = float("nan"), float("inf")
@@ -145,9 +144,9 @@ def test_one_message_for_missing_and_outside_paths(api, root):
 
 
 def test_hub_ids_are_never_loaded_from_the_working_directory(api, root, cache_dir, tmp_path, monkeypatch):
-    from finetune.pipeline import load_pipeline
-    from finetune.prepare import prepare_job
-    from finetune.tiny import ensure_tiny_sd
+    from t2i_reward.finetune.pipeline import load_pipeline
+    from t2i_reward.finetune.prepare import prepare_job
+    from t2i_reward.finetune.tiny import ensure_tiny_sd
 
     pipe = ensure_tiny_sd(cache_dir)
     (tmp_path / "outside").mkdir()
@@ -214,8 +213,8 @@ def test_operator_limits_tighten_never_loosen():
 
 
 def test_non_finite_loss_fails_the_job(tiny, cache_dir, tmp_path):
-    from finetune import JobContext, run_job
-    from finetune.rewards import LocalReward
+    from t2i_reward.finetune import JobContext, run_job
+    from t2i_reward.finetune.rewards import LocalReward
 
     local = LocalReward(tiny)
 

@@ -7,11 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from rewarders import InvalidRequestError, ModelLoadError, create_rewarder
-from rewarders.blip_score import CHECKPOINT_FILE, BlipScoreExpert, BlipScoreModel, read_blip_state_dict
-from rewarders.diversity import DiversityExpert
-from rewarders.imagereward import ImageRewardArch
+from t2i_reward.rewarders import InvalidRequestError, ModelLoadError, create_rewarder
+from t2i_reward.rewarders.experts.blip_score import (
+    CHECKPOINT_FILE,
+    BlipScoreExpert,
+    BlipScoreModel,
+    read_blip_state_dict,
+)
+from t2i_reward.rewarders.experts.diversity import DiversityExpert
+from t2i_reward.rewarders.experts.imagereward import ImageRewardArch
 
 from .conftest import reference_scores, smooth_image
 
@@ -24,7 +28,7 @@ TINY_BLIP = {"checkpoint": "tiny", "tokenizer": "packaged"}
 
 
 def tiny_blip_file(cache_dir) -> Path:
-    from rewarders.checkpoints import resolve_checkpoint
+    from t2i_reward.rewarders.checkpoints import resolve_checkpoint
 
     return resolve_checkpoint("tiny", CHECKPOINT_FILE, "BLIP", ("blip_score", BlipScoreExpert.build_tiny, cache_dir)).path
 

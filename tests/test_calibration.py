@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from t2i_reward.rewarders import create_rewarder
+from t2i_reward.rewarders.calibration import Calibration, ExpertCalibration, calibrate, load_calibration
+from t2i_reward.rewarders.errors import InvalidPromptError, InvalidRequestError, ModelLoadError
 
-from rewarders import create_rewarder
-from rewarders.calibration import Calibration, ExpertCalibration, calibrate, load_calibration
-from rewarders.errors import InvalidPromptError, InvalidRequestError, ModelLoadError
 from t2i_reward.cli import main
 
 from .conftest import smooth_image
@@ -166,7 +166,7 @@ def test_calibrate_groups_images_sharing_a_prompt_for_diversity(cache_dir, caplo
     images = [smooth_image(200 + i, 64, 64) for i in range(9)]
     # two prompts with 3 images each (interleaved), three prompts alone
     prompts = ["a cat", "a dog", "a cat", "a dog", "a cat", "a dog", "a fish", "a bird", "a tree"]
-    with caplog.at_level(logging.WARNING, logger="rewarders.calibration"):
+    with caplog.at_level(logging.WARNING, logger="t2i_reward.rewarders.calibration"):
         cal = calibrate(rewarder, prompts, images, batch_size=4)
     assert cal.experts["diversity"].n == 6 and cal.experts["mlp"].n == 9
     assert "the other 3 images do not count" in caplog.text
@@ -175,7 +175,7 @@ def test_calibrate_groups_images_sharing_a_prompt_for_diversity(cache_dir, caplo
     dogs = rewarder.raw_scores(images[1:6:2], ["a dog"] * 3)["diversity"].tolist()
     assert cal.experts["diversity"].mean == pytest.approx(sum(cats + dogs) / 6, abs=1e-5)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="rewarders.calibration"):
+    with caplog.at_level(logging.WARNING, logger="t2i_reward.rewarders.calibration"):
         cal = calibrate(rewarder, ["a", "b", "c"], images[:3])  # no prompt has 2 images; 3 is not a multiple of 2
     assert "diversity" not in cal.experts and set(cal.experts) == TINY_EXPERTS
     assert "diversity left out" in caplog.text
@@ -195,8 +195,8 @@ def test_calibrate_refuses_bad_input(tiny):
 # the packaged tiny calibration and the factory
 
 def test_packaged_tiny_calibration_covers_the_tiny_profile():
-    from rewarders.config import load_config
-    from rewarders.tiny import TINY_VERSION
+    from t2i_reward.rewarders.config import load_config
+    from t2i_reward.rewarders.tiny import TINY_VERSION
 
     cal = load_calibration("tiny")
     assert set(load_config(profile="tiny").experts) <= set(cal.experts)
@@ -218,7 +218,7 @@ def test_factory_calibration_errors_and_warnings(cache_dir, tmp_path, caplog):
     with pytest.raises(ModelLoadError, match="no such file"):
         create_rewarder(profile="tiny", cache_dir=cache_dir, calibration=str(tmp_path / "missing.json"))
     Calibration({"mlp": linear()}, "tiny").save(tmp_path / "mlp.json")
-    with caplog.at_level(logging.WARNING, logger="rewarders.factory"):
+    with caplog.at_level(logging.WARNING, logger="t2i_reward.rewarders.factory"):
         r = create_rewarder(profile="tiny", cache_dir=cache_dir, calibration=str(tmp_path / "mlp.json"))
     assert r.calibration.check(r.experts) == ["imagereward", "aesthetic"]
     assert "does not cover imagereward, aesthetic" in caplog.text

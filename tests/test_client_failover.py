@@ -7,11 +7,10 @@ import time
 import pytest
 import torch
 import uvicorn
-
-from rewarders.client import RewardClient, RewardServiceError
-from finetune.rewards import RemoteReward
-from service.app import create_app
-from service.settings import Settings
+from t2i_reward.finetune.rewards import RemoteReward
+from t2i_reward.rewarders.client import RewardClient, RewardServiceError
+from t2i_reward.service.app import create_app
+from t2i_reward.service.settings import Settings
 
 from .conftest import free_port, running_server, smooth_image
 

@@ -1,6 +1,12 @@
 import pytest
-
-from rewarders import InvalidRequestError, ModelLoadError, create_rewarder, list_experts, list_profiles, load_config
+from t2i_reward.rewarders import (
+    InvalidRequestError,
+    ModelLoadError,
+    create_rewarder,
+    list_experts,
+    list_profiles,
+    load_config,
+)
 
 
 def test_registries():

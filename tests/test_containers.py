@@ -1,6 +1,7 @@
 """The container files: no Docker engine runs here, so check what can be checked without one."""
 
 import re
+import tomllib
 import shutil
 import subprocess
 from pathlib import Path
@@ -61,5 +62,11 @@ def test_dockerfile_targets():
     worker = text.split("FROM base AS worker")[1]
     assert "HEALTHCHECK" in service and "/readyz" in service and 'CMD ["t2i-reward", "serve"]' in service
     assert "HEALTHCHECK" in worker and 'CMD ["t2i-reward", "worker"]' in worker
-    for package in ("rewarders", "prompter", "service", "finetune", "t2i_reward"):
-        assert f"COPY {package} ./{package}" in text  # every package the console script imports
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    for folder in {f.split("/")[0] for f in setuptools["package-dir"].values()}:
+        assert f"COPY {folder} ./{folder}" in text  # every folder the installed package is built from
+    stand_ins = re.search(r"RUN for p in ([^;]+);", text).group(1).split()
+    folders = setuptools["package-dir"]
+    for package in setuptools["packages"]:  # the dependency layer installs with an empty stand-in for each
+        root = max((p for p in folders if package == p or package.startswith(p + ".")), key=len)
+        assert folders[root] + package[len(root):].replace(".", "/") in stand_ins, package

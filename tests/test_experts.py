@@ -15,9 +15,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from rewarders import ModelLoadError, create_rewarder
-from rewarders.checkpoints import resolve_checkpoint
+from t2i_reward.rewarders import ModelLoadError, create_rewarder
+from t2i_reward.rewarders.checkpoints import resolve_checkpoint
 
 from .conftest import PARITY_DIR, reference_scores, smooth_image
 
@@ -96,7 +95,7 @@ def test_pickscore_without_logit_scale_is_the_cosine(cache_dir, images, tiny_exp
 
 def test_hpsv2_letterboxes_every_shape(tiny_experts):
     """Long side to 224, zero padding, no crop: a wide image keeps its whole width."""
-    from rewarders.hpsv2 import HPSPreprocess
+    from t2i_reward.rewarders.experts.hpsv2 import HPSPreprocess
 
     pre = tiny_experts["hpsv2"].experts["hpsv2"].preprocess
     assert isinstance(pre, HPSPreprocess)
@@ -110,9 +109,9 @@ def test_hpsv2_letterboxes_every_shape(tiny_experts):
 
 
 def test_local_files_and_folders_load_like_tiny(cache_dir, images, tiny_experts):
-    from rewarders.clip import TINY_CLIP_WEIGHTS, build_tiny_clip
-    from rewarders.hpsv2 import CHECKPOINT_FILE, V2_FILE, HPSv2Expert
-    from rewarders.pickscore import PickScoreExpert
+    from t2i_reward.rewarders.clip import TINY_CLIP_WEIGHTS, build_tiny_clip
+    from t2i_reward.rewarders.experts.hpsv2 import CHECKPOINT_FILE, V2_FILE, HPSv2Expert
+    from t2i_reward.rewarders.experts.pickscore import PickScoreExpert
 
     pick = resolve_checkpoint("tiny", "config.json", "PickScore", ("pickscore", PickScoreExpert.build_tiny, cache_dir)).path.parent
     hps = resolve_checkpoint("tiny", CHECKPOINT_FILE, "HPSv2", ("hpsv2", HPSv2Expert.build_tiny, cache_dir)).path
@@ -171,8 +170,7 @@ def test_bfloat16_gives_no_tied_scores(cache_dir):
 
 def _tiny_clip_model(cache_dir, quick_gelu: bool):
     import open_clip
-
-    from rewarders.clip import TINY_CLIP_NAME
+    from t2i_reward.rewarders.clip import TINY_CLIP_NAME
 
     only(cache_dir, "clip_score")  # registers the tiny CLIP's open_clip config
     torch.manual_seed(5)
@@ -185,7 +183,7 @@ def _embeds(model, x):
 
 
 def test_openai_format_files_build_quickgelu(cache_dir, tmp_path):
-    from rewarders.clip import TINY_CLIP_NAME, ClipBackbone, quick_gelu_for
+    from t2i_reward.rewarders.clip import TINY_CLIP_NAME, ClipBackbone, quick_gelu_for
 
     model = _tiny_clip_model(cache_dir, quick_gelu=True)
     sd = model.state_dict()

@@ -12,10 +12,9 @@ import pytest
 import redis
 import torch
 from fastapi.testclient import TestClient
-
-from finetune.spec import JobLimits
-from service.app import create_app
-from service.settings import Settings
+from t2i_reward.finetune.spec import JobLimits
+from t2i_reward.service.app import create_app
+from t2i_reward.service.settings import Settings
 
 from .conftest import running_server
 
@@ -107,8 +106,7 @@ def test_refl_job_succeeds_reward_rises_and_lora_loads(api, worker, env, tmp_pat
     assert api.get(f"/jobs/{job_id}/artifacts/report.png").content[:4] == b"\x89PNG"
 
     from diffusers import StableDiffusionPipeline
-
-    from finetune.tiny import ensure_tiny_sd
+    from t2i_reward.finetune.tiny import ensure_tiny_sd
 
     pipe = StableDiffusionPipeline.from_pretrained(ensure_tiny_sd(env["T2I_REWARD_CACHE_DIR"]), safety_checker=None)
     kwargs = dict(num_inference_steps=6, height=32, width=32, guidance_scale=1.0, output_type="pt")
@@ -293,7 +291,7 @@ def test_finetune_under_torchrun_with_two_processes(env, tmp_path):
 
 def test_remote_reward_matches_local_autograd(tiny):
     """The chain rule across the network: rewards and pixel gradients from /reward/gradient equal autograd in-process."""
-    from finetune.rewards import LocalReward, RemoteReward
+    from t2i_reward.finetune.rewards import LocalReward, RemoteReward
 
     with running_server(create_app(Settings(), rewarder=tiny)) as url:
         remote = RemoteReward(url, weights={"aesthetic": 2.0})
@@ -316,9 +314,8 @@ def test_remote_reward_matches_local_autograd(tiny):
                                            ("refl", {"reward_loss": "hinge", "kl_weight": 0.0})])
 def test_pretrain_regulariser(tiny, cache_dir, tmp_path, method, extra):
     from PIL import Image
-
-    from finetune import JobContext, JobSpec, run_job
-    from finetune.rewards import LocalReward
+    from t2i_reward.finetune import JobContext, JobSpec, run_job
+    from t2i_reward.finetune.rewards import LocalReward
 
     pairs = tmp_path / "pairs"
     pairs.mkdir()
@@ -352,9 +349,8 @@ def test_a_cut_job_resumes_exactly(tiny, cache_dir, tmp_path, method, extra):
     (which the run before the cut had moved); DDPO's per-prompt statistics come back from the checkpoint."""
     from PIL import Image
     from safetensors.torch import load_file
-
-    from finetune import JobCancelled, JobContext, JobSpec, run_job
-    from finetune.rewards import LocalReward
+    from t2i_reward.finetune import JobCancelled, JobContext, JobSpec, run_job
+    from t2i_reward.finetune.rewards import LocalReward
 
     pairs = tmp_path / "pairs"
     pairs.mkdir()
@@ -381,14 +377,14 @@ def test_a_cut_job_resumes_exactly(tiny, cache_dir, tmp_path, method, extra):
 
 
 def test_client_job_calls(api, worker, tiny):
-    from service.client import RewardClient
+    from t2i_reward.service.client import RewardClient
 
     with running_server(create_app(api.app.state.settings, rewarder=tiny)) as url:
         check_job_calls(api, RewardClient(url))
 
 
 def check_job_calls(api, client):
-    from service.client import RewardServiceError
+    from t2i_reward.service.client import RewardServiceError
 
     job_id = client.submit_job({"method": "refl", "prompts": ["a kite"], "steps": 2, **FAST})
     assert client.job(job_id)["status"] in ("queued", "running", "succeeded")

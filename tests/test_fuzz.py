@@ -24,12 +24,12 @@ import os
 import pytest
 import requests
 from hypothesis import HealthCheck, settings
+from t2i_reward.finetune.spec import JobLimits
+from t2i_reward.rewarders.mllm import MLLMConfig
+from t2i_reward.service.app import create_app
+from t2i_reward.service.settings import Settings
 
 from benchmarks import fuzz
-from finetune.spec import JobLimits
-from rewarders.mllm import MLLMConfig
-from service.app import create_app
-from service.settings import Settings
 
 from .conftest import running_server
 
@@ -47,8 +47,7 @@ schema = fuzz.schema_from(create_app(Settings()).openapi())
 def created_jobs():
     """Ids of the jobs the fuzzing submitted; their Redis keys and rq entries are deleted at the end."""
     from rq.job import Job
-
-    from finetune.jobs import EXPIRY, INDEX, PREFIX, RUNNING
+    from t2i_reward.finetune.jobs import EXPIRY, INDEX, PREFIX, RUNNING
 
     ids: list[str] = []
     yield ids

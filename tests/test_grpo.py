@@ -5,14 +5,13 @@ can be seen (and vanishes without the policy loss), remote rewards equal to in-p
 import pytest
 import torch
 from pydantic import ValidationError
-
-from finetune import grpo
-from finetune.rewards import LocalReward, RemoteReward
-from finetune.spec import JobSpec
-from finetune.train import JobContext, run_job
-from rewarders import Expert, ExpertConfig, create_rewarder
-from rewarders.images import Preprocess
-from rewarders.registry import register_expert
+from t2i_reward.finetune import grpo
+from t2i_reward.finetune.rewards import LocalReward, RemoteReward
+from t2i_reward.finetune.spec import JobSpec
+from t2i_reward.finetune.train import JobContext, run_job
+from t2i_reward.rewarders import Expert, ExpertConfig, create_rewarder
+from t2i_reward.rewarders.images import Preprocess
+from t2i_reward.rewarders.registry import register_expert
 
 from .conftest import running_server
 
@@ -146,7 +145,7 @@ def test_ddpo_preset_keeps_its_per_prompt_statistics_across_a_resume(tmp_path, c
         seen.append({k: len(v) for k, v in self.buffers.items()})
         return real(self, prompts, rewards)
 
-    import finetune.grpo as g
+    import t2i_reward.finetune.grpo as g
 
     g.PromptStats.update = spy
     try:
@@ -158,7 +157,7 @@ def test_ddpo_preset_keeps_its_per_prompt_statistics_across_a_resume(tmp_path, c
 
         ctx = JobContext(out_dir=tmp_path / "cut", reward=LocalReward(redness), prompts=PROMPTS, base_model="tiny",
                          cache_dir=cache_dir, device="cpu", should_stop=stop_after_two)
-        from finetune.train import JobCancelled
+        from t2i_reward.finetune.train import JobCancelled
 
         with pytest.raises(JobCancelled):
             run_job(spec, ctx)
@@ -171,8 +170,8 @@ def test_ddpo_preset_keeps_its_per_prompt_statistics_across_a_resume(tmp_path, c
 
 
 def test_remote_rewards_give_the_same_first_step_advantages(tmp_path, cache_dir, redness):
-    from service.app import create_app
-    from service.settings import Settings
+    from t2i_reward.service.app import create_app
+    from t2i_reward.service.settings import Settings
 
     spec = JobSpec(**{**FAST, "method": "grpo", "prompts": PROMPTS, "group_size": 3, "batch_size": 2})
     images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -193,9 +192,8 @@ def test_remote_rewards_use_as_few_balanced_requests_as_the_service_allows(redne
     when the batch fits, else balanced ones (17 images at most 8 per request: 6, 6 and 5, never a lone
     image); the scores equal the in-process ones."""
     import httpx
-
-    from service.app import create_app
-    from service.settings import Settings
+    from t2i_reward.service.app import create_app
+    from t2i_reward.service.settings import Settings
 
     def reward_requests(url):
         text = httpx.get(url + "/metrics").text

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from rewarders import ModelLoadError, create_rewarder
-from rewarders.imagereward import ImageRewardArch, ImageRewardModel, read_state_dict
+from t2i_reward.rewarders import ModelLoadError, create_rewarder
+from t2i_reward.rewarders.experts.imagereward import ImageRewardArch, ImageRewardModel, read_state_dict
 
 from .conftest import reference_scores, smooth_image
 
@@ -19,8 +18,8 @@ LONG_PROMPT = (
 
 def tiny_checkpoint(cache_dir) -> Path:
     """The tiny ImageReward.pt, through the one resolver every checkpoint spec goes through."""
-    from rewarders.checkpoints import resolve_checkpoint
-    from rewarders.imagereward import CHECKPOINT_FILE, ImageRewardExpert
+    from t2i_reward.rewarders.checkpoints import resolve_checkpoint
+    from t2i_reward.rewarders.experts.imagereward import CHECKPOINT_FILE, ImageRewardExpert
 
     return resolve_checkpoint("tiny", CHECKPOINT_FILE, "ImageReward", ("imagereward", ImageRewardExpert.build_tiny, cache_dir)).path
 

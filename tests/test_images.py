@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from rewarders.errors import ImageTooLargeError, InvalidImageError
-from rewarders.images import Preprocess, open_image
+from t2i_reward.rewarders.errors import ImageTooLargeError, InvalidImageError
+from t2i_reward.rewarders.images import Preprocess, open_image
 
 from .conftest import smooth_image
 

@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 import redis
 from fastapi.testclient import TestClient
-
-from finetune.jobs import EXPIRY, INDEX, MAX_OFFSET, RUNNING, JobStore, key
-from finetune.spec import JobSpec
-from service.app import create_app
-from service.settings import Settings
+from t2i_reward.finetune.jobs import EXPIRY, INDEX, MAX_OFFSET, RUNNING, JobStore, key
+from t2i_reward.finetune.spec import JobSpec
+from t2i_reward.service.app import create_app
+from t2i_reward.service.settings import Settings
 
 from .conftest import free_port
 
@@ -91,7 +90,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, cache_dir, tiny):
-    from finetune.tiny import ensure_tiny_sd
+    from t2i_reward.finetune.tiny import ensure_tiny_sd
 
     ensure_tiny_sd(cache_dir)  # built once here, not by two workers at once
     root = tmp_path_factory.mktemp("jobs-reliability")
@@ -245,6 +244,23 @@ def test_job_creation_is_all_or_nothing(api, server):
 
 # ---- workers (db 0): outages, stalls, a superseded runner
 
+def test_a_job_queued_by_an_older_release_still_runs(server, workers):
+    """Releases before the single import root queued the function "finetune.worker.execute_job"; a worker of
+    this release runs such a job (t2i_reward.finetune.worker.LEGACY_FUNCTIONS) instead of failing it."""
+
+    class OldStore(JobStore):
+        def _enqueue(self, job_id, attempt, pipe):
+            self.queue.enqueue("finetune.worker.execute_job", job_id, attempt, job_id=f"{job_id}-{attempt}", pipeline=pipe)
+
+    old = OldStore(server.url(0), socket_timeout=2)
+    try:
+        job_id = submit(old, steps=2)
+        assert old.queue.fetch_job(f"{job_id}-1").func_name == "finetune.worker.execute_job"
+        check_finished(old, wait(old, job_id, succeeded), steps=2)
+    finally:
+        old.close()
+
+
 def test_worker_rides_out_a_short_redis_outage(server, store, workers):
     job_id = submit(store, steps=10)
     wait(store, job_id, at_step(7))
@@ -283,7 +299,7 @@ def test_stall_longer_than_the_lease_runs_no_job_twice(server, store, workers):
     stops, and the job resumes under a new attempt (then it is cancelled: it is long, so that it cannot
     finish during the stall however fast the machine)."""
     job_id = submit(store, steps=400)
-    store.queue.enqueue("finetune.worker.execute_job", job_id, 1, job_id=f"{job_id}-1-again")
+    store.queue.enqueue("t2i_reward.finetune.worker.execute_job", job_id, 1, job_id=f"{job_id}-1-again")
     wait(store, job_id, at_step(2))  # past a checkpoint
     server.proc.send_signal(signal.SIGSTOP)
     time.sleep(LONG)

@@ -1,21 +1,30 @@
-"""The layers import downward only (rewarders <- prompter <- finetune <- service <- t2i_reward), no module
-imports itself through a cycle, and the registry is a leaf. Checked on the source: every import
-statement, at module level or inside a function."""
+"""The layers import downward only (t2i_reward.rewarders <- .prompter <- .finetune <- .service <- the root
+package and its CLI), no module imports itself through a cycle, and the registry is a leaf. Checked on the
+source: every import statement, at module level or inside a function. Folders map to packages through
+pyproject's `[tool.setuptools.package-dir]`, the same table the installer reads."""
 
 import ast
 from pathlib import Path
 
+import tomllib
+
 ROOT = Path(__file__).resolve().parent.parent
-LAYERS = ["rewarders", "prompter", "finetune", "service", "t2i_reward"]
+LAYERS = ["t2i_reward.rewarders", "t2i_reward.prompter", "t2i_reward.finetune", "t2i_reward.service", "t2i_reward"]
+PACKAGE_DIRS = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
 
 
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+def layer_of(module: str) -> int:
+    return next(i for i, layer in enumerate(LAYERS) if module == layer or module.startswith(layer + "."))
 
 
 def project_modules() -> dict[str, Path]:
-    return {module_name(p): p for layer in LAYERS for p in (ROOT / layer).rglob("*.py")}
+    out = {}
+    for package, folder in PACKAGE_DIRS.items():
+        base = ROOT / folder
+        for p in base.rglob("*.py"):
+            parts = list(p.relative_to(base).with_suffix("").parts)
+            out[".".join([package, *(parts[:-1] if parts[-1] == "__init__" else parts)])] = p
+    return out
 
 
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
@@ -51,8 +60,7 @@ def graph() -> dict[str, set[str]]:
 def test_no_upward_import():
     upward = []
     for mod, deps in graph().items():
-        layer = LAYERS.index(mod.split(".")[0])
-        upward += [f"{mod} -> {d}" for d in deps if LAYERS.index(d.split(".")[0]) > layer]
+        upward += [f"{mod} -> {d}" for d in deps if layer_of(d) > layer_of(mod)]
     assert upward == []
 
 
@@ -80,11 +88,12 @@ def test_no_import_cycle():
 
 
 def test_registry_is_a_leaf():
-    assert graph()["rewarders.registry"] <= {"rewarders.errors"}
+    assert graph()["t2i_reward.rewarders.registry"] <= {"t2i_reward.rewarders.errors"}
 
 
 def test_the_checker_sees_imports(tmp_path):
     # the walker resolves relative and absolute imports to project modules
     g = graph()
-    assert "rewarders.registry" in g["rewarders.imagereward"] and "rewarders.factory" in g["rewarders"]
-    assert "finetune.spec" in g["service.routers.jobs"] and "rewarders.client" in g["finetune.rewards"]
+    assert "t2i_reward.rewarders.registry" in g["t2i_reward.rewarders.experts.imagereward"]
+    assert "t2i_reward.rewarders.factory" in g["t2i_reward.rewarders"]
+    assert "t2i_reward.finetune.spec" in g["t2i_reward.service.routers.jobs"] and "t2i_reward.rewarders.client" in g["t2i_reward.finetune.rewards"]

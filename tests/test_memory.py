@@ -5,15 +5,14 @@ import subprocess
 import sys
 
 import pytest
-
-from service.memory import keep_freed_memory
-from service.settings import Settings
+from t2i_reward.service.memory import keep_freed_memory
+from t2i_reward.service.settings import Settings
 
 # five requests of a 12 MB body (16 uint8 images of 512x512): 48 chunks of 256 KB arrive (as the server reads
 # them) and are joined (as Starlette does), then all is freed; prints the page faults of the five
 SCRIPT = """
 import resource, sys
-from service.memory import keep_freed_memory
+from t2i_reward.service.memory import keep_freed_memory
 print(keep_freed_memory(int(sys.argv[1])), file=sys.stderr)
 
 def request():

@@ -4,8 +4,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-
-from rewarders import InvalidPromptError, InvalidRequestError, create_rewarder
+from t2i_reward.rewarders import InvalidPromptError, InvalidRequestError, create_rewarder
 
 from .conftest import smooth_image
 

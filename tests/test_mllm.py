@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-
-from rewarders import create_rewarder
-from rewarders.mllm import HTTPPeer, MLLMConfig, MLLMError, create_peer
-from rewarders.tiny_vlm import ensure_tiny_vlm
+from t2i_reward.rewarders import create_rewarder
+from t2i_reward.rewarders.mllm import HTTPPeer, MLLMConfig, MLLMError, create_peer
+from t2i_reward.rewarders.tiny_vlm import ensure_tiny_vlm
 
 from .conftest import free_port, smooth_image
 
@@ -133,9 +132,8 @@ def test_a_slow_peer_times_out(vlm, served):
 
 def test_a_peer_that_is_down_is_a_clear_error_and_the_service_keeps_working(cache_dir):
     from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.settings import Settings
+    from t2i_reward.service.app import create_app
+    from t2i_reward.service.settings import Settings
 
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     peer = create_peer(MLLMConfig(url=url, retries=1))
@@ -160,7 +158,7 @@ def test_images_go_downscaled():
     import base64
     import io
 
-    from rewarders.mllm import data_url
+    from t2i_reward.rewarders.mllm import data_url
 
     url = data_url(Image.new("RGB", (1000, 500)), 100)
     assert url.startswith("data:image/png;base64,")
@@ -170,9 +168,8 @@ def test_images_go_downscaled():
 @pytest.fixture(scope="module")
 def app_with_peer(tiny, served, vlm):
     from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.settings import Settings
+    from t2i_reward.service.app import create_app
+    from t2i_reward.service.settings import Settings
 
     settings = Settings(mllm=MLLMConfig(url=served, model=str(vlm), image_size=56), verify_threshold=0.5)
     with TestClient(create_app(settings, rewarder=tiny)) as client:
@@ -216,9 +213,8 @@ def test_enhance_returns_n_prompts(app_with_peer):
 
 def test_without_a_peer_the_endpoints_say_so(tiny):
     from fastapi.testclient import TestClient
-
-    from service.app import create_app
-    from service.settings import Settings
+    from t2i_reward.service.app import create_app
+    from t2i_reward.service.settings import Settings
 
     with TestClient(create_app(Settings(), rewarder=tiny)) as client:
         r = client.post("/verify", json={"prompt": "x", "images": [png_b64(IMAGES[0])]})
@@ -227,7 +223,7 @@ def test_without_a_peer_the_endpoints_say_so(tiny):
 
 
 def test_in_process_enhancement_gives_n_strings(cache_dir, vlm):
-    from prompter.enhance import enhance_prompt
+    from t2i_reward.prompter.enhance import enhance_prompt
 
     peer = create_peer(MLLMConfig(model="tiny"), cache_dir)
     out = enhance_prompt(peer, "a cat on a sofa", 3)
@@ -241,9 +237,9 @@ def test_a_generate_job_enhances_prompts_and_gives_reasons(cache_dir, tiny, tmp_
     kept image carries the judge's reason; the ranking is the rewards'."""
     import json
 
-    from finetune.rewards import LocalReward
-    from finetune.spec import JobSpec
-    from finetune.train import JobContext, run_job
+    from t2i_reward.finetune.rewards import LocalReward
+    from t2i_reward.finetune.spec import JobSpec
+    from t2i_reward.finetune.train import JobContext, run_job
 
     spec = JobSpec(method="generate", base_model="tiny", prompts=["a red apple"], n_images=2, resolution=32,
                    num_inference_steps=2, guidance_scale=1.0, enhance=True)
@@ -263,11 +259,10 @@ def test_an_active_learning_round_takes_the_judge_as_feedback(cache_dir, vlm, tm
     import json
 
     import torch
-
-    from finetune.active import informativeness
-    from finetune.rewards import LocalReward
-    from finetune.spec import JobSpec
-    from finetune.train import JobContext, run_job
+    from t2i_reward.finetune.active import informativeness
+    from t2i_reward.finetune.rewards import LocalReward
+    from t2i_reward.finetune.spec import JobSpec
+    from t2i_reward.finetune.train import JobContext, run_job
 
     mixture = create_rewarder(profile="tiny", cache_dir=cache_dir, device="cpu",
                               experts={"vlm_judge": {"model": "tiny", "image_size": 56, "weight": 0.5}})

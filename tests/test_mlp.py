@@ -1,9 +1,8 @@
 import pytest
 import torch
-
-from rewarders import ModelLoadError, create_rewarder
-from rewarders.mlp import MLPRewardConfig, MLPRewardModel
-from rewarders.clip import TINY_CLIP_CONFIG
+from t2i_reward.rewarders import ModelLoadError, create_rewarder
+from t2i_reward.rewarders.clip import TINY_CLIP_CONFIG
+from t2i_reward.rewarders.experts.mlp import MLPRewardConfig, MLPRewardModel
 
 
 def test_thesis_architecture():

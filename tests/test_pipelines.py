@@ -5,11 +5,17 @@ import json
 
 import pytest
 import torch
-
-from finetune import tiny as tiny_module
-from finetune.pipeline import (LORA_FILE, TINY_LAYOUTS, base_model_layout, load_pipeline, model_layout, pipeline_layout,
-                               save_lora)
-from finetune.tiny import TINY_PIPELINES
+from t2i_reward.finetune import tiny as tiny_module
+from t2i_reward.finetune.pipeline import (
+    LORA_FILE,
+    TINY_LAYOUTS,
+    base_model_layout,
+    load_pipeline,
+    model_layout,
+    pipeline_layout,
+    save_lora,
+)
+from t2i_reward.finetune.tiny import TINY_PIPELINES
 
 LAYOUTS = {"tiny": ("StableDiffusionPipeline", "sd"), "tiny-sdxl": ("StableDiffusionXLPipeline", "sdxl"),
            "tiny-sd3": ("StableDiffusion3Pipeline", "sd3")}
@@ -110,7 +116,7 @@ def test_lora_artifact_loads_with_the_layouts_own_loader(name, cache_dir, pipes,
 
 
 def test_unknown_layouts_are_refused_with_a_clear_message(tmp_path):
-    from finetune.prepare import prepare_job  # noqa: F401  (the API's 422 comes from a ValueError in preparation)
+    from t2i_reward.finetune.prepare import prepare_job  # noqa: F401  (the API's 422 comes from a ValueError in preparation)
 
     for class_name, words in (("KandinskyPipeline", "unsupported pipeline layout 'KandinskyPipeline'"),
                               ("FluxPipeline", "known, but jobs cannot fine-tune it")):
@@ -137,8 +143,8 @@ def test_unknown_layouts_are_refused_with_a_clear_message(tmp_path):
 @pytest.mark.parametrize("method", ["refl", "reward_weighted"])
 def test_noise_prediction_methods_are_refused_on_flow_matching(method):
     """Job preparation reads the layout (nothing is built or loaded) and refuses it with a message: a 422."""
-    from finetune.prepare import check_layout
-    from finetune.spec import JobSpec
+    from t2i_reward.finetune.prepare import check_layout
+    from t2i_reward.finetune.spec import JobSpec
 
     with pytest.raises(ValueError, match=f"method '{method}' cannot run on a sd3 pipeline .*use method 'grpo'"):
         check_layout(JobSpec(method=method, prompts=["x"], base_model="tiny-sd3"), "tiny-sd3")
@@ -152,10 +158,10 @@ def test_noise_prediction_methods_are_refused_on_flow_matching(method):
 def test_refl_and_reward_weighted_jobs_run_on_sdxl(method, cache_dir, tmp_path):
     """SDXL's added conditioning (pooled text embeds, size ids) reaches the UNet in both losses; the LoRA moves
     and loads into the SDXL pipeline with its own loader."""
-    from finetune.rewards import LocalReward
-    from finetune.spec import JobSpec
-    from finetune.train import JobContext, run_job
-    from rewarders import create_rewarder
+    from t2i_reward.finetune.rewards import LocalReward
+    from t2i_reward.finetune.spec import JobSpec
+    from t2i_reward.finetune.train import JobContext, run_job
+    from t2i_reward.rewarders import create_rewarder
 
     reward = LocalReward(create_rewarder(profile="tiny", cache_dir=cache_dir, device="cpu"))
     spec = JobSpec(method=method, base_model="tiny-sdxl", prompts=["a red ball"], steps=2, resolution=32,
@@ -176,10 +182,10 @@ def test_refl_kl_at_sdxls_noise_free_last_step_is_the_prediction_distance(cache_
     std and reached 1e4); at a noisy step it is the Gaussian KL."""
     import contextlib
 
-    from finetune.losses import step_kl
-    from finetune.pipeline import adapters_disabled, setup_models
-    from finetune.sampler import MIN_STD, Sampler, transition_kl
-    from finetune.spec import JobSpec
+    from t2i_reward.finetune.losses import step_kl
+    from t2i_reward.finetune.pipeline import adapters_disabled, setup_models
+    from t2i_reward.finetune.sampler import MIN_STD, Sampler, transition_kl
+    from t2i_reward.finetune.spec import JobSpec
 
     spec = JobSpec(method="refl", base_model="tiny-sdxl", prompts=["a red ball"], resolution=32, num_inference_steps=4,
                    refl_step_range=(2, 4), guidance_scale=1.0)

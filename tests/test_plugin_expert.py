@@ -19,8 +19,8 @@ PLUGIN = '''
 import torch
 from pydantic import Field
 
-from rewarders import Expert, ExpertConfig
-from rewarders.images import Preprocess
+from t2i_reward.rewarders import Expert, ExpertConfig
+from t2i_reward.rewarders.images import Preprocess
 
 
 class BrightnessConfig(ExpertConfig):
@@ -114,7 +114,7 @@ def test_entry_point_expert_is_listed_and_served(plugin_path, cache_dir, tmp_pat
 
 
 def test_unknown_expert_in_a_config_file_is_a_clear_error(tmp_path):
-    from rewarders import InvalidRequestError, load_config
+    from t2i_reward.rewarders import InvalidRequestError, load_config
 
     config = tmp_path / "reward.yaml"
     config.write_text("experts:\n  shininess: {weight: 1}\n")

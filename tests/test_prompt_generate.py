@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-
-from prompter import generate as gen
-from prompter.generate import PromptGenerator, ensure_tiny_gpt2
-from service.app import create_app
-from service.settings import Settings
+from t2i_reward.prompter import generate as gen
+from t2i_reward.prompter.generate import PromptGenerator, ensure_tiny_gpt2
+from t2i_reward.service.app import create_app
+from t2i_reward.service.settings import Settings
 
 TOPICS = ["a red fox", "space travel"]
 
@@ -109,7 +108,7 @@ def test_positive_words_processor_masks():
 
 
 def test_bad_arguments(plain):
-    from rewarders.errors import RewardError
+    from t2i_reward.rewarders.errors import RewardError
 
     for kwargs in ({"max_new_tokens": 78}, {"max_new_tokens": 0}, {"seed": -1}, {"seed": 2**32}):
         with pytest.raises(RewardError):

@@ -6,12 +6,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
+from t2i_reward.prompter import PromptIndex, PromptSourceError, build_index, default_prompts, read_prompts
+from t2i_reward.rewarders.errors import InvalidRequestError
+from t2i_reward.service.app import create_app
+from t2i_reward.service.client import RewardClient, Validator
+from t2i_reward.service.settings import Settings
 
-from prompter import PromptIndex, PromptSourceError, build_index, default_prompts, read_prompts
-from rewarders.errors import InvalidRequestError
-from service.app import create_app
-from service.client import RewardClient, Validator
-from service.settings import Settings
 from t2i_reward.cli import main
 
 from .conftest import running_server
@@ -189,7 +189,7 @@ def test_prompts_bad_requests(api, body, fragment):
 def test_client_and_validator_prompts(tiny, index, index_dir, cache_dir):
     with running_server(create_app(Settings(), rewarder=tiny, prompter=index)) as url:
         assert RewardClient(url).prompts(["ramen"], 1)["prompts"] == [["a bowl of ramen with a soft boiled egg"]]
-    from rewarders import load_config
+    from t2i_reward.rewarders import load_config
 
     local = Validator(config=load_config(profile="tiny", cache_dir=cache_dir), prompts_index=index_dir)
     assert local.generate_prompt(["ramen", "whale"], n_prompts=1) == [

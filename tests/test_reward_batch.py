@@ -9,10 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-
-from rewarders import InvalidRequestError
-from rewarders.advantages import EPS, group_advantages, zscore_in_groups
-from rewarders.images import Preprocess
+from t2i_reward.rewarders import InvalidRequestError
+from t2i_reward.rewarders.advantages import EPS, group_advantages, zscore_in_groups
+from t2i_reward.rewarders.images import Preprocess
 
 from .conftest import smooth_image
 from .test_images import png_bytes
@@ -244,7 +243,7 @@ def test_pool_threads_run_torch_without_an_openmp_team():
     thread count stays put), where a plain thread starts its own team; other threads keep their size."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from service.batcher import single_threaded_torch
+    from t2i_reward.service.batcher import single_threaded_torch
 
     _needs_openmp_threads()
     with ThreadPoolExecutor(1, initializer=single_threaded_torch) as pool:

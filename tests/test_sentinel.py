@@ -6,8 +6,7 @@ import math
 
 import pytest
 import torch
-
-from finetune.sentinel import STAT_PREFIX, Sentinel, image_stats, plot_sentinel
+from t2i_reward.finetune.sentinel import STAT_PREFIX, Sentinel, image_stats, plot_sentinel
 
 H = W = 64
 
@@ -157,7 +156,7 @@ def test_plot_is_png(tmp_path):
 
 
 def test_report_with_sentinel(tmp_path):
-    from finetune.report import write_report
+    from t2i_reward.finetune.report import write_report
 
     s = _sentinel()
     _obs(s, 10, _shift(1), opt=_shift(1), held=_shift(4))

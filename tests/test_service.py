@@ -9,14 +9,14 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-
-from service import app as app_module
-from service.app import create_app
-from service.client import RewardClient, RewardServiceError
-from service.settings import Settings
+from t2i_reward.service import app as app_module
+from t2i_reward.service.app import create_app
+from t2i_reward.service.client import RewardClient, RewardServiceError
+from t2i_reward.service.settings import Settings
 
 from .conftest import LIMITS, running_server, smooth_image, wait_ready
 from .test_images import bomb_png, png_bytes
+
 
 @pytest.fixture
 def client(make_client):

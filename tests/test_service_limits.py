@@ -13,9 +13,8 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save as save_safetensors
-
-from service.app import create_app
-from service.settings import Settings
+from t2i_reward.service.app import create_app
+from t2i_reward.service.settings import Settings
 
 from .conftest import client_maker, running_server, smooth_image
 from .test_images import png_bytes
@@ -123,7 +122,7 @@ def test_prompts_that_are_not_text_are_422(make_client, prompt, fragment):
 
 @pytest.mark.parametrize("prompt,fragment", [("a \ud800 cat", "surrogate"), ("a\x00cat", "NUL")])
 def test_the_library_refuses_prompts_that_are_not_text(tiny, prompt, fragment):
-    from rewarders import InvalidPromptError
+    from t2i_reward.rewarders import InvalidPromptError
 
     with pytest.raises(InvalidPromptError, match=fragment):
         tiny.check_request(prompt, [smooth_image(0, 32, 32)])

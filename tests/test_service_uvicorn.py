@@ -11,8 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-
-from service.client import RewardClient, RewardServiceError, Validator
+from t2i_reward.service.client import RewardClient, RewardServiceError, Validator
 
 from .conftest import smooth_image
 
@@ -82,7 +81,7 @@ def test_auth_over_http(server):
 
 
 def test_validator_remote_and_local_agree(server, cache_dir):
-    from rewarders import load_config
+    from t2i_reward.rewarders import load_config
 
     images = [smooth_image(i, 80, 80) for i in range(3)]
     remote = Validator(base_url=server, api_key=KEY).get_reward_score(images, "a castle at night")

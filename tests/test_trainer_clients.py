@@ -1,5 +1,5 @@
 """Clients that trainers drop in: `RewardClient.score_batch` (raw tensors), `AsyncRewardClient`, and the
-reward functions of `rewarders.reward_fns` in ddpo-pytorch's, Flow-GRPO's and DanceGRPO's conventions,
+reward functions of `t2i_reward.rewarders.reward_fns` in ddpo-pytorch's, Flow-GRPO's and DanceGRPO's conventions,
 against real uvicorn servers and in-process; every number is compared with the library's tensor path
 (`check_tensor_request` + `score_checked`) on the same pixels."""
 
@@ -13,11 +13,16 @@ import httpx
 import numpy as np
 import pytest
 import torch
-
-from rewarders.client import AsyncRewardClient, BatchScores, RewardClient, RewardServiceError, batch_scores_from_result
-from rewarders.reward_fns import ddpo_reward_fn, dance_grpo_reward_fn, flow_grpo_reward_fn, score_in_process
-from service.app import create_app
-from service.settings import Settings
+from t2i_reward.rewarders.client import (
+    AsyncRewardClient,
+    BatchScores,
+    RewardClient,
+    RewardServiceError,
+    batch_scores_from_result,
+)
+from t2i_reward.rewarders.reward_fns import dance_grpo_reward_fn, ddpo_reward_fn, flow_grpo_reward_fn, score_in_process
+from t2i_reward.service.app import create_app
+from t2i_reward.service.settings import Settings
 
 from .conftest import free_port, running_server, smooth_image
 
@@ -266,7 +271,7 @@ def test_reward_fns_in_each_trainers_convention(url, tiny, where):
 
 
 def test_clients_do_not_import_fastapi():
-    code = "import rewarders.client, rewarders.reward_fns, sys; assert 'fastapi' not in sys.modules; " \
-           "assert not [m for m in sys.modules if m == 'service' or m.startswith('service.')]"
+    code = "import t2i_reward.rewarders.client, t2i_reward.rewarders.reward_fns, sys; assert 'fastapi' not in sys.modules; " \
+           "assert not [m for m in sys.modules if m.startswith('t2i_reward.service')]"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

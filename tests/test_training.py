@@ -5,9 +5,8 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-
-from rewarders import create_rewarder, load_config
-from rewarders.training import (
+from t2i_reward.rewarders import create_rewarder, load_config
+from t2i_reward.rewarders.training import (
     PreferenceRecord,
     TrainRewardConfig,
     fit_weights,
@@ -18,7 +17,8 @@ from rewarders.training import (
     split_by_prompt,
     train_reward,
 )
-from rewarders.training.evaluate import pair_differences, weighted_accuracy
+from t2i_reward.rewarders.training.evaluate import pair_differences, weighted_accuracy
+
 from t2i_reward.cli import main
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 190, 40), "blue": (30, 40, 220),

@@ -4,11 +4,10 @@ import copy
 import math
 
 import pytest
-
-from prompter.index import build_index
-from prompter.validator import Validator, ig_reward_config
-from rewarders import InvalidRequestError, create_rewarder, load_config
-from rewarders.registry import get_expert_class
+from t2i_reward.prompter.index import build_index
+from t2i_reward.prompter.validator import Validator, ig_reward_config
+from t2i_reward.rewarders import InvalidRequestError, create_rewarder, load_config
+from t2i_reward.rewarders.registry import get_expert_class
 
 PROMPTS = ["a snowy mountain landscape at dawn", "a cyberpunk city street at night, neon lights",
            "portrait of an old fisherman, oil painting", "a cute corgi puppy in a field of flowers",

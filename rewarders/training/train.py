@@ -25,8 +25,8 @@ from pydantic import BaseModel, Field
 
 from ..config import DEFAULT_CACHE
 from ..errors import InvalidRequestError
+from ..experts.mlp import MLPRewardConfig, MLPRewardModel
 from ..factory import LoadContext, resolve_device
-from ..mlp import MLPRewardConfig, MLPRewardModel
 from .data import (
     EmbeddingCache,
     embed_images,

@@ -14,10 +14,9 @@ import redis
 from fastapi import APIRouter, HTTPException, Path, Query
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
-
-from finetune.jobs import JOB_ID, MAX_OFFSET, JobStore
-from finetune.prepare import prepare_job
-from finetune.spec import JobSpec, confined
+from t2i_reward.finetune.jobs import JOB_ID, MAX_OFFSET, JobStore
+from t2i_reward.finetune.prepare import prepare_job
+from t2i_reward.finetune.spec import JobSpec, confined
 
 from ..deps import AuthDep, OptionalPrompterDep, SettingsDep, StoreDep
 from ..schemas import ErrorResponse

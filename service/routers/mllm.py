@@ -10,12 +10,11 @@ from typing import Optional
 
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
-
-from finetune.spec import Text
-from prompter.enhance import MAX_ENHANCED, enhance_prompt
-from rewarders.errors import RewardError
-from rewarders.images import open_image
-from rewarders.mllm import MLLMError, question_for
+from t2i_reward.finetune.spec import Text
+from t2i_reward.prompter.enhance import MAX_ENHANCED, enhance_prompt
+from t2i_reward.rewarders.errors import RewardError
+from t2i_reward.rewarders.images import open_image
+from t2i_reward.rewarders.mllm import MLLMError, question_for
 
 from ..deps import AuthDep, PeerDep, SettingsDep
 from ..schemas import ErrorResponse

@@ -9,10 +9,9 @@ from typing import Literal, Optional
 
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
-
-from finetune.spec import MAX_N_PROMPTS, MAX_TOPICS, Text
-from prompter.generate import MAX_NEW_TOKENS, MAX_SEED, PromptGenerator
-from rewarders.errors import RewardError
+from t2i_reward.finetune.spec import MAX_N_PROMPTS, MAX_TOPICS, Text
+from t2i_reward.prompter.generate import MAX_NEW_TOKENS, MAX_SEED, PromptGenerator
+from t2i_reward.rewarders.errors import RewardError
 
 from ..deps import AuthDep, SettingsDep, get_prompter
 from ..schemas import ErrorResponse
@@ -108,6 +107,6 @@ def _cache_dir(request: Request):
     batcher = getattr(request.app.state, "batcher", None)
     if batcher is not None:
         return batcher.rewarder.config.cache_dir
-    from rewarders.config import RewardConfig
+    from t2i_reward.rewarders.config import RewardConfig
 
     return RewardConfig().cache_dir

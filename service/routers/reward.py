@@ -16,15 +16,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
-
-from rewarders import ImageTooLargeError, InvalidImageError, RewardError
-from rewarders.mllm import MLLMError
+from t2i_reward.rewarders import ImageTooLargeError, InvalidImageError, RewardError
+from t2i_reward.rewarders.mllm import MLLMError
 
 from ..batcher import QueueFullError, QueueTimeoutError
 from ..deps import AuthDep, BatcherDep

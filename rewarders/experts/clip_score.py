@@ -13,7 +13,7 @@ import logging
 import torch
 from pydantic import Field
 
-from .registry import Expert, ExpertConfig, register_expert
+from ..registry import Expert, ExpertConfig, register_expert
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,8 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .errors import InvalidRequestError
-from .registry import Expert, ExpertConfig, register_expert
-
+from ..errors import InvalidRequestError
+from ..registry import Expert, ExpertConfig, register_expert
 
 IG_THRESHOLD = 0.1  # ig-rewarding: mean distances below this are replaced by their log
 IG_EPS = 1e-4  # ... of (D + 1e-4), so that identical images give a finite penalty

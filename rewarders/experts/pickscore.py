@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torchvision.transforms import functional as TF
 
-from .checkpoints import TINY, resolve_checkpoint
-from .errors import ModelLoadError
-from .images import _NATIVE_MODES, Preprocess, _to_rgb
-from .registry import Expert, ExpertConfig, register_expert
+from ..checkpoints import TINY, resolve_checkpoint
+from ..errors import ModelLoadError
+from ..images import _NATIVE_MODES, Preprocess, _to_rgb
+from ..registry import Expert, ExpertConfig, register_expert
 
 log = logging.getLogger(__name__)
 

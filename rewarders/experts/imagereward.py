@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .checkpoints import resolve_checkpoint
-from .errors import ModelLoadError
-from .images import Preprocess
-from .registry import Expert, ExpertConfig, register_expert
+from ..checkpoints import resolve_checkpoint
+from ..errors import ModelLoadError
+from ..images import Preprocess
+from ..registry import Expert, ExpertConfig, register_expert
 
 log = logging.getLogger(__name__)
 

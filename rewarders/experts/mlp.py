@@ -19,10 +19,10 @@ from pydantic import BaseModel, Field
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .checkpoints import resolve_checkpoint
-from .clip import TINY_CLIP_CONFIG
-from .errors import ModelLoadError
-from .registry import Expert, ExpertConfig, register_expert
+from ..checkpoints import resolve_checkpoint
+from ..clip import TINY_CLIP_CONFIG
+from ..errors import ModelLoadError
+from ..registry import Expert, ExpertConfig, register_expert
 
 log = logging.getLogger(__name__)
 

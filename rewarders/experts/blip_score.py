@@ -20,11 +20,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from .checkpoints import resolve_checkpoint
-from .errors import ModelLoadError
-from .images import Preprocess
+from ..checkpoints import resolve_checkpoint
+from ..errors import ModelLoadError
+from ..images import Preprocess
+from ..registry import Expert, ExpertConfig, register_expert
 from .imagereward import MAX_TOKENS, ImageRewardArch, _Blip, load_bert_tokenizer
-from .registry import Expert, ExpertConfig, register_expert
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _rewarder(args, **overrides):
-    from rewarders import create_rewarder
+    from t2i_reward.rewarders import create_rewarder
 
     return create_rewarder(args.config, profile=args.profile, **overrides)
 
@@ -103,8 +103,8 @@ def cmd_bench(args) -> int:
 def cmd_serve(args) -> int:
     import uvicorn
 
-    from service.app import create_app
-    from service.settings import Settings
+    from t2i_reward.service.app import create_app
+    from t2i_reward.service.settings import Settings
 
     overrides = {"reward_config": args.config, "profile": args.profile, "host": args.host, "port": args.port,
                  "prompts_index": args.prompts_index}
@@ -115,7 +115,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_prompts_build(args) -> int:
-    from prompter import build_index, read_prompts
+    from t2i_reward.prompter import build_index, read_prompts
 
     prompts = read_prompts(args.source, args.text_field)
     print(f"{len(prompts)} distinct prompts from {args.source}", file=sys.stderr)
@@ -131,7 +131,7 @@ def cmd_prompts_build(args) -> int:
 
 
 def cmd_prompts_search(args) -> int:
-    from prompter import PromptIndex
+    from t2i_reward.prompter import PromptIndex
 
     index = PromptIndex.load(args.index)
     found, scores = index.search(args.topics, args.n, args.diversity)
@@ -140,7 +140,7 @@ def cmd_prompts_search(args) -> int:
 
 
 def cmd_prompts_generate(args) -> int:
-    from prompter.generate import PromptGenerator
+    from t2i_reward.prompter.generate import PromptGenerator
 
     generator = PromptGenerator(args.model, args.expansion, device=args.device, cache_dir=args.cache_dir)
     for prompts in generator.generate(args.topics, args.n, args.seed, args.max_new_tokens):
@@ -150,7 +150,7 @@ def cmd_prompts_generate(args) -> int:
 
 
 def _seed(text: str) -> int:
-    from prompter.generate import MAX_SEED
+    from t2i_reward.prompter.generate import MAX_SEED
 
     try:
         value = int(text)
@@ -162,7 +162,7 @@ def _seed(text: str) -> int:
 
 
 def _new_tokens(text: str) -> int:
-    from prompter.generate import MAX_NEW_TOKENS
+    from t2i_reward.prompter.generate import MAX_NEW_TOKENS
 
     value = _positive(text)
     if value > MAX_NEW_TOKENS:
@@ -178,7 +178,7 @@ def _prompt_count(text: str) -> int:
 
 
 def cmd_train_reward(args) -> int:
-    from rewarders.training import TrainRewardConfig, train_reward
+    from t2i_reward.rewarders.training import TrainRewardConfig, train_reward
 
     fields = {k: getattr(args, k) for k in ("data", "image_root", "out", "clip", "epochs", "batch_size", "lr",
                                              "val_fraction", "aux_weight", "aux_negatives", "seed", "device")}
@@ -195,13 +195,13 @@ def cmd_train_reward(args) -> int:
 
 
 def _bad(message: str):
-    from rewarders.errors import InvalidRequestError
+    from t2i_reward.rewarders.errors import InvalidRequestError
 
     return InvalidRequestError(message)
 
 
 def cmd_eval_preference(args) -> int:
-    from rewarders.training import evaluate_preferences, load_preference_data, markdown_table
+    from t2i_reward.rewarders.training import evaluate_preferences, load_preference_data, markdown_table
 
     records = load_preference_data(args.data, args.image_root, split=args.split)
     rewarder = _rewarder(args)
@@ -213,7 +213,7 @@ def cmd_eval_preference(args) -> int:
 
 
 def cmd_fit_mixture(args) -> int:
-    from rewarders.training import fit_mixture, load_preference_data, write_fitted_config
+    from t2i_reward.rewarders.training import fit_mixture, load_preference_data, write_fitted_config
 
     records = load_preference_data(args.data, args.image_root, split=args.split)
     rewarder = _rewarder(args)
@@ -276,7 +276,7 @@ def _calibration_pairs(prompts_file: str, images_dir: str) -> tuple[list[str], l
 def cmd_calibrate(args) -> int:
     from pathlib import Path
 
-    from rewarders.calibration import calibrate
+    from t2i_reward.rewarders.calibration import calibrate
 
     prompts, paths = _calibration_pairs(args.prompts, args.images)
     # calibration=None: the config may already name the file this command is about to write
@@ -298,14 +298,14 @@ def cmd_calibrate(args) -> int:
 
 def _finetune_settings(args):
     """The worker's and the finetune command's settings: the environment, then the flags."""
-    from finetune import FinetuneSettings
+    from t2i_reward.finetune import FinetuneSettings
 
     overrides = {"reward_config": args.config, "profile": args.profile, "prompts_index": args.prompts_index}
     return FinetuneSettings(**{k: v for k, v in overrides.items() if v is not None})
 
 
 def cmd_worker(args) -> int:
-    from finetune.worker import run_worker
+    from t2i_reward.finetune.worker import run_worker
 
     settings = _finetune_settings(args)
     print(f"worker: queue at {settings.redis_url}, jobs in {settings.jobs_dir}, rewards from "
@@ -317,8 +317,8 @@ def cmd_worker(args) -> int:
 def cmd_finetune(args) -> int:
     from pathlib import Path
 
-    from finetune import JobCancelled, JobSpec, run_job
-    from finetune.worker import JobRunner
+    from t2i_reward.finetune import JobCancelled, JobSpec, run_job
+    from t2i_reward.finetune.worker import JobRunner
 
     try:
         spec = JobSpec.model_validate_json(Path(args.spec).read_text())
@@ -341,7 +341,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_profiles(args) -> int:
-    from rewarders import list_profiles
+    from t2i_reward.rewarders import list_profiles
 
     for name, doc in list_profiles().items():
         print(f"{name:14s} {doc}")
@@ -349,7 +349,7 @@ def cmd_profiles(args) -> int:
 
 
 def cmd_experts(args) -> int:
-    from rewarders import list_experts
+    from t2i_reward.rewarders import list_experts
 
     print("\n".join(list_experts()))
     return 0
@@ -484,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from rewarders.errors import RewardError
+    from t2i_reward.rewarders.errors import RewardError
 
     try:
         return args.func(args)

@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 from pydantic import Field
 
-from .images import Preprocess
-from .mllm import MATCH_QUESTION, MLLMConfig, create_peer, question_for
-from .registry import Expert, ExpertConfig, register_expert
+from ..images import Preprocess
+from ..mllm import MATCH_QUESTION, MLLMConfig, create_peer, question_for
+from ..registry import Expert, ExpertConfig, register_expert
 
 
 class VLMJudgeConfig(ExpertConfig, MLLMConfig):

@@ -17,10 +17,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .checkpoints import resolve_checkpoint
-from .clip import TINY_CLIP_CONFIG
-from .errors import ModelLoadError
-from .registry import Expert, ExpertConfig, register_expert
+from ..checkpoints import resolve_checkpoint
+from ..clip import TINY_CLIP_CONFIG
+from ..errors import ModelLoadError
+from ..registry import Expert, ExpertConfig, register_expert
 
 log = logging.getLogger(__name__)
 
