@@ -15,7 +15,8 @@ from .errors import (
     RewardError,
 )
 from .factory import create_rewarder
-from .mixture import ImageScore, Limits, Mixture, RewardResult, TensorScores
+from .limits import Limits
+from .mixture import ImageScore, Mixture, RewardResult, TensorScores
 from .registry import Expert, ExpertConfig, get_expert_class, list_experts, register_expert
 
 __all__ = [

@@ -30,6 +30,7 @@ from pydantic import Field, SerializeAsAny, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .errors import InvalidRequestError
+from .limits import limit_field
 from .registry import ExpertConfig, get_expert_class
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "t2i-reward"
@@ -45,10 +46,11 @@ class RewardConfig(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto': bfloat16 on GPU, float32 on CPU.")
     max_batch_size: int = Field(16, ge=1, description="Most images per forward pass of a backbone.")
     normalize: bool = Field(True, description="Normalise each expert by its mean/std before weighting (False: raw weighted sum).")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="Images with more pixels are refused before decoding.")
-    max_prompt_chars: int = Field(2000, ge=1, description="Longer prompts are refused.")
-    max_aspect_ratio: float = Field(32.0, ge=1, le=1024, description="Images whose long side is more than this times the short side are refused (bounds the resize's work).")
-    max_images: int = Field(64, ge=1, description="Most images in one scoring call.")
+    # the request limits (limits.py declares their defaults and bounds)
+    max_image_pixels: int = limit_field("max_image_pixels")
+    max_prompt_chars: int = limit_field("max_prompt_chars")
+    max_aspect_ratio: float = limit_field("max_aspect_ratio")
+    max_images: int = limit_field("max_images")
     cache_dir: Path = Field(DEFAULT_CACHE, description="Where tiny models are built and hub files cached by us.")
     seed: int = Field(0, description="Seed for 'random' weights, so benchmarks are repeatable.")
     calibration: Optional[str] = Field(

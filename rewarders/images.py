@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
 from .errors import ImageTooLargeError, InvalidImageError
+from .limits import MAX_ASPECT_RATIO
 
 ImageLike = Union[Image.Image, bytes, bytearray, str, os.PathLike]
 
@@ -34,9 +35,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # PIL refuses files above 2x this with its own error; our own limit (max_pixels) is the one that counts,
 # so lift PIL's to a level our checks always hit first.
 Image.MAX_IMAGE_PIXELS = None
-
-# Longest side / shortest side accepted by default (panoramas up to 32:1; a 20000x1 strip is refused).
-MAX_ASPECT_RATIO = 32.0
 
 # Modes that PIL resizes natively; the reference resizes in the image's own mode and converts to RGB
 # after cropping, and so do we. Anything else (16-bit, float, CMYK...) is converted to RGB first.

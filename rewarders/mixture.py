@@ -20,7 +20,7 @@ after every batch, so requests sharing a micro-batch never mix. `forward` (alias
 differentiable path for ReFL (the tensor is one request), and
 `reward_and_gradient` the whole computation behind the service's `/reward/gradient`.
 
-Limits (`Limits`: images per call, pixels per image, prompt length) are checked here, once, before any
+Limits (`Limits`, declared in limits.py: images per call, pixels per image, prompt length) are checked here, once, before any
 model runs; a caller with its own limits (the service) passes them. Every scoring call takes an
 optional `on_timing(name, seconds)` callback, called after each backbone and expert pass (the
 service's metrics come in that way).
@@ -42,8 +42,9 @@ from torch import nn
 from .advantages import group_advantages
 from .config import RewardConfig
 from .errors import InvalidPromptError, InvalidRequestError
-from .images import MAX_ASPECT_RATIO, ImageLike, Preprocess, check_size, open_image
+from .images import ImageLike, Preprocess, check_size, open_image
 from .inputs import Checked, PilPixels, Pixels, check_image_tensor, prepare_pil, prepare_tensor
+from .limits import Limits
 from .registry import Expert
 
 # Largest |weight| a call may give an expert: weights beyond make totals overflow float32 (and JSON).
@@ -53,20 +54,6 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 log = logging.getLogger(__name__)
 
 Timing = Callable[[str, float], None]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one scoring call may hold; anything beyond is refused with a `RewardError` before any model runs."""
-
-    max_images: int = 64
-    max_image_pixels: int = 40_000_000
-    max_prompt_chars: int = 2000
-    max_aspect_ratio: float = MAX_ASPECT_RATIO
-
-    @classmethod
-    def from_config(cls, config: RewardConfig) -> "Limits":
-        return cls(config.max_images, config.max_image_pixels, config.max_prompt_chars, config.max_aspect_ratio)
 
 
 @dataclass
@@ -106,7 +93,7 @@ class Mixture(nn.Module):
         self.config = config
         self.device = device
         self.dtype = dtype
-        self.limits = Limits.from_config(config)
+        self.limits = Limits.of(config)
         self.experts = nn.ModuleDict(dict(experts))
         self.clips = nn.ModuleDict({f"clip{i}": c for i, c in enumerate(clips)})
         self._clip_by_spec = {c.spec: c for c in clips}

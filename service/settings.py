@@ -12,6 +12,7 @@ from pydantic import Field
 from t2i_reward.finetune.settings import FinetuneSettings
 from t2i_reward.prompter.enhance import DEFAULT_SYSTEM_PROMPT
 from t2i_reward.rewarders import Limits
+from t2i_reward.rewarders.limits import limit_field
 from t2i_reward.rewarders.mllm import MATCH_QUESTION
 
 
@@ -25,10 +26,11 @@ class Settings(FinetuneSettings):
                                "of giving it back to the kernel (glibc): large bodies then reuse it rather than page-fault it "
                                "in again (service/memory.py); 0: the allocator's defaults.")
     max_concurrent_uploads: int = Field(32, ge=1, description="Request bodies being received at once; more gets 429.")
-    max_images: int = Field(64, ge=1, description="Most images in one request (a GRPO batch); more gets 422.")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="Most pixels per image, checked from the header; more gets 413.")
-    max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt in characters; longer gets 422.")
-    max_aspect_ratio: float = Field(32.0, ge=1, le=1024, description="Longest image side over the shortest; more gets 400 (bounds the resize's work).")
+    # the request limits: defaults and bounds from the library's (rewarders/limits.py)
+    max_images: int = limit_field("max_images", "Most images in one request (a GRPO batch); more gets 422.")
+    max_image_pixels: int = limit_field("max_image_pixels", "Most pixels per image, checked from the header; more gets 413.")
+    max_prompt_chars: int = limit_field("max_prompt_chars", "Longest prompt in characters; longer gets 422.")
+    max_aspect_ratio: float = limit_field("max_aspect_ratio", "Longest image side over the shortest; more gets 400 (bounds the resize's work).")
     max_batch_images: int = Field(64, ge=1, description="Most images pooled into one micro-batch (run in forward passes of the rewarder's max_batch_size).")
     prepare_workers: Optional[int] = Field(None, ge=1, le=256, description="Threads that decode and preprocess images "
                                            "beside the model thread; default: the number of cores.")
@@ -48,14 +50,8 @@ class Settings(FinetuneSettings):
 
     def limits(self) -> Limits:
         """The limits of one request, which the library checks (`rewarders.Limits`)."""
-        return Limits(self.max_images, self.max_image_pixels, self.max_prompt_chars, self.max_aspect_ratio)
+        return Limits.of(self)
 
     def rewarder_overrides(self) -> dict:
         """The rewarder loaded by the service gets the same limits and batch size."""
-        return {
-            "max_images": self.max_images,
-            "max_image_pixels": self.max_image_pixels,
-            "max_prompt_chars": self.max_prompt_chars,
-            "max_aspect_ratio": self.max_aspect_ratio,
-            "max_batch_size": self.max_batch_images,
-        }
+        return {**self.limits().model_dump(), "max_batch_size": self.max_batch_images}
