@@ -19,34 +19,31 @@ after a timeout; `submit_job` is retried only when its request never reached a s
 
 `score_batch` sends the images as one raw tensor (safetensors, `Content-Type: application/octet-stream`)
 and reads a safetensors answer: nothing is encoded as PNG, and the scores equal the library's
-`check_tensor_request` + `score_checked` on the same pixels.
+`check_tensor_request` + `score_checked` on the same pixels. The bodies and answers are encoded and
+decoded by `wire.py`, the module the service's router uses too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import io
 import itertools
-import json
-import math
 import os
 import time
-from dataclasses import dataclass, replace
 from typing import Any, Hashable, Mapping, Sequence
 
 import httpx
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
+
+from . import wire
+from .wire import BatchScores, batch_scores_from_result  # noqa: F401  (public here too, as before wire.py held them)
 
 # statuses that say "this replica cannot take it now", not "this request is wrong"
 RETRY_STATUSES = (429, 502, 503, 504)
 # the longest wait between two attempts, whatever Retry-After says
 MAX_WAIT_S = 30.0
-OCTET = "application/octet-stream"
 
 
 class RewardServiceError(RuntimeError):
@@ -137,91 +134,6 @@ def _stack(images: Sequence) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# the answer of score_batch
-
-@dataclass
-class BatchScores:
-    """What `score_batch` answers, per image in the order sent.
-
-    rewards: float32 (B,) weighted totals. components: expert -> float32 (B,) raw scores.
-    advantages: with group_ids, {"total": (B,), <expert>: (B,)} z-scored within each group; else None.
-    percentiles: with explain, expert -> (B,) in [0, 100], NaN where the calibration has none; else None.
-    mean_reward: the mean total. experts: expert -> {"checkpoint", "random_weights"}.
-    """
-
-    rewards: torch.Tensor
-    components: dict[str, torch.Tensor]
-    advantages: dict[str, torch.Tensor] | None
-    percentiles: dict[str, torch.Tensor] | None
-    mean_reward: float
-    experts: dict
-
-    @property
-    def component_rewards(self) -> dict[str, float]:
-        """Each expert's mean raw score."""
-        return {n: float(v.mean()) for n, v in self.components.items()}
-
-    def to(self, device) -> "BatchScores":
-        """A copy with every tensor on `device`."""
-        def move(d):
-            return None if d is None else {k: v.to(device) for k, v in d.items()}
-        return replace(self, rewards=self.rewards.to(device), components=move(self.components),
-                       advantages=move(self.advantages), percentiles=move(self.percentiles))
-
-
-def batch_scores_from_result(result) -> BatchScores:
-    """A library `RewardResult` (from `Mixture.score_checked`) as BatchScores."""
-    names = list(result.component_rewards)
-    f32 = dict(dtype=torch.float32)
-    pct = None
-    if result.images and result.images[0].percentiles is not None:
-        pct = {n: torch.tensor([math.nan if im.percentiles[n] is None else im.percentiles[n] for im in result.images], **f32)
-               for n in names}
-    return BatchScores(
-        rewards=torch.tensor([im.total for im in result.images], **f32),
-        components={n: torch.tensor([im.components[n] for im in result.images], **f32) for n in names},
-        advantages=None if result.advantages is None else {k: torch.tensor(v, **f32) for k, v in result.advantages.items()},
-        percentiles=pct,
-        mean_reward=float(result.mean_reward),
-        experts=dict(result.experts),
-    )
-
-
-def _scores_from_response(r: httpx.Response) -> BatchScores:
-    """A /reward answer, safetensors (asked for) or JSON (a server that ignores Accept), as BatchScores."""
-    if r.headers.get("content-type", "").split(";")[0].strip().lower() == "application/json":
-        body = r.json()
-        f32 = dict(dtype=torch.float32)
-        names = list(body["component_rewards"])
-        images = body["images"]
-        pct = None
-        if images and images[0].get("percentiles") is not None:
-            pct = {n: torch.tensor([math.nan if im["percentiles"][n] is None else im["percentiles"][n] for im in images], **f32)
-                   for n in names}
-        adv = body.get("advantages")
-        return BatchScores(torch.tensor([im["total"] for im in images], **f32),
-                           {n: torch.tensor([im["components"][n] for im in images], **f32) for n in names},
-                           None if adv is None else {k: torch.tensor(v, **f32) for k, v in adv.items()},
-                           pct, float(body["mean_reward"]), body.get("experts", {}))
-    tensors, meta = load_safetensors(r.content), _safetensors_metadata(r.content)
-
-    def prefixed(prefix: str) -> dict[str, torch.Tensor]:
-        return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-    advantages = None
-    if "advantages" in tensors:
-        advantages = {"total": tensors["advantages"], **prefixed("advantages.")}
-    return BatchScores(tensors["rewards"], prefixed("components."), advantages, prefixed("percentiles.") or None,
-                       float(meta.get("mean_reward", tensors["rewards"].mean())), json.loads(meta.get("experts", "{}")))
-
-
-def _safetensors_metadata(body: bytes) -> dict[str, str]:
-    n = int.from_bytes(body[:8], "little")
-    meta = json.loads(body[8 : 8 + n]).get("__metadata__") or {}
-    return {k: v for k, v in meta.items() if isinstance(v, str)}
-
-
-# ------------------------------------------------------------------------------------------------
 # splitting a batch into requests, and joining the answers
 
 def _prompt_list(prompts, n: int) -> str | list[str]:
@@ -306,31 +218,6 @@ def merge_scores(chunks: list[list[int]], parts: list[BatchScores], n: int) -> B
                        scatter_all(lambda p: p.percentiles), float(rewards.mean()), parts[0].experts)
 
 
-def _batch_body(images: torch.Tensor, prompts, group_ids, weights, explain: bool) -> bytes:
-    meta = {"prompts": json.dumps(prompts)}
-    if weights is not None:
-        meta["weights"] = json.dumps(dict(weights))
-    if group_ids is not None:
-        meta["group_ids"] = json.dumps(group_ids)
-    if explain:
-        meta["explain"] = "true"
-    return save_safetensors({"images": images}, metadata=meta)
-
-
-def _gradient_body(images: torch.Tensor, prompts, weights) -> bytes:
-    meta = {"prompts": json.dumps(prompts if isinstance(prompts, str) else list(prompts))}
-    if weights is not None:
-        meta["weights"] = json.dumps(dict(weights))
-    return save_safetensors({"images": images.detach().cpu().contiguous()}, metadata=meta)
-
-
-def _reward_body(prompt: str, images: Sequence, weights) -> dict:
-    body = {"prompt": prompt, "images": [base64.b64encode(image_bytes(im)).decode() for im in images]}
-    if weights is not None:
-        body["weights"] = dict(weights)
-    return body
-
-
 def _prompts_body(topics, n_prompts, diversity, min_length, max_length, mode, seed, max_new_tokens) -> dict:
     body: dict[str, Any] = {"topics": list(topics), "n_prompts": n_prompts, "mode": mode}
     if mode == "retrieve":
@@ -340,9 +227,6 @@ def _prompts_body(topics, n_prompts, diversity, min_length, max_length, mode, se
     if max_new_tokens is not None:
         body["max_new_tokens"] = max_new_tokens
     return body
-
-
-_BATCH_HEADERS = {"content-type": OCTET, "accept": OCTET}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -448,7 +332,7 @@ class RewardClient(_Replicas):
 
     def reward(self, prompt: str, images: Sequence, weights: Mapping[str, float] | None = None) -> dict:
         """POST /reward: `{"mean_reward", "component_rewards", "images": [...], "experts": {...}}`."""
-        return self._request("POST", "/reward", json=_reward_body(prompt, images, weights)).json()
+        return self._request("POST", "/reward", json=wire.encode_json_request(prompt, [image_bytes(im) for im in images], weights)).json()
 
     def score_batch(self, prompts: str | Sequence[str], images, group_ids: Sequence[Hashable] | None = None,
                     weights: Mapping[str, float] | None = None, explain: bool = False,
@@ -470,8 +354,9 @@ class RewardClient(_Replicas):
         n = int(images.shape[0])
         parts = []
         for chunk in chunks:
-            body = _batch_body(*_part(chunk, n, images, prompts, group_ids), weights, explain)
-            parts.append(_scores_from_response(self._request("POST", "/reward", content=body, headers=_BATCH_HEADERS)))
+            ims, ps, gs = _part(chunk, n, images, prompts, group_ids)
+            body = wire.encode_tensor_request(ims, ps, weights, gs, explain)
+            parts.append(_scores(self._request("POST", "/reward", content=body, headers=wire.TENSOR_HEADERS)))
         return merge_scores(chunks, parts, n)
 
     def reward_gradient(
@@ -488,8 +373,9 @@ class RewardClient(_Replicas):
         self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None
     ) -> dict[str, torch.Tensor]:
         """POST /reward/gradient, the whole answer (CPU tensors): `rewards`, `grad` and `components.<expert>`."""
-        r = self._request("POST", "/reward/gradient", content=_gradient_body(images, prompts, weights), headers={"content-type": OCTET})
-        return load_safetensors(r.content)
+        r = self._request("POST", "/reward/gradient", content=wire.encode_tensor_request(images, prompts, weights),
+                          headers={"content-type": wire.OCTET})
+        return wire.decode_gradient_answer(r.content)
 
     def prompts(self, topics: Sequence[str], n_prompts: int, diversity: float = 0.0,
                 min_length: int | None = None, max_length: int | None = None, *, mode: str = "retrieve",
@@ -571,7 +457,7 @@ class AsyncRewardClient(_Replicas):
 
     async def reward(self, prompt: str, images: Sequence, weights: Mapping[str, float] | None = None) -> dict:
         """POST /reward: `{"mean_reward", "component_rewards", "images": [...], "experts": {...}}`."""
-        return (await self._request("POST", "/reward", json=_reward_body(prompt, images, weights))).json()
+        return (await self._request("POST", "/reward", json=wire.encode_json_request(prompt, [image_bytes(im) for im in images], weights))).json()
 
     async def score_batch(self, prompts: str | Sequence[str], images, group_ids: Sequence[Hashable] | None = None,
                           weights: Mapping[str, float] | None = None, explain: bool = False,
@@ -582,10 +468,11 @@ class AsyncRewardClient(_Replicas):
         slots = asyncio.Semaphore(len(self._clients))
 
         async def send(chunk: list[int]) -> BatchScores:
-            body = _batch_body(*_part(chunk, n, images, prompts, group_ids), weights, explain)
+            ims, ps, gs = _part(chunk, n, images, prompts, group_ids)
+            body = wire.encode_tensor_request(ims, ps, weights, gs, explain)
             async with slots:
-                r = await self._request("POST", "/reward", content=body, headers=_BATCH_HEADERS)
-            return _scores_from_response(r)
+                r = await self._request("POST", "/reward", content=body, headers=wire.TENSOR_HEADERS)
+            return _scores(r)
 
         parts = await asyncio.gather(*(send(c) for c in chunks))
         return merge_scores(chunks, list(parts), n)
@@ -601,9 +488,9 @@ class AsyncRewardClient(_Replicas):
         self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None
     ) -> dict[str, torch.Tensor]:
         """POST /reward/gradient, the whole answer (CPU tensors): `rewards`, `grad` and `components.<expert>`."""
-        r = await self._request("POST", "/reward/gradient", content=_gradient_body(images, prompts, weights),
-                                headers={"content-type": OCTET})
-        return load_safetensors(r.content)
+        r = await self._request("POST", "/reward/gradient", content=wire.encode_tensor_request(images, prompts, weights),
+                                headers={"content-type": wire.OCTET})
+        return wire.decode_gradient_answer(r.content)
 
     async def prompts(self, topics: Sequence[str], n_prompts: int, diversity: float = 0.0,
                       min_length: int | None = None, max_length: int | None = None, *, mode: str = "retrieve",
@@ -632,6 +519,11 @@ class AsyncRewardClient(_Replicas):
             if time.monotonic() > end:
                 raise TimeoutError(f"{', '.join(self.urls)} was not ready within {timeout:.0f} s")
             await asyncio.sleep(interval)
+
+
+def _scores(r: httpx.Response) -> BatchScores:
+    """A /reward answer, safetensors (asked for) or JSON (a server that ignores Accept), as BatchScores."""
+    return wire.decode_scores(wire.media_type(r.headers.get("content-type")), r.content)
 
 
 def _detail(r: httpx.Response) -> Any:

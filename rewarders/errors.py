@@ -27,3 +27,20 @@ class InvalidRequestError(RewardError):
 
 class ModelLoadError(RewardError):
     """A configured checkpoint, tokenizer or CLIP model could not be found or loaded."""
+
+
+class MalformedBodyError(InvalidRequestError):
+    """A request body that cannot be parsed at all (not safetensors, a broken multipart body): the service's 400."""
+
+
+class UnsupportedMediaTypeError(InvalidRequestError):
+    """A request body of a content type the endpoint does not take: the service's 415."""
+
+
+class InvalidBodyError(InvalidRequestError):
+    """A JSON body that parses but does not match its schema; `errors` lists each problem (pydantic's
+    `type`, `loc`, `msg`, `ctx`, never the input), which the service answers as its 422 detail."""
+
+    def __init__(self, errors: list):
+        super().__init__("; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in errors))
+        self.errors = errors

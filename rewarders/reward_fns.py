@@ -30,16 +30,8 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 import numpy as np
 import torch
 
-from .client import (
-    AsyncRewardClient,
-    BatchScores,
-    RewardClient,
-    _checked_batch,
-    _part,
-    batch_scores_from_result,
-    merge_scores,
-    to_image_tensor,
-)
+from .client import AsyncRewardClient, RewardClient, _checked_batch, _part, merge_scores, to_image_tensor
+from .wire import BatchScores, batch_scores_from_result
 
 Scorer = Callable[..., BatchScores]
 

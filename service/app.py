@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
@@ -26,6 +25,7 @@ from .metrics import Metrics
 from .middleware import LimitsAndMetrics
 from .routers import health, jobs, mllm, prompts, reward
 from .settings import Settings
+from .state import AppState
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None, rewarder: Mixture | None = None
     """Build the app. Pass `rewarder` / `prompter` to serve already-loaded ones (tests, embedding)."""
     settings = settings or Settings()
     metrics = Metrics()
+    state = AppState(settings, metrics)  # what the dependencies read (deps.py)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -47,13 +48,13 @@ def create_app(settings: Settings | None = None, rewarder: Mixture | None = None
         keep_freed_memory(settings.keep_freed_mb)  # request bodies reuse freed memory instead of faulting it in
         # asyncio.to_thread's threads (prompts, the MLLM judge, jobs) get no OpenMP teams: the model thread's is the only one
         asyncio.get_running_loop().set_default_executor(side_executor())
-        app.state.job_store = JobStore(settings.redis_url)  # connects on first use: Redis may start later
-        loader = asyncio.create_task(_load(app, settings, metrics, rewarder, prompter))
+        state.job_store = JobStore(settings.redis_url)  # connects on first use: Redis may start later
+        loader = asyncio.create_task(_load(state, rewarder, prompter))
         yield
         loader.cancel()
-        if app.state.batcher is not None:
-            await app.state.batcher.stop()
-        app.state.job_store.close()
+        if state.batcher is not None:
+            await state.batcher.stop()
+        state.job_store.close()
 
     app = FastAPI(
         title="t2i-reward",
@@ -62,25 +63,19 @@ def create_app(settings: Settings | None = None, rewarder: Mixture | None = None
         "predictor and an MLP reward model on CLIP embeddings.",
         lifespan=lifespan,
     )
-    app.state.settings = settings
-    app.state.metrics = metrics
-    app.state.batcher = None
-    app.state.load_error = None
-    app.state.prompter = None
-    app.state.prompter_error = None
-    app.state.peer, app.state.peer_lock = None, threading.Lock()  # the MLLM peer, made on first use (deps.get_peer)
+    app.state.service = state
     app.include_router(health.router)
     app.include_router(reward.router)
     app.include_router(mllm.router)  # before /prompts: /prompts/enhance is its own route
     app.include_router(prompts.router)
     app.include_router(jobs.router)
     install_error_handlers(app)  # every 4xx answer is JSON-safe, never an echo of the input
-    app.state.job_store = None
     app.add_middleware(LimitsAndMetrics, settings=settings, metrics=metrics)
     return app
 
 
-async def _load(app: FastAPI, settings: Settings, metrics: Metrics, rewarder: Mixture | None, prompter: PromptIndex | None) -> None:
+async def _load(state: AppState, rewarder: Mixture | None, prompter: PromptIndex | None) -> None:
+    settings = state.settings
     try:
         # loaded on the model thread that will run them: its OpenMP team is then the process's only one
         model_thread = model_thread_executor()
@@ -88,21 +83,22 @@ async def _load(app: FastAPI, settings: Settings, metrics: Metrics, rewarder: Mi
             model_thread, load_rewarder, settings)
     except Exception as e:  # reported by /readyz; the process stays up to say why
         log.error("loading the models failed: %s", e)
-        app.state.load_error = str(e)
+        state.load_error = str(e)
         model_thread.shutdown(wait=False)
         return
     batcher = MicroBatcher(mixture, settings.limits(), settings.max_batch_images, settings.max_wait_ms / 1000,
-                           settings.max_queue_images, settings.max_queue_wait_s, metrics, settings.prepare_workers, model_thread)
+                           settings.max_queue_images, settings.max_queue_wait_s, state.metrics, settings.prepare_workers,
+                           model_thread)
     batcher.start()
-    app.state.batcher = batcher
+    state.batcher = batcher
     if mixture.random_weights:
         log.warning("serving RANDOM-weight experts (profile %s): scores are for testing only", mixture.config.profile)
     log.info("models ready: %s", ", ".join(mixture.experts))
     try:
-        app.state.prompter = prompter if prompter is not None else await asyncio.to_thread(
+        state.prompter = prompter if prompter is not None else await asyncio.to_thread(
             open_index, settings.prompts_index, mixture.config.cache_dir)
     except Exception as e:
         log.error("loading the prompt index failed: %s", e)
-        app.state.prompter_error = str(e)
+        state.prompter_error = str(e)
         return
-    log.info("prompt index ready: %d prompts", len(app.state.prompter))
+    log.info("prompt index ready: %d prompts", len(state.prompter))

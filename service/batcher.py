@@ -9,10 +9,10 @@ Requests (already validated and decoded by the library) wait in one queue:
   forward and backward pass (`Mixture.reward_and_gradient_many`, at most the config's `max_batch_size`
   images). If a batch fails, each of its requests runs alone, so a bad request fails alone and its
   neighbours get their results.
-The steps of a request: decode and prepare (the router, through `prepare_request`: checked in the
-preprocessing pool, sized to the cores, then its images split into one part per pool thread for decoding,
-resizing, cropping and normalising; the pool's threads run torch without OpenMP teams, the model thread
-keeps the only one), batch (here), predict (the single model
+The steps of a request: decode (the router, with `rewarders.wire`), check and prepare (`reward`, through
+`prepare_request`: checked in the preprocessing pool, sized to the cores, then its images split into one
+part per pool thread for decoding, resizing, cropping and normalising; the pool's threads run torch
+without OpenMP teams, the model thread keeps the only one), batch (here), predict (the single model
 thread, which only concatenates prepared tensors, copies them to the device and runs the models), unbatch
 (each request's own result). So the event loop never blocks, the GPU sees one batch at a time and the
 model thread does no image work. The metrics are the batcher's: queue depth, batch sizes, refusals,
@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from t2i_reward.rewarders import Limits, Mixture, RewardResult
 from t2i_reward.rewarders.inputs import Checked
+from t2i_reward.rewarders.wire import RewardBody
 
 from .metrics import Metrics
 
@@ -160,6 +161,20 @@ class MicroBatcher:
         await asyncio.gather(*(self.prepare(self.rewarder.prepare_part, checked, a, b) for a, b in bounds))
         checked.pending = None  # every row is filled
         return checked
+
+    async def reward(self, body: RewardBody, timing: dict | None = None) -> RewardResult:
+        """A decoded /reward body, whole: checked and prepared against the service's limits in the
+        preprocessing pool (`prepare_request`), then scored with its neighbours (`score`). `timing`, when
+        given, receives the seconds of 'prepare', then those of `score`."""
+        start = time.monotonic()
+        opts = dict(limits=self.limits, group_ids=body.group_ids, explain=body.explain)
+        if body.tensor is not None:
+            checked = await self.prepare_request(self.rewarder.check_tensor_request, body.prompts, body.tensor, body.weights, **opts)
+        else:
+            checked = await self.prepare_request(self.rewarder.check_request, body.prompts, body.images, body.weights, **opts)
+        if timing is not None:
+            timing["prepare"] = time.monotonic() - start
+        return await self.score(checked, timing=timing)
 
     async def score(self, request: Checked, timing: dict | None = None) -> RewardResult:
         """Score one checked request, batched with its neighbours. `timing`, when given, receives the

@@ -1,4 +1,5 @@
-"""Every FastAPI dependency of the service, as an `Annotated` alias the routers use."""
+"""Every FastAPI dependency of the service, as an `Annotated` alias the routers use. They read the app's
+typed state (`AppState`, state.py); what is missing is a 503 (`errors.Unavailable`)."""
 
 from __future__ import annotations
 
@@ -11,18 +12,26 @@ from t2i_reward.prompter import PromptIndex
 from t2i_reward.rewarders import Mixture
 
 from .batcher import MicroBatcher
+from .errors import Unavailable
 from .settings import Settings
+from .state import AppState
 
 
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+def get_state(request: Request) -> AppState:
+    return request.app.state.service
 
 
-def get_batcher(request: Request) -> MicroBatcher:
-    state = request.app.state
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_settings(state: StateDep) -> Settings:
+    return state.settings
+
+
+def get_batcher(state: StateDep) -> MicroBatcher:
     if state.batcher is None:
         detail = f"models failed to load: {state.load_error}" if state.load_error else "models are loading; retry shortly"
-        raise HTTPException(status_code=503, detail=detail, headers={"Retry-After": "5"})
+        raise Unavailable(detail, retry_after=5)
     return state.batcher
 
 
@@ -30,26 +39,24 @@ def get_rewarder(batcher: Annotated[MicroBatcher, Depends(get_batcher)]) -> Mixt
     return batcher.rewarder
 
 
-def get_prompter(request: Request) -> PromptIndex:
-    state = request.app.state
+def get_prompter(state: StateDep) -> PromptIndex:
     if state.prompter is None:
         detail = f"prompt index failed to load: {state.prompter_error}" if state.prompter_error else "prompt index is loading; retry shortly"
-        raise HTTPException(503, detail, headers={"Retry-After": "5"})
+        raise Unavailable(detail, retry_after=5)
     return state.prompter
 
 
-def get_optional_prompter(request: Request) -> PromptIndex | None:
+def get_optional_prompter(state: StateDep) -> PromptIndex | None:
     """The prompt index when it is loaded (a job with explicit prompts does not need it)."""
-    return request.app.state.prompter
+    return state.prompter
 
 
-def get_peer(request: Request):
+def get_peer(state: StateDep):
     """The MLLM peer of the settings, made on first use (an in-process model loads then); 503 without one."""
-    state = request.app.state
-    settings: Settings = state.settings
+    settings = state.settings
     if settings.mllm is None:
-        raise HTTPException(503, "no MLLM peer is configured: set T2I_SERVICE_MLLM__URL and T2I_SERVICE_MLLM__MODEL "
-                                 "(or T2I_SERVICE_MLLM__MODEL alone for the model in-process)")
+        raise Unavailable("no MLLM peer is configured: set T2I_SERVICE_MLLM__URL and T2I_SERVICE_MLLM__MODEL "
+                          "(or T2I_SERVICE_MLLM__MODEL alone for the model in-process)")
     with state.peer_lock:
         if state.peer is None:
             from t2i_reward.rewarders.mllm import create_peer
@@ -57,16 +64,16 @@ def get_peer(request: Request):
             try:
                 state.peer = create_peer(settings.mllm, settings.rewarder_config().cache_dir)
             except Exception as e:  # an in-process model that does not load
-                raise HTTPException(503, f"the MLLM model {settings.mllm.model!r} failed to load: {type(e).__name__}") from None
+                raise Unavailable(f"the MLLM model {settings.mllm.model!r} failed to load: {type(e).__name__}") from None
     return state.peer
 
 
-def get_store(request: Request) -> JobStore:
-    store: JobStore = request.app.state.job_store
+def get_store(state: StateDep) -> JobStore:
+    store = state.job_store
     try:
         store.redis.ping()
     except Exception as e:
-        raise HTTPException(503, f"the job queue (Redis) is unreachable: {e}") from None
+        raise Unavailable(f"the job queue (Redis) is unreachable: {e}") from None
     return store
 
 

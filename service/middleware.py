@@ -20,6 +20,7 @@ import time
 from fastapi import HTTPException
 
 from .deps import OPEN_PATHS, api_key_error
+from .errors import BodyTooLarge, BodyTooSlow, TooManyUploads, http_error
 from .metrics import Metrics
 from .settings import Settings
 
@@ -95,7 +96,7 @@ class LimitsAndMetrics:
                 return error
         length = headers.get("content-length")
         if length is not None and length.strip().isdigit() and int(length) > self.max_body_bytes:
-            return HTTPException(413, f"request body is over the limit of {self.max_body_bytes} bytes")
+            return http_error(BodyTooLarge(f"request body is over the limit of {self.max_body_bytes} bytes"))
         return None
 
 
@@ -117,8 +118,7 @@ class _GuardedBody:
             return await self._receive()
         if self.deadline is None:  # the first read of the body: take an upload slot
             if self.limits.uploads >= self.limits.max_uploads:
-                raise HTTPException(429, f"{self.limits.uploads} request bodies are being received; retry shortly",
-                                    headers={"Retry-After": "1"})
+                raise http_error(TooManyUploads(f"{self.limits.uploads} request bodies are being received; retry shortly"))
             self.limits.uploads += 1
             self.counted = True
             self.deadline = time.monotonic() + self.limits.body_timeout_s
@@ -136,7 +136,7 @@ class _GuardedBody:
             self.size += len(message.get("body", b""))
             if self.size > self.limits.max_body_bytes:
                 self.done()
-                raise HTTPException(413, f"request body is over the limit of {self.limits.max_body_bytes} bytes")
+                raise http_error(BodyTooLarge(f"request body is over the limit of {self.limits.max_body_bytes} bytes"))
             if not message.get("more_body", False):
                 self.done()
         else:
@@ -161,7 +161,7 @@ async def _within(awaitable, seconds: float):
 
 
 def _late_body(timeout_s: float) -> HTTPException:
-    return HTTPException(408, f"the request body did not arrive within {timeout_s:g} s")
+    return http_error(BodyTooSlow(f"the request body did not arrive within {timeout_s:g} s"))
 
 
 def _headers(scope) -> dict[str, str]:

@@ -155,7 +155,7 @@ def test_hub_ids_are_never_loaded_from_the_working_directory(api, root, cache_di
     r = post(api, "/jobs", {**SPEC, "base_model": "outside/pipe"})  # a well-formed hub id: accepted as one
     assert r.status_code == 202, r.text
     api.post(f"/jobs/{r.json()['id']}/cancel")
-    settings = api.app.state.settings
+    settings = api.app.state.service.settings
     assert prepare_job(JobSpec(**{**SPEC, "base_model": "outside/pipe"}), settings).base_model == "outside/pipe"
     with pytest.raises(ValueError, match="cannot get it from the hub"):  # offline: not in the hub cache, and never ./outside/pipe
         load_pipeline("outside/pipe", cache_dir)

@@ -25,7 +25,7 @@ def test_calls_spread_over_replicas_and_skip_a_dead_one(tiny):
             for _ in range(6):
                 assert client.reward("a red cube", [smooth_image(1, 48, 48)])["mean_reward"] == pytest.approx(expected, abs=1e-5)
         served = [sum(s.value for s in metric.collect()[0].samples if s.labels.get("endpoint") == "/reward"
-                      and s.name.endswith("_total")) for metric in (app_a.state.metrics.requests, app_b.state.metrics.requests)]
+                      and s.name.endswith("_total")) for metric in (app_a.state.service.metrics.requests, app_b.state.service.metrics.requests)]
         assert served[0] >= 2 and served[1] >= 2  # both replicas took calls
 
 

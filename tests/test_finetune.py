@@ -379,7 +379,7 @@ def test_a_cut_job_resumes_exactly(tiny, cache_dir, tmp_path, method, extra):
 def test_client_job_calls(api, worker, tiny):
     from t2i_reward.service.client import RewardClient
 
-    with running_server(create_app(api.app.state.settings, rewarder=tiny)) as url:
+    with running_server(create_app(api.app.state.service.settings, rewarder=tiny)) as url:
         check_job_calls(api, RewardClient(url))
 
 

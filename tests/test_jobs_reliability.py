@@ -231,13 +231,13 @@ def test_job_creation_is_all_or_nothing(api, server):
     with pytest.raises(redis.RedisError):
         halfway.create(JobSpec(method="refl", prompts=["a cat"], steps=3, **FAST))
     assert admin.keys("*") == []
-    saved, api.app.state.job_store = api.app.state.job_store, halfway  # the API on the same user: a 503 that says why
+    saved, api.app.state.service.job_store = api.app.state.service.job_store, halfway  # the API on the same user: a 503 that says why
     try:
         r = api.post("/jobs", json={"method": "refl", "prompts": ["a cat"], "steps": 3, **FAST})
         assert r.status_code == 503 and "Redis" in r.json()["detail"]
         assert api.get("/jobs").json()["total"] == 0
     finally:
-        api.app.state.job_store = saved
+        api.app.state.service.job_store = saved
         halfway.close()
     assert admin.keys("*") == []
 

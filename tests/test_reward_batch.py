@@ -302,7 +302,7 @@ def test_gradient_requests_share_one_pass(client, tiny, monkeypatch):
     rest = [threading.Thread(target=send, args=(i,)) for i in (1, 2)]
     for t in rest:
         t.start()
-    while client.app.state.batcher.waiting_images < 4:
+    while client.app.state.service.batcher.waiting_images < 4:
         threading.Event().wait(0.01)
     gate.set()
     for t in [first, *rest]:

@@ -157,7 +157,7 @@ def test_failed_load_is_reported_by_readyz(cache_dir):
 
 def test_full_queue_answers_429(make_client, images):
     client = make_client(max_queue_images=1)
-    batcher = client.app.state.batcher
+    batcher = client.app.state.service.batcher
     gate = threading.Event()
     batcher.executor.submit(gate.wait, 60)  # keep the model thread busy
     body = {"prompt": "a cat", "images": [b64(images[0])]}
@@ -172,7 +172,7 @@ def test_full_queue_answers_429(make_client, images):
             assert time.time() < end, "the batcher never reached the expected state"
             time.sleep(0.01)
 
-    batches = client.app.state.metrics.batch_images
+    batches = client.app.state.service.metrics.batch_images
     first, second = threading.Thread(target=send), threading.Thread(target=send)
     first.start()
     until(lambda: batches._sum.get() >= 1)  # the first request was taken into a batch (blocked behind the gate)
@@ -257,7 +257,7 @@ def test_wait_ready_times_out_on_a_closed_port():
 def test_gradient_requests_go_through_admission_control(make_client, images):
     """/reward/gradient shares the queue with /reward: 429 when it is full, 504 after max_queue_wait_s."""
     client = make_client(max_queue_images=2, max_queue_wait_s=1.0)
-    batcher = client.app.state.batcher
+    batcher = client.app.state.service.batcher
     gate = threading.Event()
     batcher.executor.submit(gate.wait, 60)  # keep the model thread busy
     octet = {"content-type": "application/octet-stream"}
@@ -277,7 +277,7 @@ def test_gradient_requests_go_through_admission_control(make_client, images):
     try:
         running = threading.Thread(target=send, args=("running",), kwargs={"json": {"prompt": "a cat", "images": [b64(images[0])]}})
         running.start()
-        until(lambda: client.app.state.metrics.batch_images._sum.get() >= 1)  # taken; the model thread is busy
+        until(lambda: client.app.state.service.metrics.batch_images._sum.get() >= 1)  # taken; the model thread is busy
         t = time.time()
         r = client.post("/reward/gradient", content=grad_body, headers=octet)
         assert r.status_code == 504 and "queue" in r.json()["detail"] and time.time() - t < 10
@@ -300,7 +300,7 @@ def test_gradient_requests_go_through_admission_control(make_client, images):
 def test_a_failing_request_does_not_fail_its_batch(make_client, images, monkeypatch):
     """Requests batched together keep their own fate: one that breaks the model call fails alone."""
     client = make_client(max_wait_ms=300)
-    rewarder = client.app.state.batcher.rewarder
+    rewarder = client.app.state.service.batcher.rewarder
     real = rewarder.score_checked
 
     def flaky(requests, **kw):
@@ -323,5 +323,5 @@ def test_a_failing_request_does_not_fail_its_batch(make_client, images, monkeypa
     for t in threads:
         t.join(60)
     assert results == {"a cat": 200, "poison": 500, "a dog": 200}
-    batches = client.app.state.metrics.batch_requests
+    batches = client.app.state.service.metrics.batch_requests
     assert batches._sum.get() == 3 and batches._buckets[0].get() < 3  # some of them shared a batch

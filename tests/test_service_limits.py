@@ -216,7 +216,7 @@ def test_an_oversized_body_without_content_length_is_413(server):
 def test_a_full_queue_answers_429_before_the_body(tiny):
     app = create_app(Settings(max_queue_images=1, max_queue_wait_s=20), rewarder=tiny)
     with running_server(app) as url:
-        batcher = app.state.batcher
+        batcher = app.state.service.batcher
         release = threading.Event()
         batcher.executor.submit(release.wait, 60)  # the model is busy (a slow batch) until released
         send = lambda: httpx.post(url + "/reward", timeout=60, json={"prompt": "p", "images": [b64(smooth_image(0, 32, 32))]})  # noqa: E731
@@ -273,4 +273,4 @@ def wait_until(condition, timeout: float = 60) -> None:
 
 def _batches_started(app) -> float:
     """Micro-batches handed to the model so far (the batcher's own histogram count)."""
-    return sum(s.value for s in app.state.metrics.batch_requests.collect()[0].samples if s.name.endswith("_count"))
+    return sum(s.value for s in app.state.service.metrics.batch_requests.collect()[0].samples if s.name.endswith("_count"))

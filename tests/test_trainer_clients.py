@@ -178,7 +178,7 @@ def test_a_full_queue_is_retried_after_retry_after(tiny):
     (1 s) rather than its own 10 ms back-off, and the retry succeeds once the queue has drained."""
     app = create_app(Settings(max_queue_images=2), rewarder=tiny)
     with running_server(app) as url:
-        batcher, metrics = app.state.batcher, app.state.metrics
+        batcher, metrics = app.state.service.batcher, app.state.service.metrics
         gate = threading.Event()
         batcher.executor.submit(gate.wait, 60)  # keep the model thread busy
 

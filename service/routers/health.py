@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..deps import AuthDep, RewarderDep, SettingsDep
-from ..schemas import ErrorResponse
+from ..deps import AuthDep, RewarderDep, SettingsDep, StateDep
+from ..schemas import error_responses
 
 router = APIRouter(tags=["health"])
 
@@ -28,8 +28,7 @@ def mllm_state(state) -> dict:
 
 
 @router.get("/readyz", summary="200 once the models and the prompt index are loaded, 503 before", responses={503: {"description": "not ready"}})
-def readyz(request: Request):
-    state = request.app.state
+def readyz(state: StateDep):
     if state.batcher is not None and state.prompter is not None:
         return {"status": "ready", "mllm": mllm_state(state)}
     errors = [f"models failed to load: {state.load_error}"] if state.load_error else []
@@ -41,12 +40,12 @@ def readyz(request: Request):
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(request: Request) -> Response:
-    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+def metrics(state: StateDep) -> Response:
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/models", summary="Experts, checkpoints, devices, dtypes, weights and normalisation", dependencies=[AuthDep],
-            responses={code: {"model": ErrorResponse} for code in (401, 403, 503)})
+            responses=error_responses(401, 403, 503))
 def models(rewarder: RewarderDep, settings: SettingsDep) -> dict:
     limits = settings.limits()
     return {

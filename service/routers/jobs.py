@@ -18,11 +18,14 @@ from t2i_reward.finetune.jobs import JOB_ID, MAX_OFFSET, JobStore
 from t2i_reward.finetune.prepare import prepare_job
 from t2i_reward.finetune.spec import JobSpec, confined
 
+from t2i_reward.rewarders.errors import InvalidRequestError
+
 from ..deps import AuthDep, OptionalPrompterDep, SettingsDep, StoreDep
-from ..schemas import ErrorResponse
+from ..errors import Unavailable
+from ..schemas import error_responses
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[AuthDep])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 408, 413, 422, 429, 503)}
+ERRORS = error_responses(400, 401, 403, 404, 408, 413, 422, 429, 503)
 
 
 class Progress(BaseModel):
@@ -72,7 +75,7 @@ def _redis(fn: Callable[..., T], *args) -> T:
     try:
         return fn(*args)
     except redis.RedisError as e:
-        raise HTTPException(503, f"the job queue (Redis) failed: {type(e).__name__}: {e}", headers={"Retry-After": "5"}) from None
+        raise Unavailable(f"the job queue (Redis) failed: {type(e).__name__}: {e}", retry_after=5) from None
 
 
 def _job(store: JobStore, job_id: str) -> dict:
@@ -85,11 +88,11 @@ def _job(store: JobStore, job_id: str) -> dict:
 @router.post("", status_code=202, response_model=Submitted, responses=ERRORS, summary="Submit a fine-tuning job")
 async def submit(spec: JobSpec, store: StoreDep, settings: SettingsDep, prompter: OptionalPrompterDep) -> Submitted:
     if spec.prompts is None and prompter is None:
-        raise HTTPException(503, "the prompt index is not loaded yet; retry, or give prompts", headers={"Retry-After": "5"})
+        raise Unavailable("the prompt index is not loaded yet; retry, or give prompts", retry_after=5)
     try:  # defaults, limits, paths, and topics turned into prompts now, so the job is reproducible
         prepared = await asyncio.to_thread(prepare_job, spec, settings, prompter)
-    except ValueError as e:
-        raise HTTPException(422, str(e)) from None
+    except ValueError as e:  # a RewardError or pydantic's: the spec is wrong, a 422 whatever its kind
+        raise InvalidRequestError(str(e)) from None
     # the hash, the index entry and the queue entry are written in one transaction: all or nothing
     job_id = await asyncio.to_thread(_redis, store.create, prepared.spec)
     return Submitted(id=job_id, status="queued")

@@ -1,27 +1,28 @@
 """The MLLM peer's endpoints: POST /verify (does each image match the prompt? score, reason, pass/fail) and
 POST /prompts/enhance (n richer prompts that keep the user's intent). Both answer 503 when no peer is
-configured, 502 when it is down or answers garbage, 504 when it is too slow; the rest of the service does
-not depend on the peer."""
+configured, 502 when it is down or answers garbage, 504 when it is too slow (`errors.http_error` maps the
+peer's `MLLMError`); the rest of the service does not depend on the peer."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Optional
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 from t2i_reward.finetune.spec import Text
 from t2i_reward.prompter.enhance import MAX_ENHANCED, enhance_prompt
 from t2i_reward.rewarders.errors import RewardError
 from t2i_reward.rewarders.images import open_image
-from t2i_reward.rewarders.mllm import MLLMError, question_for
+from t2i_reward.rewarders.mllm import question_for
+from t2i_reward.rewarders.wire import decode_image_string
 
 from ..deps import AuthDep, PeerDep, SettingsDep
-from ..schemas import ErrorResponse
-from .reward import decode_image_string, http_error
+from ..errors import http_error
+from ..schemas import error_responses
 
 router = APIRouter(tags=["mllm"], dependencies=[AuthDep])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 413, 422, 502, 503, 504)}
+ERRORS = error_responses(400, 401, 403, 413, 422, 502, 503, 504)
 MAX_VERIFY_IMAGES = 16
 
 
@@ -58,25 +59,19 @@ class EnhanceResponse(BaseModel):
     prompts: list[str]
 
 
-async def _ask(fn, *args):
-    try:
-        return await asyncio.to_thread(fn, *args)
-    except MLLMError as e:
-        raise http_error(e) from None
-
-
 @router.post("/verify", response_model=VerifyResponse, responses=ERRORS)
 async def verify(body: VerifyRequest, peer: PeerDep, settings: SettingsDep) -> VerifyResponse:
     """Stage 1's check: for each image, the judge's P(yes) that it matches the prompt, its reason, and pass/fail."""
     images = []
     for i, s in enumerate(body.images):
+        data = decode_image_string(s, i)  # its errors name the image already
         try:
-            images.append(open_image(decode_image_string(s, i), settings.max_image_pixels, settings.max_aspect_ratio))
+            images.append(open_image(data, settings.max_image_pixels, settings.max_aspect_ratio))
         except RewardError as e:
-            raise HTTPException(http_error(e).status_code, f"images[{i}]: {e}") from None
+            raise http_error(e, f"images[{i}]: {e}") from None
     question = question_for(settings.verify_question, body.prompt)
-    scores = await asyncio.gather(*(_ask(peer.yes_probability, im, question) for im in images))
-    reasons = await asyncio.gather(*(_ask(peer.reason, im, question) for im in images))
+    scores = await asyncio.gather(*(asyncio.to_thread(peer.yes_probability, im, question) for im in images))
+    reasons = await asyncio.gather(*(asyncio.to_thread(peer.reason, im, question) for im in images))
     threshold = settings.verify_threshold if body.threshold is None else body.threshold
     return VerifyResponse(threshold=threshold, peer=peer.describe(),
                           results=[Verdict(score=s, reason=r, passed=s >= threshold) for s, r in zip(scores, reasons)])
@@ -85,6 +80,6 @@ async def verify(body: VerifyRequest, peer: PeerDep, settings: SettingsDep) -> V
 @router.post("/prompts/enhance", response_model=EnhanceResponse, responses=ERRORS)
 async def enhance(body: EnhanceRequest, peer: PeerDep, settings: SettingsDep) -> EnhanceResponse:
     """`n` rewrites of the prompt by the MLLM peer, richer in detail, keeping the user's intent."""
-    prompts = await _ask(enhance_prompt, peer, body.prompt, body.n, settings.enhance_system_prompt,
-                         settings.enhance_max_tokens, body.seed)
+    prompts = await asyncio.to_thread(enhance_prompt, peer, body.prompt, body.n, settings.enhance_system_prompt,
+                                      settings.enhance_max_tokens, body.seed)
     return EnhanceResponse(prompt=body.prompt, prompts=prompts)

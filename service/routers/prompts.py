@@ -7,14 +7,14 @@ import asyncio
 import secrets
 from typing import Literal, Optional
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 from t2i_reward.finetune.spec import MAX_N_PROMPTS, MAX_TOPICS, Text
 from t2i_reward.prompter.generate import MAX_NEW_TOKENS, MAX_SEED, PromptGenerator
-from t2i_reward.rewarders.errors import RewardError
 
-from ..deps import AuthDep, SettingsDep, get_prompter
-from ..schemas import ErrorResponse
+from ..deps import AuthDep, SettingsDep, StateDep, get_prompter
+from ..errors import Unavailable
+from ..schemas import error_responses
 
 router = APIRouter(prefix="/prompts", tags=["prompts"], dependencies=[AuthDep])
 MAX_LENGTH = 100_000  # min_length / max_length filters: beyond any prompt of a corpus
@@ -46,8 +46,8 @@ class PromptsResponse(BaseModel):
 
 
 @router.post("", response_model=PromptsResponse, summary="Prompts by topic",
-             responses={code: {"model": ErrorResponse} for code in (400, 401, 403, 408, 413, 422, 429, 503)})
-async def prompts(body: PromptsRequest, request: Request, settings: SettingsDep) -> PromptsResponse:
+             responses=error_responses(400, 401, 403, 408, 413, 422, 429, 503))
+async def prompts(body: PromptsRequest, state: StateDep, settings: SettingsDep) -> PromptsResponse:
     """For each topic, the `n_prompts` most similar prompts of the corpus (optionally diversified), or
     `n_prompts` generated ones that start with the topic (`mode: "generate"`)."""
     if len(body.topics) > settings.max_topics:
@@ -59,52 +59,43 @@ async def prompts(body: PromptsRequest, request: Request, settings: SettingsDep)
     if body.min_length is not None and body.max_length is not None and body.min_length > body.max_length:
         raise HTTPException(422, "min_length is greater than max_length")
     if body.mode == "generate":
-        return await _generate(body, request, settings)
+        return await _generate(body, state, settings)
     if body.seed is not None:
         raise HTTPException(422, "seed applies to mode 'generate' only")
-    prompter = get_prompter(request)
-    try:
-        found, scores = await asyncio.to_thread(
-            prompter.search, body.topics, body.n_prompts, body.diversity, body.min_length, body.max_length
-        )
-    except RewardError as e:
-        raise HTTPException(422, str(e)) from None
+    prompter = get_prompter(state)
+    found, scores = await asyncio.to_thread(
+        prompter.search, body.topics, body.n_prompts, body.diversity, body.min_length, body.max_length
+    )
     return PromptsResponse(prompts=found, scores=scores)
 
 
-async def _generate(body: PromptsRequest, request: Request, settings: SettingsDep) -> PromptsResponse:
+async def _generate(body: PromptsRequest, state: StateDep, settings: SettingsDep) -> PromptsResponse:
     if body.diversity or body.min_length is not None or body.max_length is not None:
         raise HTTPException(422, "diversity, min_length and max_length apply to mode 'retrieve' only")
-    generator = await _generator(request, settings)
+    generator = await _generator(state, settings)
     seed = body.seed if body.seed is not None else secrets.randbelow(MAX_SEED + 1)
-    try:
-        found = await asyncio.to_thread(generator.generate, body.topics, body.n_prompts, seed, body.max_new_tokens)
-    except RewardError as e:
-        raise HTTPException(422, str(e)) from None
+    found = await asyncio.to_thread(generator.generate, body.topics, body.n_prompts, seed, body.max_new_tokens)
     return PromptsResponse(prompts=found, scores=None, seed=seed)
 
 
-async def _generator(request: Request, settings: SettingsDep) -> PromptGenerator:
+async def _generator(state: StateDep, settings: SettingsDep) -> PromptGenerator:
     """The app's prompt generator, loaded on first use (once; a failure is remembered and answered 503)."""
-    state = request.app.state
-    if getattr(state, "prompt_generator", None) is None:
-        if getattr(state, "prompt_generator_lock", None) is None:
-            state.prompt_generator_lock = asyncio.Lock()
+    if state.prompt_generator is None:
         async with state.prompt_generator_lock:
-            if getattr(state, "prompt_generator", None) is None and getattr(state, "prompt_generator_error", None) is None:
+            if state.prompt_generator is None and state.prompt_generator_error is None:
                 try:
                     state.prompt_generator = await asyncio.to_thread(
-                        PromptGenerator, settings.prompt_generator, settings.prompt_expansion, settings.device, _cache_dir(request))
+                        PromptGenerator, settings.prompt_generator, settings.prompt_expansion, settings.device, _cache_dir(state))
                 except Exception as e:
                     state.prompt_generator_error = str(e)
-    if getattr(state, "prompt_generator", None) is None:
-        raise HTTPException(503, f"the prompt generator failed to load: {state.prompt_generator_error}")
+    if state.prompt_generator is None:
+        raise Unavailable(f"the prompt generator failed to load: {state.prompt_generator_error}")
     return state.prompt_generator
 
 
-def _cache_dir(request: Request):
+def _cache_dir(state: StateDep):
     """Where tiny generators are built: the rewarder's cache (T2I_REWARD_CACHE_DIR or its config)."""
-    batcher = getattr(request.app.state, "batcher", None)
+    batcher = state.batcher
     if batcher is not None:
         return batcher.rewarder.config.cache_dir
     from t2i_reward.rewarders.config import RewardConfig
