@@ -17,7 +17,6 @@ once, so no worker ever trains them). Prints a table per round and writes everyt
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
 import io
 import json
@@ -37,7 +36,7 @@ import httpx
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import save as save_safetensors
+from t2i_reward.rewarders import wire
 
 MIX = {"POST /reward json": 3, "POST /reward multipart": 3, "POST /reward/gradient": 2, "POST /prompts": 2,
        "GET /jobs": 1, "GET /jobs/{id}": 1}
@@ -56,9 +55,9 @@ class Payloads:
 
     def __init__(self) -> None:
         self.images = [png(i, 96 + 32 * i, 128 - 16 * i) for i in range(4)]
-        self.json = [{"prompt": PROMPT, "images": [base64.b64encode(im).decode() for im in self.images[: k + 1]]} for k in range(2)]
+        self.json = [wire.encode_json_request(PROMPT, self.images[: k + 1]) for k in range(2)]
         gen = torch.Generator().manual_seed(0)
-        self.tensors = [save_safetensors({"images": torch.rand(b, 3, 64, 64, generator=gen)}, metadata={"prompts": json.dumps([PROMPT] * b)})
+        self.tensors = [wire.encode_tensor_request(torch.rand(b, 3, 64, 64, generator=gen), [PROMPT] * b)
                         for b in (1, 2)]
         self.topics = [{"topics": ["a cat"], "n_prompts": 3}, {"topics": ["landscape", "portrait"], "n_prompts": 5, "diversity": 0.5}]
         self.job_ids: list[str] = []
@@ -70,7 +69,7 @@ class Payloads:
             files = [("images", (f"{i}.png", im, "image/png")) for i, im in enumerate(rng.sample(self.images, rng.randint(1, 2)))]
             return http.post("/reward", data={"prompt": PROMPT}, files=files)
         if kind == "POST /reward/gradient":
-            return http.post("/reward/gradient", content=rng.choice(self.tensors), headers={"content-type": "application/octet-stream"})
+            return http.post("/reward/gradient", content=rng.choice(self.tensors), headers={"content-type": wire.OCTET})
         if kind == "POST /prompts":
             return http.post("/prompts", json=rng.choice(self.topics))
         if kind == "GET /jobs":

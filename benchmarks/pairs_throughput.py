@@ -38,9 +38,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from safetensors.torch import save as save_safetensors
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from t2i_reward.rewarders import wire  # noqa: E402
 from t2i_reward.rewarders.client import RewardClient  # noqa: E402
 
 from benchmarks.model_thread import random_images  # noqa: E402
@@ -56,11 +56,11 @@ def free_port() -> int:
 
 
 def tensor_body(arr: np.ndarray, prompts: list[str]) -> bytes:
-    return save_safetensors({"images": torch.from_numpy(arr)}, metadata={"prompts": json.dumps(prompts)})
+    return wire.encode_tensor_request(torch.from_numpy(arr), prompts)
 
 
 def post_tensors(http: httpx.Client, body: bytes) -> httpx.Response:
-    r = http.post("/reward", content=body, headers={"content-type": "application/octet-stream", "accept": "application/octet-stream"})
+    r = http.post("/reward", content=body, headers=wire.TENSOR_HEADERS)
     return r.raise_for_status()
 
 
