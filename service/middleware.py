@@ -9,6 +9,7 @@ Order matters, and this is where it is fixed:
    bodies arriving at once -> 429. Because the handler reads it, a handler can refuse work before
    the upload (the reward routes answer 429 on a full queue without reading the body);
 4. every request is counted and timed per route.
+The refusals' statuses and headers are `errors.http_error`'s, like every other error answer.
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from t2i_reward.finetune.jobs import JOB_ID, MAX_OFFSET, JobStore
 from t2i_reward.finetune.prepare import prepare_job
 from t2i_reward.finetune.spec import JobSpec, confined
-
 from t2i_reward.rewarders.errors import InvalidRequestError
 
 from ..deps import AuthDep, OptionalPrompterDep, SettingsDep, StoreDep
@@ -91,7 +90,7 @@ async def submit(spec: JobSpec, store: StoreDep, settings: SettingsDep, prompter
         raise Unavailable("the prompt index is not loaded yet; retry, or give prompts", retry_after=5)
     try:  # defaults, limits, paths, and topics turned into prompts now, so the job is reproducible
         prepared = await asyncio.to_thread(prepare_job, spec, settings, prompter)
-    except ValueError as e:  # a RewardError or pydantic's: the spec is wrong, a 422 whatever its kind
+    except ValueError as e:  # the spec cannot run here: a 422, whatever kind of ValueError said so
         raise InvalidRequestError(str(e)) from None
     # the hash, the index entry and the queue entry are written in one transaction: all or nothing
     job_id = await asyncio.to_thread(_redis, store.create, prepared.spec)

@@ -15,6 +15,7 @@ from t2i_reward.prompter.generate import MAX_NEW_TOKENS, MAX_SEED, PromptGenerat
 from ..deps import AuthDep, SettingsDep, StateDep, get_prompter
 from ..errors import Unavailable
 from ..schemas import error_responses
+from ..state import AppState
 
 router = APIRouter(prefix="/prompts", tags=["prompts"], dependencies=[AuthDep])
 MAX_LENGTH = 100_000  # min_length / max_length filters: beyond any prompt of a corpus
@@ -69,7 +70,7 @@ async def prompts(body: PromptsRequest, state: StateDep, settings: SettingsDep) 
     return PromptsResponse(prompts=found, scores=scores)
 
 
-async def _generate(body: PromptsRequest, state: StateDep, settings: SettingsDep) -> PromptsResponse:
+async def _generate(body: PromptsRequest, state: AppState, settings: SettingsDep) -> PromptsResponse:
     if body.diversity or body.min_length is not None or body.max_length is not None:
         raise HTTPException(422, "diversity, min_length and max_length apply to mode 'retrieve' only")
     generator = await _generator(state, settings)
@@ -78,7 +79,7 @@ async def _generate(body: PromptsRequest, state: StateDep, settings: SettingsDep
     return PromptsResponse(prompts=found, scores=None, seed=seed)
 
 
-async def _generator(state: StateDep, settings: SettingsDep) -> PromptGenerator:
+async def _generator(state: AppState, settings: SettingsDep) -> PromptGenerator:
     """The app's prompt generator, loaded on first use (once; a failure is remembered and answered 503)."""
     if state.prompt_generator is None:
         async with state.prompt_generator_lock:
@@ -93,7 +94,7 @@ async def _generator(state: StateDep, settings: SettingsDep) -> PromptGenerator:
     return state.prompt_generator
 
 
-def _cache_dir(state: StateDep):
+def _cache_dir(state: AppState):
     """Where tiny generators are built: the rewarder's cache (T2I_REWARD_CACHE_DIR or its config)."""
     batcher = state.batcher
     if batcher is not None:
