@@ -86,7 +86,9 @@ def default_text(field) -> str:
 
 
 def cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """A table cell: pipes escaped outside code spans (inside them the table parser leaves pipes alone)."""
+    parts = text.replace("\n", " ").split("`")
+    return "`".join(p if i % 2 else p.replace("|", "\\|") for i, p in enumerate(parts))
 
 
 def table(model: type[BaseModel], env_prefix: str | None = None, worker_fields: set[str] | None = None) -> str:
