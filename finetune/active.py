@@ -34,16 +34,17 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from t2i_reward.rewarders.advantages import group_advantages
 
-from .artifacts import artifact_names, eval_batch, load_samples, resume, save_checkpoint, save_images, summarise
+from .artifacts import artifact_names, eval_batch, load_samples, save_checkpoint, save_images, summarise
 from .context import JobCancelled, JobContext, score
 from .context import guard as _guard
-from .grpo import PromptStats
 from .pipeline import save_lora
 from .prepare import training_and_held_out
+from .rewards import Reward
 from .sampler import Sampler
 from .spec import JobSpec
 from .step import setup_training, train_step
@@ -73,18 +74,17 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
     out = Path(ctx.out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    # ---- accelerator and models, as a training job's
-    accelerator, models, sampler, pairs = setup_training(spec, ctx)
-    if accelerator.num_processes > 1:  # rounds select on the whole round's feedback: one process decides
+    # ---- accelerator and models, as a training job's, resumed (at the round, and the step within it, of the
+    # last checkpoint) if there is one
+    state, start, base_eval, extra = setup_training(spec, ctx)
+    models, sampler = state.models, state.sampler
+    if state.accelerator.num_processes > 1:  # rounds select on the whole round's feedback: one process decides
         raise ValueError("active_learning runs in one process; start it without accelerate launch / torchrun")
     pool, held_out = training_and_held_out(ctx.prompts, spec.eval_prompts)
     eval_p, eval_seeds = eval_batch(held_out, spec.eval_images_per_prompt)
 
-    # ---- resume (at the round, and the step within it, of the last checkpoint); else evaluate the base (round 0)
-    start, base_eval, extra = resume(out, models.denoiser, models.optimizer, ctx.metrics)
+    # ---- where the rounds start, and the base model's evaluation (round 0) unless resumed
     first_round, in_round = int(extra.get("round", 0)), extra.get("in_round")
-    stats = PromptStats.for_spec(spec, extra.get("prompt_stats"))
-    weights = ctx.reward.expert_weights() if spec.is_policy_gradient and hasattr(ctx.reward, "expert_weights") else {}
     metrics = ctx.metrics
     metrics.setdefault("rounds", [])
     metrics["processes"] = 1
@@ -97,8 +97,9 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
     if spec.select == "disagreement":  # before any round's work: the experts are known now
         need_two_experts([n for n in base_eval if n != "total"])
 
-    def state(r: int, current: dict | None) -> dict:  # saved with each checkpoint: finished rounds, the round under way
-        return {"round": r, **({"in_round": current} if current else {}), **({"prompt_stats": stats.to_dict()} if stats is not None else {})}
+    def checkpoint_state(r: int, current: dict | None) -> dict:  # saved with each checkpoint: finished rounds, the round under way
+        return {"round": r, **({"in_round": current} if current else {}),
+                **({"prompt_stats": state.stats.to_dict()} if state.stats is not None else {})}
 
     # ---- rounds
     total_steps, t0, eval_images = spec.total_steps, time.perf_counter(), None
@@ -128,15 +129,14 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
             step = r * spec.steps + j
             _guard(ctx)
             if ctx.should_stop is not None and ctx.should_stop():
-                save_checkpoint(out, step, models.denoiser, models.optimizer, metrics, base_eval, state(r, current))
+                save_checkpoint(out, step, models.denoiser, models.optimizer, metrics, base_eval, checkpoint_state(r, current))
                 raise JobCancelled(f"cancelled in round {r + 1}, at step {step}")
             batch = [selected[(j * spec.batch_size + k) % len(selected)] for k in range(spec.batch_size)]
-            train_step(spec, sampler, models, ctx.reward, batch, step, random.Random(spec.seed * 1_000_003 + step), accelerator,
-                       stats, weights, pairs, metrics)
+            train_step(state, batch, step, random.Random(spec.seed * 1_000_003 + step))
             done = step + 1
             if done % spec.checkpoint_every == 0 and j + 1 < spec.steps:  # a resume point inside a long round
                 _guard(ctx)
-                save_checkpoint(out, done, models.denoiser, models.optimizer, metrics, base_eval, state(r, current))
+                save_checkpoint(out, done, models.denoiser, models.optimizer, metrics, base_eval, checkpoint_state(r, current))
             if ctx.on_progress is not None:
                 eta = (time.perf_counter() - t0) / (done - start) * (total_steps - done)
                 ctx.on_progress({"step": done, "total": total_steps, "eta_s": round(eta, 1), "round": r + 1})
@@ -147,7 +147,7 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
         metrics["rounds"].append({"round": r + 1, **current, "train_reward": sum(round_rewards) / max(1, len(round_rewards)),
                                   "eval": summarise(total, components)})
         _guard(ctx)
-        save_checkpoint(out, (r + 1) * spec.steps, models.denoiser, models.optimizer, metrics, base_eval, state(r + 1, None))
+        save_checkpoint(out, (r + 1) * spec.steps, models.denoiser, models.optimizer, metrics, base_eval, checkpoint_state(r + 1, None))
 
     # ---- save: the LoRA, the final evaluation images, metrics and report
     models.denoiser.eval()
@@ -167,7 +167,7 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
             "progress": {"step": total_steps, "total": total_steps, "eta_s": 0, "round": spec.rounds}}
 
 
-def sample_and_score(sampler: Sampler, reward, prompts: list[str], seeds: list[int], chunk: int, base: bool = False):
+def sample_and_score(sampler: Sampler, reward: Optional[Reward], prompts: list[str], seeds: list[int], chunk: int, base: bool = False):
     """(images on the CPU, total, {expert: scores}) of `prompts`, `chunk` images per chain and reward call:
     a round's round_prompts x n_images (up to 4096) candidates never go through at once. `reward` None:
     the images only."""

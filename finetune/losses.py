@@ -1,14 +1,15 @@
-"""One loss per method, each a plain function of the sampler, a batch and the spec.
+"""The steps of ReFL and reward-weighted likelihood: each a function of the job's `TrainState` and the step's
+`Batch` that takes one optimiser step and returns the step's `StepLoss`.
 
-- `refl_loss` (thesis, seed 001): sample with DDIM without gradients down to a step index drawn from
+- `refl_step` (thesis, seed 001): sample with DDIM without gradients down to a step index drawn from
   `refl_step_range`, take that one step with gradients, predict x0, decode, score with the
   differentiable reward; loss = alpha * (-reward | relu(2 - reward)) + beta * KL(LoRA step || base step).
-- `reward_weighted_loss` (Lee et al., seed 002): sample images with the current model, score them,
+- `reward_weighted_step` (Lee et al., seed 002): sample images with the current model, score them,
   and minimise the denoising loss on them weighted by sigmoid(reward), plus the KL regulariser.
 - `pretrain_loss`: the denoising loss on user-supplied image-text pairs (keeps the model's skills);
-  either method adds it when the spec has `pretrain_data`.
-Each returns a `StepLoss`: the loss to minimise, the batch's rewards, the KL term and each expert's
-scores (for the job's per-expert curves).
+  ReFL adds it when the spec has `pretrain_data`, reward-weighted likelihood when its regulariser is `pretrain`.
+A `StepLoss` holds the loss minimised, the batch's rewards, the KL term and each expert's scores (for the
+job's per-expert curves).
 """
 
 from __future__ import annotations
@@ -16,17 +17,13 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .context import Batch, TrainState
 from .pipeline import adapters_disabled
 from .sampler import MIN_STD, Sampler, ddim_x0, transition_kl
-from .spec import JobSpec
-
-# reward(images (B,3,H,W) in [0,1], prompts) -> (total (B,), {expert: (B,)}): differentiable total
-RewardFn = Callable[[torch.Tensor, list[str]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -67,27 +64,30 @@ def denoising_loss(s: Sampler, latents: torch.Tensor, cond: torch.Tensor, genera
     return ((pred - noise) ** 2).mean(dim=(1, 2, 3)), (noisy, t, pred)
 
 
-def refl_loss(s: Sampler, spec: JobSpec, reward: RewardFn, prompts: list[str], seeds: list[int], cond, uncond,
-              rng: random.Random) -> StepLoss:
-    stop = rng.randrange(*spec.refl_step_range)
-    latents = s.denoise(s.initial_latents(seeds), cond, uncond, steps=stop)
+def refl_step(state: TrainState, batch: Batch) -> StepLoss:
+    s, spec, cond, uncond = state.sampler, state.spec, batch.cond, batch.uncond
+    stop = batch.rng.randrange(*spec.refl_step_range)
+    latents = s.denoise(s.initial_latents(batch.seeds), cond, uncond, steps=stop)
     e = s.predict(latents, stop, cond, uncond)  # the one step with gradients
     x0 = ddim_x0(s.scheduler, e, latents, stop)
-    total, components = reward(s.decode(x0), prompts)
+    total, components = state.reward(s.decode(x0), batch.prompts)
     reward_term = F.relu(2 - total).mean() if spec.reward_loss == "hinge" else -total.mean()
     kl = step_kl(s, latents, stop, cond, uncond, e) if spec.kl_weight > 0 else torch.zeros((), device=s.device)
     loss = spec.reward_weight * reward_term + spec.kl_weight * kl
+    if state.pairs:
+        loss = loss + spec.pretrain_weight * pretrain_loss(state, batch)
+    state.minimise(loss)
     return StepLoss(loss, total.detach(), kl.detach(), components)
 
 
-def reward_weighted_loss(s: Sampler, spec: JobSpec, reward: RewardFn, prompts: list[str], seeds: list[int], cond, uncond,
-                         rng: random.Random) -> StepLoss:
+def reward_weighted_step(state: TrainState, batch: Batch) -> StepLoss:
+    s, spec, cond = state.sampler, state.spec, batch.cond
     with torch.no_grad():
-        images = s.sample(prompts, seeds, cond=cond, uncond=uncond)
-        total, components = reward(images, prompts)
+        images = s.sample(batch.prompts, batch.seeds, cond=cond, uncond=batch.uncond)
+        total, components = state.reward(images, batch.prompts)
         total = total.detach().to(s.device)
     latents0 = s.encode_images(images, sample=False)
-    per_image, (noisy, t, pred) = denoising_loss(s, latents0, cond, step_generator(rng))
+    per_image, (noisy, t, pred) = denoising_loss(s, latents0, cond, step_generator(batch.rng))
     loss = spec.reward_weight * (torch.sigmoid(total) * per_image).mean()
     kl = torch.zeros((), device=s.device)
     if spec.regularizer == "kl" and spec.kl_weight > 0:
@@ -95,18 +95,21 @@ def reward_weighted_loss(s: Sampler, spec: JobSpec, reward: RewardFn, prompts: l
             base_pred = s.model(noisy, t, cond)
         kl = ((pred - base_pred) ** 2).mean()
         loss = loss + spec.kl_weight * kl
+    if spec.regularizer == "pretrain" and state.pairs:
+        loss = loss + spec.pretrain_weight * pretrain_loss(state, batch)
+    state.minimise(loss)
     return StepLoss(loss, total, kl.detach(), components)
 
 
-def pretrain_loss(s: Sampler, pairs: list[tuple[Path, str]], step: int, batch_size: int, resolution: int,
-                  rng: random.Random) -> torch.Tensor:
+def pretrain_loss(state: TrainState, batch: Batch) -> torch.Tensor:
     """The pre-training denoising loss on the pairs of this step (cycled); the VAE's posterior sample, the
-    noise and the timesteps drawn from `rng`."""
-    batch = [pairs[(step * batch_size + k) % len(pairs)] for k in range(batch_size)]
-    images = torch.stack([image_tensor(p, resolution) for p, _ in batch]).to(s.device)
-    generator = step_generator(rng)
+    noise and the timesteps drawn from the step's `rng`."""
+    s, pairs, n = state.sampler, state.pairs, state.spec.batch_size
+    chosen = [pairs[(batch.step * n + k) % len(pairs)] for k in range(n)]
+    images = torch.stack([image_tensor(p, state.spec.resolution) for p, _ in chosen]).to(s.device)
+    generator = step_generator(batch.rng)
     latents = s.encode_images(images, sample=True, generator=generator)
-    return denoising_loss(s, latents, s.encode([c for _, c in batch]), generator)[0].mean()
+    return denoising_loss(s, latents, s.encode([c for _, c in chosen]), generator)[0].mean()
 
 
 def load_pretrain_pairs(folder: Path) -> list[tuple[Path, str]]:

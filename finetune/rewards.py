@@ -1,7 +1,9 @@
 """Where a job's rewards come from: the mixture in this process, or the reward service.
 
-Both are plain callables `reward(images, prompts) -> (total, components)` on [0, 1] image tensors:
-`total` (B,) is differentiable, `components` maps each expert to its raw scores (B,), detached.
+Both satisfy `Reward`, the one interface the trainer calls (a `typing.Protocol`: no base class to inherit):
+`reward(images, prompts) -> (total, components)` on [0, 1] image tensors, where `total` (B,) is
+differentiable and `components` maps each expert to its raw scores (B,), detached; `scores` gives the same
+numbers without a graph; `expert_weights` each expert's weight in the total.
 - `LocalReward`: `rewarders` in-process (the embedded default);
 - `RemoteReward`: `POST /reward/gradient`, so the worker keeps only the diffusion model on its GPU. The
   chain rule crosses the network: forward sends pixels and gets rewards, d(rewards)/d(pixels) and every
@@ -11,11 +13,26 @@ The evaluation reuses the same call's components.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Mapping, Protocol, Sequence
 
 import torch
 from t2i_reward.rewarders import Mixture
 from t2i_reward.rewarders.client import RewardClient
+
+
+class Reward(Protocol):
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(total (B,), differentiable in `images`; {expert: raw scores (B,)}, detached) of (B, 3, H, W) images in [0, 1]."""
+        ...
+
+    def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The same numbers without a graph, on the CPU (the policy-gradient methods score their samples only)."""
+        ...
+
+    def expert_weights(self) -> dict[str, float]:
+        """Each expert's weight in the total: which experts the job optimises (the sentinel holds out the
+        zero-weight ones) and how GRPO's `per_expert` advantages are weighted."""
+        ...
 
 
 class LocalReward:

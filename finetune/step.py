@@ -1,27 +1,44 @@
-"""What every training job sets up (`setup_training`: the accelerator, models, sampler) and one optimiser
-step of it, whatever its method (`train_step`), with the gradients averaged across processes
-(`average_gradients`) and the step's numbers recorded (`record`). The trainer (`train.py`) and active
-learning (`active.py`) both run through it."""
+"""What every training job sets up (`setup_training`: the accelerator, models, sampler, resumed from the
+last checkpoint, in one `TrainState`) and one optimiser step of it, whatever its method (`train_step`):
+`STEPS` maps each training method to its step function, and the step's numbers are recorded (`record`).
+The trainer (`train.py`) and active learning (`active.py`) both run through it."""
 
 from __future__ import annotations
 
 import math
 import random
-from typing import Optional
+from pathlib import Path
+from typing import Callable, Optional, Union
 
 import torch
 
-from .grpo import PromptStats, grpo_step
-from .losses import RewardFn, load_pretrain_pairs, pretrain_loss, refl_loss, reward_weighted_loss
+from .advantages import PromptStats
+from .artifacts import resume
+from .context import Batch, TrainState
+from .grpo import GRPOStep, grpo_step
+from .losses import StepLoss, load_pretrain_pairs, refl_step, reward_weighted_step
 from .pipeline import WEIGHT_DTYPES, setup_models
 from .sampler import Sampler
 from .spec import JobSpec
 
+StepResult = Union[StepLoss, GRPOStep]
 
-def setup_training(spec: JobSpec, ctx) -> tuple:
-    """(accelerator, models, sampler, pre-training pairs) of a job: the accelerator's device ("auto" takes the
-    GPU, a named device is used as named) with the spec's mixed precision on a GPU, the frozen pipeline with
-    the LoRA (`pipeline.setup_models`), the layout's sampler, and `pretrain_data`'s pairs (or none)."""
+# training method (`JobSpec.training_method`) -> one optimiser step of it; ddpo is GRPO with DDPO's preset
+# (tests/test_finetune.py checks that every training method has its step)
+STEPS: dict[str, Callable[[TrainState, Batch], StepResult]] = {
+    "refl": refl_step,
+    "reward_weighted": reward_weighted_step,
+    "grpo": grpo_step,
+    "ddpo": grpo_step,
+}
+
+
+def setup_training(spec: JobSpec, ctx) -> tuple[TrainState, int, Optional[dict], dict]:
+    """(state, the step to start at, the base model's evaluation, the method's extra state) of a job: the
+    accelerator's device ("auto" takes the GPU, a named device is used as named) with the spec's mixed
+    precision on a GPU, the frozen pipeline with the LoRA (`pipeline.setup_models`), the layout's sampler,
+    `pretrain_data`'s pairs (or none), all as the job's last checkpoint in `ctx.out_dir` left them (if any;
+    `ctx.metrics` too), and the experts' weights where the method or the sentinel needs them."""
     from accelerate import Accelerator
 
     on_gpu = ctx.device != "cpu" and torch.cuda.is_available()
@@ -30,54 +47,37 @@ def setup_training(spec: JobSpec, ctx) -> tuple:
     models = setup_models(spec, ctx.base_model, ctx.cache_dir, device, WEIGHT_DTYPES[accelerator.mixed_precision])
     sampler = Sampler(models, spec.guidance_scale, device, accelerator.autocast)
     pairs = load_pretrain_pairs(ctx.pretrain_dir) if ctx.pretrain_dir is not None else []
-    return accelerator, models, sampler, pairs
+    start, base_eval, extra = resume(Path(ctx.out_dir), models.denoiser, models.optimizer, ctx.metrics)
+    # why only when used: a remote reward asks the service for them (GET /models)
+    weights = ctx.reward.expert_weights() if spec.is_policy_gradient or spec.eval_every else {}
+    state = TrainState(spec, accelerator, models, sampler, ctx.reward, ctx.metrics, pairs,
+                       stats=PromptStats.for_spec(spec, extra.get("prompt_stats")),  # DDPO's, as the checkpoint left them
+                       weights=weights)
+    return state, start, base_eval, extra
 
 
-def average_gradients(accelerator, params: list[torch.nn.Parameter]) -> None:
-    """Data parallel without a DDP wrapper (a step runs several forward passes: guidance, the base model,
-    the pre-training loss): every process applies the mean gradient, so the LoRAs stay equal."""
-    if accelerator.num_processes > 1:
-        for p in params:
-            p.grad = accelerator.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
-
-
-def train_step(spec: JobSpec, sampler: Sampler, models, reward: RewardFn, prompts: list[str], step: int, rng: random.Random,
-               accelerator, stats: Optional[PromptStats], weights: dict, pairs: list, metrics: dict):
+def train_step(state: TrainState, prompts: list[str], step: int, rng: random.Random) -> StepResult:
     """One optimiser step of the spec's training method (`spec.training_method`) on `prompts` (one per batch
-    entry; GRPO repeats each `group_size` times), recorded in `metrics`. Raises FloatingPointError when the
-    loss or the reward is not finite (a NaN step ruins the LoRA: the job fails, never "succeeds")."""
+    entry; GRPO repeats each `group_size` times), recorded in `state.metrics`. Raises FloatingPointError when
+    the loss or the reward is not finite (a NaN step ruins the LoRA: the job fails, never "succeeds")."""
+    spec = state.spec
     if spec.is_policy_gradient:  # each prompt group_size times: one group per prompt
         prompts = [p for p in prompts for _ in range(spec.group_size)]
     seeds = [rng.randrange(2**31) for _ in prompts]
-    cond, uncond = sampler.conditions(prompts)
-    models.denoiser.train()
-    if spec.is_policy_gradient:  # PPO steps the optimiser itself, once per inner epoch
-        result = grpo_step(sampler, spec, reward, prompts, seeds, cond, uncond, rng, models.optimizer, models.params,
-                           stats, weights, after_backward=lambda: average_gradients(accelerator, models.params))
-    elif spec.training_method == "refl":
-        result = refl_loss(sampler, spec, reward, prompts, seeds, cond, uncond, rng)
-        if pairs:
-            result.loss = result.loss + spec.pretrain_weight * pretrain_loss(sampler, pairs, step, spec.batch_size, spec.resolution, rng)
-    else:
-        result = reward_weighted_loss(sampler, spec, reward, prompts, seeds, cond, uncond, rng)
-        if spec.regularizer == "pretrain" and pairs:
-            result.loss = result.loss + spec.pretrain_weight * pretrain_loss(sampler, pairs, step, spec.batch_size, spec.resolution, rng)
-    if not spec.is_policy_gradient:
-        models.optimizer.zero_grad(set_to_none=True)
-        result.loss.backward()
-        average_gradients(accelerator, models.params)
-        torch.nn.utils.clip_grad_norm_(models.params, 1.0)
-        models.optimizer.step()
-    record(metrics, accelerator, result)
-    step_loss, step_reward = metrics["loss"][-1], metrics["reward"][-1]  # averaged over processes: all stop together
+    cond, uncond = state.sampler.conditions(prompts)
+    state.models.denoiser.train()
+    result = STEPS[spec.training_method](state, Batch(step, prompts, seeds, cond, uncond, rng))
+    record(state, result)
+    step_loss, step_reward = state.metrics["loss"][-1], state.metrics["reward"][-1]  # averaged over processes: all stop together
     if not (math.isfinite(step_loss) and math.isfinite(step_reward)):
         raise FloatingPointError(f"step {step + 1}: the loss ({step_loss}) or the reward ({step_reward}) is not finite; "
                                  "try a lower learning_rate or guidance_scale")
     return result
 
 
-def record(metrics: dict, accelerator, result) -> None:
+def record(state: TrainState, result: StepResult) -> None:
     """Append the step's reward, loss and KL (averaged over processes) and each expert's mean score."""
+    metrics, accelerator = state.metrics, state.accelerator
     values = [result.reward.mean(), result.loss.detach(), result.kl]
     if accelerator.num_processes > 1:
         values = [accelerator.reduce(v.detach().float(), reduction="mean") for v in values]
@@ -85,5 +85,5 @@ def record(metrics: dict, accelerator, result) -> None:
         metrics[key].append(float(v))
     for name, v in result.components.items():
         metrics.setdefault("components", {}).setdefault(name, []).append(float(v.float().mean()))
-    if getattr(result, "advantages", None) is not None:  # GRPO: how much of the batch the clip held back
+    if isinstance(result, GRPOStep):  # how much of the batch the clip held back
         metrics.setdefault("clip_fraction", []).append(float(result.clip_fraction))

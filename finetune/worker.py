@@ -27,6 +27,7 @@ import redis
 
 from .jobs import QUEUE, JobStore, LeaseLost, bounded_metrics, worker_name
 from .prepare import prepare_job
+from .rewards import LocalReward, RemoteReward, Reward
 from .settings import FinetuneSettings
 from .spec import JobSpec
 from .train import JobCancelled, JobContext, artifact_names, run_job
@@ -61,9 +62,7 @@ class JobRunner:
             self._prompter = open_index(self.settings.prompts_index, self.cache_dir)
         return self._prompter
 
-    def reward(self, spec: JobSpec):
-        from .rewards import LocalReward, RemoteReward
-
+    def reward(self, spec: JobSpec) -> Reward:
         s = self.settings
         if s.reward_service_url:
             return RemoteReward(s.reward_service_url, api_key=s.reward_service_api_key, weights=spec.reward_weights)

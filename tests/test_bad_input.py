@@ -216,14 +216,13 @@ def test_non_finite_loss_fails_the_job(tiny, cache_dir, tmp_path):
     from t2i_reward.finetune import JobContext, run_job
     from t2i_reward.finetune.rewards import LocalReward
 
-    local = LocalReward(tiny)
-
-    def nan_reward(images, prompts):  # what an exploding guidance or learning rate ends in
-        total, components = local(images, prompts)
-        return total * NAN, components
+    class NanReward(LocalReward):  # what an exploding guidance or learning rate ends in
+        def __call__(self, images, prompts):
+            total, components = super().__call__(images, prompts)
+            return total * NAN, components
 
     spec = JobSpec(**{**SPEC, "steps": 3, "num_inference_steps": 4, "refl_step_range": (2, 4)})
-    ctx = JobContext(out_dir=tmp_path, reward=nan_reward, prompts=spec.prompts, base_model="tiny", cache_dir=cache_dir)
+    ctx = JobContext(out_dir=tmp_path, reward=NanReward(tiny), prompts=spec.prompts, base_model="tiny", cache_dir=cache_dir)
     with pytest.raises(FloatingPointError, match="step 1: .* not finite"):
         run_job(spec, ctx)
     assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()

@@ -376,6 +376,30 @@ def test_a_cut_job_resumes_exactly(tiny, cache_dir, tmp_path, method, extra):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_every_method_has_its_job_and_every_training_method_its_step():
+    """`run_job` looks the spec's method up in `train.METHODS`, `train_step` the training method in `step.STEPS`:
+    the first holds exactly the names the spec admits (it refuses any other with a 422), the second a step for
+    every method that trains, active learning's learners included."""
+    from typing import get_args
+
+    from pydantic import ValidationError
+    from t2i_reward.finetune.spec import JobSpec
+    from t2i_reward.finetune.step import STEPS
+    from t2i_reward.finetune.train import METHODS, run_training
+
+    methods = set(get_args(JobSpec.model_fields["method"].annotation))
+    learners = set(get_args(JobSpec.model_fields["learner"].annotation))
+    assert set(METHODS) == methods
+    training = {m for m in methods if METHODS[m] is run_training}
+    assert training == {"refl", "reward_weighted", "grpo", "ddpo"}
+    assert set(STEPS) == training | learners
+    specs = [JobSpec(method=m, prompts=["x"], **FAST) for m in training]
+    specs += [JobSpec(method="active_learning", learner=m, prompts=["x"], **FAST) for m in learners]
+    assert all(s.training_method in STEPS for s in specs)
+    with pytest.raises(ValidationError, match="method"):
+        JobSpec(method="dpo", prompts=["x"])
+
+
 def test_client_job_calls(api, worker, tiny):
     from t2i_reward.service.client import RewardClient
 

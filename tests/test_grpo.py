@@ -6,6 +6,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 from t2i_reward.finetune import grpo
+from t2i_reward.finetune.advantages import PromptStats, advantages
 from t2i_reward.finetune.rewards import LocalReward, RemoteReward
 from t2i_reward.finetune.spec import JobSpec
 from t2i_reward.finetune.train import JobContext, run_job
@@ -96,11 +97,11 @@ def test_ppo_clip():
 
 
 def test_per_prompt_stats_and_resume_state():
-    stats = grpo.PromptStats(buffer_size=4, min_count=2)
+    stats = PromptStats(buffer_size=4, min_count=2)
     first = stats.update(["a", "a", "b"], torch.tensor([1.0, 3.0, 5.0]))
     assert first[:2].tolist() == pytest.approx([-1.0, 1.0], abs=1e-3)  # "a" has 2 rewards: its own stats
     assert abs(float(first[2]) - (5 - 3) / (torch.tensor([1.0, 3.0, 5.0]).std(unbiased=False) + 1e-4)) < 1e-4  # "b": the batch's
-    again = grpo.PromptStats.from_dict(stats.to_dict())
+    again = PromptStats.from_dict(stats.to_dict())
     assert again.buffers == {"a": [1.0, 3.0], "b": [5.0]}
     assert again.update(["a"], torch.tensor([2.0])).tolist() == pytest.approx([0.0], abs=1e-4)
 
@@ -139,15 +140,13 @@ def test_ddpo_preset_keeps_its_per_prompt_statistics_across_a_resume(tmp_path, c
     spec = JobSpec(**{**FAST, "method": "ddpo", "prompts": PROMPTS, "steps": 3, "batch_size": 2, "checkpoint_every": 1,
                       "stat_min_count": 2})
     seen = []
-    real = grpo.PromptStats.update
+    real = PromptStats.update
 
     def spy(self, prompts, rewards):
         seen.append({k: len(v) for k, v in self.buffers.items()})
         return real(self, prompts, rewards)
 
-    import t2i_reward.finetune.grpo as g
-
-    g.PromptStats.update = spy
+    PromptStats.update = spy
     try:
         calls = {"n": 0}
 
@@ -164,7 +163,7 @@ def test_ddpo_preset_keeps_its_per_prompt_statistics_across_a_resume(tmp_path, c
         ctx.should_stop = None
         run_job(spec, ctx)
     finally:
-        g.PromptStats.update = real
+        PromptStats.update = real
     # steps 0, 1 before the cut, then step 2 after the resume starts from the buffers the checkpoint kept
     assert seen[0] == {} and seen[1] == {p: 1 for p in PROMPTS} and seen[2] == {p: 2 for p in PROMPTS}
 
@@ -181,8 +180,8 @@ def test_remote_rewards_give_the_same_first_step_advantages(tmp_path, cache_dir,
         remote = RemoteReward(url)
         (lt, lc), (rt, rc) = local.scores(images, prompts), remote.scores(images, prompts)
         assert remote.expert_weights() == local.expert_weights() == {"redness": 1.0}
-    a = grpo.advantages(spec, prompts, lt, lc, local.expert_weights(), None)
-    b = grpo.advantages(spec, prompts, rt, rc, local.expert_weights(), None)
+    a = advantages(spec, prompts, lt, lc, local.expert_weights(), None)
+    b = advantages(spec, prompts, rt, rc, local.expert_weights(), None)
     assert a.tolist() == pytest.approx(b.tolist(), abs=1e-4)
     assert a[:3].sum().item() == pytest.approx(0, abs=1e-4)  # z-scores within each prompt's group
 
@@ -216,7 +215,7 @@ def test_remote_rewards_use_as_few_balanced_requests_as_the_service_allows(redne
 def test_per_expert_advantages_weight_the_z_scores():
     spec = JobSpec(method="grpo", prompts=["x"], advantage_normalization="per_expert")
     comps = {"a": torch.tensor([1.0, 2.0, 10.0, 20.0]), "b": torch.tensor([5.0, 1.0, 0.0, 0.0])}
-    adv = grpo.advantages(spec, ["p", "p", "q", "q"], torch.zeros(4), comps, {"a": 2.0, "b": 1.0}, None)
+    adv = advantages(spec, ["p", "p", "q", "q"], torch.zeros(4), comps, {"a": 2.0, "b": 1.0}, None)
     # within each pair, a z-score is +-1 (up to eps); b is constant in q
     assert adv.tolist() == pytest.approx([-2 + 1, 2 - 1, -2, 2], abs=1e-3)
 
