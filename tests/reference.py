@@ -68,7 +68,7 @@ def checkpoint(name: str, gib: float, python: Path | str, maker: Path) -> Path:
         if path.exists():  # another run made it while we waited
             return path
         free_disk = shutil.disk_usage(folder).free / 2**30
-        free_ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+        free_ram = _available_memory_gib()
         if free_disk < gib + 1 or free_ram < 2 * gib:
             unavailable(f"making {path} needs {gib + 1:.0f} GiB of disk and {2 * gib:.0f} GiB of free memory "
                         f"(free: {free_disk:.1f} GiB, {free_ram:.1f} GiB)")
@@ -81,6 +81,15 @@ def checkpoint(name: str, gib: float, python: Path | str, maker: Path) -> Path:
             raise AssertionError(f"{maker} make failed ({made.returncode}):\n{made.stderr[-3000:]}")
         os.replace(partial, path)
     return path
+
+
+def _available_memory_gib() -> float:
+    """Memory the kernel can hand out (MemAvailable: free pages plus the page cache it can drop, which writing
+    a checkpoint fills; the free pages alone understate it by gigabytes)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
 def scores(python: Path | str, maker: Path, *args) -> list:

@@ -185,5 +185,6 @@ def test_blip_parity_with_reference_package(tmp_path, cache_dir):
     ours_model = create_rewarder(profile="tiny", cache_dir=cache_dir, device="cpu", dtype="float32",
                                  experts={**NO_OTHERS, "blip_score": {"checkpoint": str(folder / CHECKPOINT_FILE), "tokenizer": "packaged"}})
     ours = scores(ours_model.score(LONG_PROMPT, files), "blip_score")
+    print(f"parity: max |ours / reference - 1| = {max(abs(a / b - 1) for a, b in zip(ours, want)):.3g}")
     assert max(want) - min(want) > 1e-2  # the images really score differently
     assert ours == pytest.approx(want, rel=5e-5)

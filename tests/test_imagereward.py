@@ -117,5 +117,6 @@ def test_parity_with_reference_package(tmp_path, cache_dir):
         experts={"imagereward": {"checkpoint": str(ckpt), "tokenizer": "packaged"}, "aesthetic": None, "mlp": None},
     )
     ours = [s.components["imagereward"] for s in ours_model.score(LONG_PROMPT, files).images]
+    print(f"parity: max |ours - reference| = {max(abs(a - b) for a, b in zip(ours, want)):.3g}")
     assert max(want) - min(want) > 1e-3  # the images really score differently
     assert ours == pytest.approx(want, abs=5e-5)
