@@ -6,10 +6,10 @@
 # environment without it (a build that was interrupted or failed) or built by another recipe is removed and
 # built again, never trusted. A second run with everything built takes about a second.
 # Usage: scripts/reference_envs.sh [NAME...]   NAME: imagereward, hpsv2 (default: both)
-# The recipes are ../shared/reference/<name>/setup_env.sh (T2I_SHARED_REFERENCE points elsewhere).
+# The recipes are ../shared/reference/<name>/setup_env.sh, beside the repository.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-shared=${T2I_SHARED_REFERENCE:-$root/../shared/reference}
+shared=$root/../shared/reference
 cache=${T2I_REFERENCE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/t2i-reward/reference}
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(imagereward hpsv2)
@@ -24,15 +24,13 @@ smoke_test() {
     esac
 }
 
-for name in "${names[@]}"; do
-    recipe=$shared/$name/setup_env.sh
+build() {  # build() NAME: builds one environment unless it is complete; exits non-zero when the build fails
+    local name=$1 recipe=$shared/$1/setup_env.sh env=$cache/$1 log=$cache/$1.log fingerprint start
     if [ ! -f "$recipe" ]; then
         echo "reference recipe $recipe not found (is ../shared/reference beside the repository?)" >&2
-        exit 1
+        return 1
     fi
-    env=$cache/$name
-    # the recipe and this script together decide what a finished environment holds
-    fingerprint=$(cat "$recipe" "$0" | sha256sum | cut -c1-16)
+    fingerprint=$(sha256sum <"$recipe" | cut -c1-16)  # a changed recipe makes a different environment
     (
         # one build at a time per environment: two test runs on one machine must not build into one folder
         flock 9
@@ -40,10 +38,9 @@ for name in "${names[@]}"; do
             echo "reference $name: ready in $env"
             exit 0
         fi
-        echo "reference $name: building in $env (a few minutes, several GB)"
+        echo "reference $name: building in $env (a few minutes, about 6 GB; log: $log)"
         rm -rf "$env"
         start=$SECONDS
-        log=$cache/$name.log
         if ! bash "$recipe" "$env" >"$log" 2>&1 || ! smoke_test "$name" "$env/bin/python" >>"$log" 2>&1; then
             echo "reference $name: build failed; the last lines of $log:" >&2
             tail -n 20 "$log" >&2
@@ -52,4 +49,16 @@ for name in "${names[@]}"; do
         echo "$fingerprint" >"$env/.complete"
         echo "reference $name: built in $((SECONDS - start)) s"
     ) 9>"$cache/$name.lock"
+}
+
+# the builds run side by side: each is mostly one pip process unpacking wheels, one core each
+pids=()
+for name in "${names[@]}"; do
+    build "$name" &
+    pids+=($!)
 done
+status=0
+for pid in "${pids[@]}"; do
+    wait "$pid" || status=1
+done
+exit $status
