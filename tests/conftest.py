@@ -1,12 +1,8 @@
 import contextlib
-import hashlib
-import json
 import os
 import socket
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,40 +62,6 @@ def running_server(app, timeout: float = 60):
     finally:
         server.should_exit = True
         thread.join(30)
-
-
-PARITY_DIR = Path(os.environ.get("T2I_PARITY_DIR", "/tmp/t2i-parity"))
-
-
-def reference_scores(python, script, *args) -> list:
-    """A reference implementation's scores: `python script *args` in its own environment prints them as the
-    last line of JSON. Kept under PARITY_DIR/reference-cache, keyed by the interpreter, the script's text and
-    the arguments (images by their bytes, checkpoints and folders by their names, sizes and times), so a rerun on
-    the same machine does not score the full-size reference again; our side is always computed afresh."""
-    key = hashlib.sha256(f"{python}\n".encode() + Path(script).read_bytes())
-    for a in map(str, args):
-        p = Path(a)
-        try:
-            p.exists()
-        except OSError:  # a long prompt is no path
-            p = Path("/nonexistent")
-        if p.is_file() and p.stat().st_size < 2**24:  # an image: its bytes
-            key.update(b"file:" + hashlib.sha256(p.read_bytes()).digest())
-        elif p.is_file():  # a checkpoint: its path, size and time
-            key.update(f"ckpt:{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}".encode())
-        elif p.is_dir():
-            key.update(b"dir:" + "|".join(f"{c.name}:{c.stat().st_size}:{c.stat().st_mtime_ns}"
-                                          for c in sorted(p.iterdir())).encode())
-        else:
-            key.update(b"arg:" + a.encode())
-    cached = PARITY_DIR / "reference-cache" / f"{key.hexdigest()}.json"
-    if cached.is_file():
-        return json.loads(cached.read_text())
-    out = subprocess.run([str(python), str(script), *map(str, args)], check=True, capture_output=True, text=True)
-    scores = json.loads(out.stdout.strip().splitlines()[-1])
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(scores))
-    return scores
 
 
 # ---- the service in-process (FastAPI's TestClient)

@@ -1,7 +1,5 @@
 import math
-import os
 import re
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +15,8 @@ from t2i_reward.rewarders.experts.blip_score import (
 from t2i_reward.rewarders.experts.diversity import DiversityExpert
 from t2i_reward.rewarders.experts.imagereward import ImageRewardArch
 
-from .conftest import reference_scores, smooth_image
+from . import reference
+from .conftest import smooth_image
 
 LONG_PROMPT = (
     "a majestic castle on a hill at sunset, highly detailed digital painting, trending on artstation, "
@@ -165,19 +164,13 @@ def test_diversity_has_gradients(diverse):
 
 
 # ----------------------------------------------------------------------------------------------
-# parity of blip_score with the reference package (image-reward 1.5's load_score("BLIP")), when its
-# environment exists
-
-REF_PYTHON = Path(os.environ.get("IMAGEREWARD_REF_PYTHON", "/tmp/imagereward-ref/bin/python"))
-REF_DIR = Path(os.environ.get("IMAGEREWARD_REF_SCORES_DIR", "/tmp/irscores"))
-REF_SCRIPT = Path(__file__).resolve().parents[2] / "shared/reference/imagereward/ref_scores.py"
+# parity of blip_score with the reference package (image-reward 1.5's load_score("BLIP"); docs/parity.md)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REF_PYTHON.exists() and REF_SCRIPT.exists()), reason="reference ImageReward environment not built")
 def test_blip_parity_with_reference_package(tmp_path, cache_dir):
-    if not (REF_DIR / CHECKPOINT_FILE).exists():
-        subprocess.run([str(REF_PYTHON), str(REF_SCRIPT), "make", str(REF_DIR)], check=True, capture_output=True)
+    script, python = reference.script("imagereward/ref_scores.py"), reference.python("imagereward")
+    folder = reference.checkpoint("irscores", 3, python, script)
     files = []
     cases = [("rgba.png", "RGBA", (401, 257)), ("grey.png", "L", (250, 250)), ("palette.png", "P", (300, 451)),
              ("photo.jpg", "RGB", (480, 641)), ("photo.webp", "RGB", (199, 301))]
@@ -188,9 +181,10 @@ def test_blip_parity_with_reference_package(tmp_path, cache_dir):
             im.putalpha(smooth_image(50, h, w).convert("L"))
         im.save(tmp_path / name)
         files.append(str(tmp_path / name))
-    reference = reference_scores(REF_PYTHON, REF_SCRIPT, "score", "BLIP", REF_DIR, LONG_PROMPT, *files)
+    want = reference.scores(python, script, "score", "BLIP", folder, LONG_PROMPT, *files)
     ours_model = create_rewarder(profile="tiny", cache_dir=cache_dir, device="cpu", dtype="float32",
-                                 experts={**NO_OTHERS, "blip_score": {"checkpoint": str(REF_DIR / CHECKPOINT_FILE), "tokenizer": "packaged"}})
+                                 experts={**NO_OTHERS, "blip_score": {"checkpoint": str(folder / CHECKPOINT_FILE), "tokenizer": "packaged"}})
     ours = scores(ours_model.score(LONG_PROMPT, files), "blip_score")
-    assert max(reference) - min(reference) > 1e-2  # the images really score differently
-    assert ours == pytest.approx(reference, rel=5e-5)
+    print(f"parity: max |ours / reference - 1| = {max(abs(a / b - 1) for a, b in zip(ours, want)):.3g}")
+    assert max(want) - min(want) > 1e-2  # the images really score differently
+    assert ours == pytest.approx(want, rel=5e-5)

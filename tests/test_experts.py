@@ -1,15 +1,12 @@
 """The PickScore, HPSv2 and CLIP-score experts, and the QuickGELU rule of the shared CLIP backbone.
 
 Fast tests use the tiny models (built once into the session cache). The parity tests compare our scores
-with the reference implementations on random full-size weights in the released formats; each runs when
-its reference environment exists and skips with the reason otherwise (see README, Tests).
+with the reference implementations on random full-size weights in the released formats (docs/parity.md;
+tests/reference.py finds the reference, or skips, or under T2I_REQUIRE_REFERENCES=1 fails).
 """
 
-import os
 import shutil
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +15,8 @@ from PIL import Image
 from t2i_reward.rewarders import ModelLoadError, create_rewarder
 from t2i_reward.rewarders.checkpoints import resolve_checkpoint
 
-from .conftest import PARITY_DIR, reference_scores, smooth_image
+from . import reference
+from .conftest import smooth_image
 
 NEW = ["pickscore", "hpsv2", "clip_score"]
 TINY_CFG = {"pickscore": {"checkpoint": "tiny"}, "hpsv2": {"checkpoint": "tiny"}, "clip_score": {"clip": "tiny"}}
@@ -218,24 +216,9 @@ def test_openai_format_files_build_quickgelu(cache_dir, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # parity with the reference implementations (random full-size weights in the released formats)
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/reference"
-HPSV2_REF_PYTHON = Path(os.environ.get("HPSV2_REF_PYTHON", "/tmp/hpsv2-ref/bin/python"))
-IR_REF_PYTHON = Path(os.environ.get("IMAGEREWARD_REF_PYTHON", "/tmp/imagereward-ref/bin/python"))
 # odd sizes and every mode that takes its own path (the RGB path runs through the JPEG and WebP files)
 PARITY_CASES = [("rgba.png", "RGBA", (401, 257)), ("grey.png", "L", (250, 250)), ("palette.png", "P", (300, 451)),
                 ("photo.jpg", "RGB", (333, 517)), ("photo.webp", "RGB", (199, 301))]
-
-
-def _room_for(path: Path, gib: float) -> str | None:
-    """Why a full-size reference checkpoint cannot be made at `path` (None: it exists or there is room)."""
-    if path.exists():
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    free_disk = shutil.disk_usage(path.parent).free / 2**30
-    free_ram = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
-    if free_disk < gib + 1 or free_ram < 2 * gib:
-        return f"{path} is missing and making it needs {gib:.0f} GiB of disk and {2 * gib:.0f} GiB of RAM (free: {free_disk:.0f}, {free_ram:.0f})"
-    return None
 
 
 @pytest.fixture(scope="module")
@@ -262,27 +245,17 @@ def _assert_parity(ours: list[float], reference: list[float]) -> None:
 
 @pytest.mark.slow
 def test_pickscore_parity(cache_dir, parity_images):
-    script, ckpt = SHARED / "pickscore/ref_pickscore.py", PARITY_DIR / "pickscore"
-    if not script.exists():
-        pytest.skip(f"reference script {script} not found")
-    if why := _room_for(ckpt, 4):
-        pytest.skip(why)
-    if not (ckpt / "model.safetensors").exists():
-        subprocess.run([sys.executable, str(script), "make", str(ckpt)], check=True, capture_output=True)
-    reference = reference_scores(sys.executable, script, "score", ckpt, LONG_PROMPT, *parity_images)
+    script = reference.script("pickscore/ref_pickscore.py")  # the model card's arithmetic runs in our own environment
+    ckpt = reference.checkpoint("pickscore", 4, sys.executable, script)
+    want = reference.scores(sys.executable, script, "score", ckpt, LONG_PROMPT, *parity_images)
     r = only(cache_dir, "pickscore", {"checkpoint": str(ckpt), "processor": str(ckpt)}, device="cpu", dtype="float32")
-    _assert_parity(scores(r, "pickscore", LONG_PROMPT, parity_images), reference)
+    _assert_parity(scores(r, "pickscore", LONG_PROMPT, parity_images), want)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not HPSV2_REF_PYTHON.exists(), reason=f"reference HPSv2 environment {HPSV2_REF_PYTHON} not built "
-                    "(../shared/reference/hpsv2/setup_env.sh /tmp/hpsv2-ref)")
 def test_hpsv2_parity(cache_dir, parity_images, tmp_path):
-    script, ckpt = SHARED / "hpsv2/ref_hpsv2.py", PARITY_DIR / "hpsv2_random.pt"
-    if why := _room_for(ckpt, 4):
-        pytest.skip(why)
-    if not ckpt.exists():
-        subprocess.run([str(HPSV2_REF_PYTHON), str(script), "make", str(ckpt)], check=True, capture_output=True)
+    script, python = reference.script("hpsv2/ref_hpsv2.py"), reference.python("hpsv2")
+    ckpt = reference.checkpoint("hpsv2_random.pt", 4, python, script)
     # hpsv2 1.2.0 keeps RGBA images RGBA and its conv then fails on 4 channels; its normalisation keeps the
     # RGB channels as they are, so the reference scores the RGBA file with its alpha dropped
     ref_files = []
@@ -292,29 +265,24 @@ def test_hpsv2_parity(cache_dir, parity_images, tmp_path):
             p = tmp_path / "rgba-alpha-dropped.png"
             im.convert("RGB").save(p)
         ref_files.append(p)
-    reference = reference_scores(HPSV2_REF_PYTHON, script, "score", ckpt, LONG_PROMPT, *ref_files)
+    want = reference.scores(python, script, "score", ckpt, LONG_PROMPT, *ref_files)
     r = only(cache_dir, "hpsv2", {"checkpoint": str(ckpt)}, device="cpu", dtype="float32")
-    _assert_parity(scores(r, "hpsv2", LONG_PROMPT, parity_images), reference)
+    _assert_parity(scores(r, "hpsv2", LONG_PROMPT, parity_images), want)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not IR_REF_PYTHON.exists(), reason=f"reference ImageReward environment {IR_REF_PYTHON} not built "
-                    "(../shared/reference/imagereward/setup_env.sh /tmp/imagereward-ref)")
 def test_clip_score_and_aesthetic_parity_on_a_local_openai_file(cache_dir, parity_images):
     """image-reward 1.5's CLIP and Aesthetic scorers on OpenAI's ViT-L/14 format; ours reads the same
     local file through `ViT-L-14//path`, which must build QuickGELU, and shares one CLIP pass."""
-    script, folder = SHARED / "imagereward/ref_scores.py", PARITY_DIR / "irscores"
-    if why := _room_for(folder / "ViT-L-14.pt", 3):
-        pytest.skip(why)
-    if not (folder / "ViT-L-14.pt").exists():
-        subprocess.run([str(IR_REF_PYTHON), str(script), "make", str(folder)], check=True, capture_output=True)
-    reference = {name: reference_scores(IR_REF_PYTHON, script, "score", name, folder, LONG_PROMPT, *parity_images)
-                 for name in ("CLIP", "Aesthetic")}
+    script, python = reference.script("imagereward/ref_scores.py"), reference.python("imagereward")
+    folder = reference.checkpoint("irscores", 3, python, script)
+    want = {name: reference.scores(python, script, "score", name, folder, LONG_PROMPT, *parity_images)
+            for name in ("CLIP", "Aesthetic")}
     clip = f"ViT-L-14/{folder / 'ViT-L-14.pt'}"
     r = create_rewarder(profile="tiny", cache_dir=cache_dir, device="cpu", dtype="float32", experts={
         "imagereward": None, "mlp": None, "clip_score": {"clip": clip},
         "aesthetic": {"clip": clip, "head": str(folder / "sac%2Blogos%2Bava1-l14-linearMSE.pth")}})
     assert len(r.clips) == 1 and next(iter(r.clips.values())).quick_gelu
     result = r.score(LONG_PROMPT, parity_images).images
-    _assert_parity([s.components["clip_score"] for s in result], reference["CLIP"])
-    _assert_parity([s.components["aesthetic"] for s in result], reference["Aesthetic"])
+    _assert_parity([s.components["clip_score"] for s in result], want["CLIP"])
+    _assert_parity([s.components["aesthetic"] for s in result], want["Aesthetic"])

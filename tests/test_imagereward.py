@@ -1,6 +1,4 @@
-import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -8,7 +6,8 @@ import torch
 from t2i_reward.rewarders import ModelLoadError, create_rewarder
 from t2i_reward.rewarders.experts.imagereward import ImageRewardArch, ImageRewardModel, read_state_dict
 
-from .conftest import reference_scores, smooth_image
+from . import reference
+from .conftest import smooth_image
 
 LONG_PROMPT = (
     "a majestic castle on a hill at sunset, highly detailed digital painting, trending on artstation, "
@@ -93,18 +92,13 @@ def test_prompts_are_truncated_at_35_tokens(ir_only, images):
 
 
 # ----------------------------------------------------------------------------------------------
-# parity with the reference package (image-reward 1.5), when its environment exists
-
-REF_PYTHON = Path(os.environ.get("IMAGEREWARD_REF_PYTHON", "/tmp/imagereward-ref/bin/python"))
-REF_CHECKPOINT = Path(os.environ.get("IMAGEREWARD_REF_CHECKPOINT", "/tmp/ir_random.pt"))
-REF_SCRIPT = Path(__file__).resolve().parents[2] / "shared/reference/imagereward/ref_imagereward.py"
+# parity with the reference package (image-reward 1.5; docs/parity.md)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (REF_PYTHON.exists() and REF_SCRIPT.exists()), reason="reference ImageReward environment not built")
 def test_parity_with_reference_package(tmp_path, cache_dir):
-    if not REF_CHECKPOINT.exists():
-        subprocess.run([str(REF_PYTHON), str(REF_SCRIPT), "make", str(REF_CHECKPOINT)], check=True, capture_output=True)
+    script, python = reference.script("imagereward/ref_imagereward.py"), reference.python("imagereward")
+    ckpt = reference.checkpoint("ir_random.pt", 2, python, script)
     files = []
     cases = [("rgb.png", "RGB", (333, 517)), ("rgba.png", "RGBA", (401, 257)), ("grey.png", "L", (250, 250)),
              ("palette.png", "P", (300, 451)), ("photo.jpg", "RGB", (480, 640)), ("photo.webp", "RGB", (199, 301)),
@@ -117,11 +111,12 @@ def test_parity_with_reference_package(tmp_path, cache_dir):
             im.putalpha(alpha)
         im.save(tmp_path / name)
         files.append(str(tmp_path / name))
-    reference = reference_scores(REF_PYTHON, REF_SCRIPT, "score", REF_CHECKPOINT, LONG_PROMPT, *files)
+    want = reference.scores(python, script, "score", ckpt, LONG_PROMPT, *files)
     ours_model = create_rewarder(
         profile="tiny", cache_dir=cache_dir, device="cpu", dtype="float32",
-        experts={"imagereward": {"checkpoint": str(REF_CHECKPOINT), "tokenizer": "packaged"}, "aesthetic": None, "mlp": None},
+        experts={"imagereward": {"checkpoint": str(ckpt), "tokenizer": "packaged"}, "aesthetic": None, "mlp": None},
     )
     ours = [s.components["imagereward"] for s in ours_model.score(LONG_PROMPT, files).images]
-    assert max(reference) - min(reference) > 1e-3  # the images really score differently
-    assert ours == pytest.approx(reference, abs=5e-5)
+    print(f"parity: max |ours - reference| = {max(abs(a - b) for a, b in zip(ours, want)):.3g}")
+    assert max(want) - min(want) > 1e-3  # the images really score differently
+    assert ours == pytest.approx(want, abs=5e-5)
