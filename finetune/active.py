@@ -81,7 +81,7 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
     eval_p, eval_seeds = eval_batch(held_out, spec.eval_images_per_prompt)
 
     # ---- resume (at the round, and the step within it, of the last checkpoint); else evaluate the base (round 0)
-    start, base_eval, extra = resume(out, models.denoiser, models.optimizer, ctx.metrics)
+    start, base_eval, extra = resume(out, models.denoiser, models.optimizer, ctx.metrics, root=ctx.checkpoint_dir)
     first_round, in_round = int(extra.get("round", 0)), extra.get("in_round")
     stats = PromptStats.for_spec(spec, extra.get("prompt_stats"))
     weights = ctx.reward.expert_weights() if spec.is_policy_gradient and hasattr(ctx.reward, "expert_weights") else {}
@@ -128,7 +128,7 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
             step = r * spec.steps + j
             _guard(ctx)
             if ctx.should_stop is not None and ctx.should_stop():
-                save_checkpoint(out, step, models.denoiser, models.optimizer, metrics, base_eval, state(r, current))
+                save_checkpoint(out, step, models.denoiser, models.optimizer, metrics, base_eval, state(r, current), root=ctx.checkpoint_dir)
                 raise JobCancelled(f"cancelled in round {r + 1}, at step {step}")
             batch = [selected[(j * spec.batch_size + k) % len(selected)] for k in range(spec.batch_size)]
             train_step(spec, sampler, models, ctx.reward, batch, step, random.Random(spec.seed * 1_000_003 + step), accelerator,
@@ -136,7 +136,7 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
             done = step + 1
             if done % spec.checkpoint_every == 0 and j + 1 < spec.steps:  # a resume point inside a long round
                 _guard(ctx)
-                save_checkpoint(out, done, models.denoiser, models.optimizer, metrics, base_eval, state(r, current))
+                save_checkpoint(out, done, models.denoiser, models.optimizer, metrics, base_eval, state(r, current), root=ctx.checkpoint_dir)
             if ctx.on_progress is not None:
                 eta = (time.perf_counter() - t0) / (done - start) * (total_steps - done)
                 ctx.on_progress({"step": done, "total": total_steps, "eta_s": round(eta, 1), "round": r + 1})
@@ -147,7 +147,7 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
         metrics["rounds"].append({"round": r + 1, **current, "train_reward": sum(round_rewards) / max(1, len(round_rewards)),
                                   "eval": summarise(total, components)})
         _guard(ctx)
-        save_checkpoint(out, (r + 1) * spec.steps, models.denoiser, models.optimizer, metrics, base_eval, state(r + 1, None))
+        save_checkpoint(out, (r + 1) * spec.steps, models.denoiser, models.optimizer, metrics, base_eval, state(r + 1, None), root=ctx.checkpoint_dir)
 
     # ---- save: the LoRA, the final evaluation images, metrics and report
     models.denoiser.eval()

@@ -64,7 +64,7 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
     main = accelerator.is_main_process
 
     # ---- resume, and the base model's evaluation once, before any update
-    start, base_eval, extra = resume(out, models.denoiser, models.optimizer, ctx.metrics)
+    start, base_eval, extra = resume(out, models.denoiser, models.optimizer, ctx.metrics, root=ctx.checkpoint_dir)
     stats = PromptStats.for_spec(spec, extra.get("prompt_stats"))  # DDPO's statistics, as the checkpoint left them
     weights = ctx.reward.expert_weights() if (spec.is_policy_gradient or spec.eval_every) and hasattr(ctx.reward, "expert_weights") else {}
     sentinel = None
@@ -96,7 +96,7 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
         _guard(ctx)
         if ctx.should_stop is not None and ctx.should_stop():
             if main:
-                save_checkpoint(out, step, models.denoiser, models.optimizer, ctx.metrics, base_eval, state())
+                save_checkpoint(out, step, models.denoiser, models.optimizer, ctx.metrics, base_eval, state(), root=ctx.checkpoint_dir)
             raise JobCancelled(f"cancelled at step {step}")
         rng = random.Random(spec.seed * 1_000_003 + step + 7_919 * accelerator.process_index)
         first_prompt = (step * accelerator.num_processes + accelerator.process_index) * spec.batch_size
@@ -114,7 +114,7 @@ def run_job(spec: JobSpec, ctx: JobContext) -> dict:
                 return finish(spec, ctx, sampler, models, out, eval_prompts, eval_p, eval_seeds, base_eval, sentinel, stopped)
         if done % spec.checkpoint_every == 0 and done < spec.steps and main:
             _guard(ctx)
-            save_checkpoint(out, done, models.denoiser, models.optimizer, ctx.metrics, base_eval, state())
+            save_checkpoint(out, done, models.denoiser, models.optimizer, ctx.metrics, base_eval, state(), root=ctx.checkpoint_dir)
         if ctx.on_progress is not None and main:
             ctx.on_progress({"step": done, "total": spec.steps, "eta_s": round(eta, 1)})
 
