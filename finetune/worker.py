@@ -111,6 +111,7 @@ class JobRunner:
         if attempt is None:  # queued by a version that did not pass the attempt
             attempt = _retry(f"job {job_id}", lambda: store.attempt(job_id))
         lease = Lease(store, job_id, attempt, settings.heartbeat_timeout_s)
+        hook("dequeued")  # out of rq's queue, not claimed yet: the window the sweep covers (JobStore.redeliver_lost)
         state, raw_spec = _retry(f"job {job_id}", lease.claim)
         if state != "ok":  # cancelled while queued, superseded by a newer attempt, or a duplicate delivery
             log.info("job %s attempt %d not run: %s", job_id, attempt, state)
@@ -134,10 +135,11 @@ class JobRunner:
                 lease.report(progress=p, metrics=bounded_metrics(ctx.metrics))
                 hook(f"step-{p['step']}")
 
-            lease.check()
-            checkpoints = adopt_checkpoints(out_dir, attempt)  # this attempt's own folder (fencing)
             # parsed here, so a stored spec this version cannot read fails the job instead of looping
-            spec, ctx = self.context(JobSpec.model_validate_json(raw_spec), out_dir, on_progress=progress,
+            spec = JobSpec.model_validate_json(raw_spec)
+            lease.check()
+            checkpoints = adopt_checkpoints(out_dir, attempt) if spec.method != "generate" else None  # this attempt's own (fencing)
+            spec, ctx = self.context(spec, out_dir, on_progress=progress,
                                      should_stop=lambda: lease.cancel or stopping(), guard=lease.check,
                                      checkpoint_dir=checkpoints)
             result = run_job(spec, ctx)
@@ -153,8 +155,9 @@ class JobRunner:
         except JobCancelled as e:
             if stopping() and not lease.cancel:  # the worker is stopping: the job was checkpointed at this step
                 if lease.hand_back():
-                    log.warning("job %s attempt %d: stopped for shutdown (%s, checkpointed); queued again as attempt %d",
-                                job_id, attempt, e, attempt + 1)
+                    at = max((int(p.name.split("-")[1]) for p in checkpoints.glob("step-*")), default=0) if checkpoints else 0
+                    log.warning("job %s attempt %d: stopped for shutdown with a checkpoint at step %d; queued again as "
+                                "attempt %d", job_id, attempt, at, attempt + 1)
                 return
             log.info("job %s: %s", job_id, e)
             final = dict(status="cancelled", artifacts=artifact_names(out_dir) if out_dir.exists() else [])
@@ -414,7 +417,6 @@ def worker_class():
         def execute_job(self, job, queue):
             self.busy = True
             try:
-                hook("dequeued")
                 super().execute_job(job, queue)
             finally:
                 self.busy = False
