@@ -414,6 +414,14 @@ def worker_class():
                 raise StopRequested()  # out of the blocking dequeue, as rq does
             self._stop_requested = True  # rq's loop ends after the job, which stops at its next step
 
+        def unsubscribe(self):
+            """rq's, without waiting for redis-py's pubsub thread: once unsubscribed it sleeps up to 60 s before
+            it sees the stop, and rq joins it (a stopping worker would wait that long); it is a daemon thread."""
+            if self.pubsub_thread:
+                self.pubsub.unsubscribe()
+                self.pubsub_thread.stop(timeout=0.1)
+                self.pubsub.close()
+
         def execute_job(self, job, queue):
             self.busy = True
             try:
