@@ -546,11 +546,10 @@ def test_a_full_jobs_volume_fails_the_job_clearly_and_the_worker_goes_on(private
     job_id = submit(store, steps=60)
     wait(store, job_id, at_step(1))  # its base samples are written
     filler = small_volume / "filler"
-    with open(filler, "wb") as f:  # take every byte left
-        with pytest.raises(OSError):
+    with open(filler, "wb", buffering=0) as f:  # take every byte left
+        with pytest.raises(OSError, match="No space left"):
             while True:
                 f.write(b"\0" * 65536)
-                f.flush()
     end = time.time() + 120
     while (job := store.get(job_id))["status"] != "failed":
         assert time.time() < end and job["status"] == "running", job["status"]
