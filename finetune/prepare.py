@@ -117,9 +117,13 @@ def check_submission(submitted: JobSpec, prepared: PreparedJob, experts: Optiona
     layers = adaptable_layers(str(config), config.stat().st_mtime_ns)
     missing = [t for t in prepared.spec.target_modules if not any(n == t or n.endswith("." + t) for n in layers)]
     if missing:
-        examples = sorted({n.rsplit(".", 1)[-1] for n in layers if "attn" in n} or {n.rsplit(".", 1)[-1] for n in layers})[:8]
-        raise ValueError(f"target_modules {missing} match no Linear or Conv layer of {prepared.spec.base_model!r}'s "
-                         f"{config.parent.name} (its attention layers end in e.g. {', '.join(examples)})")
+        def short(n: str) -> str:  # what a target names: the last part, or the last two for to_out.0
+            parts = n.split(".")
+            return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+        examples = sorted({short(n) for n in layers if "attn" in n} or {short(n) for n in layers})[:8]
+        raise ValueError(f"target_modules {missing} match no Linear or Conv layer of the {config.parent.name} of "
+                         f"{prepared.spec.base_model!r} (its attention layers include {', '.join(examples)})")
 
 
 def denoiser_config(base_model: str, cache_dir: Path) -> Optional[Path]:
