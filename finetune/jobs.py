@@ -270,15 +270,17 @@ class JobStore:
                     active = pipe.zcard(QUEUED) + pipe.scard(RUNNING)
                     if max_active is not None and active >= max_active:
                         raise QuotaExceeded(f"{active} jobs are queued or running; the limit is {max_active}")
-                    mine = [m.decode() for m in pipe.smembers(owned)]
-                    with self.redis.pipeline(transaction=False) as read:
-                        for m in mine:
-                            read.hget(key(m), "status")
-                        statuses = read.execute()
-                    done = [m for m, st in zip(mine, statuses) if st is None or st in TERMINAL]
-                    if max_per_owner is not None and len(mine) - len(done) >= max_per_owner:
-                        raise QuotaExceeded(f"this API key has {len(mine) - len(done)} jobs queued or running; "
-                                            f"the limit is {max_per_owner}")
+                    mine, done = [], []
+                    if max_per_owner is not None:  # the owner's set, pruned of the jobs that ended since
+                        mine = [m.decode() for m in pipe.smembers(owned)]
+                        with self.redis.pipeline(transaction=False) as read:
+                            for m in mine:
+                                read.hget(key(m), "status")
+                            statuses = read.execute()
+                        done = [m for m, st in zip(mine, statuses) if st is None or st in TERMINAL]
+                        if len(mine) - len(done) >= max_per_owner:
+                            raise QuotaExceeded(f"this API key has {len(mine) - len(done)} jobs queued or running; "
+                                                f"the limit is {max_per_owner}")
                     now = time.time()
                     pipe.multi()
                     if done:
@@ -291,7 +293,8 @@ class JobStore:
                     }))
                     pipe.zadd(INDEX, {job_id: now})
                     pipe.zadd(QUEUED, {job_id: now})
-                    pipe.sadd(owned, job_id)
+                    if max_per_owner is not None:
+                        pipe.sadd(owned, job_id)
                     self._enqueue(job_id, 1, pipe)
                     pipe.execute()
                     return job_id

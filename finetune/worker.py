@@ -122,7 +122,7 @@ class JobRunner:
         finally:
             self.current = None
 
-    def _run(self, job_id: str, attempt: int, lease: "Lease", raw_spec: str) -> None:
+    def _run(self, job_id: str, attempt: int, lease: Lease, raw_spec: str) -> None:
         settings, stopping = self.settings, self.shutdown.requested.is_set
         hook("claimed")
         log.info("job %s attempt %d: running on %s", job_id, attempt, worker_name())
@@ -324,7 +324,9 @@ class Lease:
                 self.abandon()
                 with self._lock:
                     fields = dict(self._pending)
-                give = lambda: self.store.hand_back(self.job_id, self.attempt, self.token, fields)  # noqa: E731
+                def give():
+                    return self.store.hand_back(self.job_id, self.attempt, self.token, fields)
+
                 self._handed = self.superseded is None and bool(_retry(f"job {self.job_id}: hand-back", give, deadline))
             return self._handed
 
@@ -397,8 +399,8 @@ def worker_class():
     """rq's SimpleWorker with our stop (`Shutdown`) in place of rq's warm shutdown, which waits for the
     running job to finish however long it takes."""
     from rq import SimpleWorker
-    from rq.utils import now as rq_now
     from rq.exceptions import StopRequested
+    from rq.utils import now as rq_now
 
     class Worker(SimpleWorker):
         busy = False
