@@ -129,14 +129,14 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
             step = r * spec.steps + j
             _guard(ctx)
             if ctx.should_stop is not None and ctx.should_stop():
-                save_checkpoint(out, step, models.denoiser, models.optimizer, metrics, base_eval, checkpoint_state(r, current))
+                save_checkpoint(out, step, models.denoiser, models.optimizer, metrics, base_eval, checkpoint_state(r, current), root=ctx.checkpoint_dir)
                 raise JobCancelled(f"cancelled in round {r + 1}, at step {step}")
             batch = [selected[(j * spec.batch_size + k) % len(selected)] for k in range(spec.batch_size)]
             train_step(state, batch, step, random.Random(spec.seed * 1_000_003 + step))
             done = step + 1
             if done % spec.checkpoint_every == 0 and j + 1 < spec.steps:  # a resume point inside a long round
                 _guard(ctx)
-                save_checkpoint(out, done, models.denoiser, models.optimizer, metrics, base_eval, checkpoint_state(r, current))
+                save_checkpoint(out, done, models.denoiser, models.optimizer, metrics, base_eval, checkpoint_state(r, current), root=ctx.checkpoint_dir)
             if ctx.on_progress is not None:
                 eta = (time.perf_counter() - t0) / (done - start) * (total_steps - done)
                 ctx.on_progress({"step": done, "total": total_steps, "eta_s": round(eta, 1), "round": r + 1})
@@ -147,7 +147,7 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
         metrics["rounds"].append({"round": r + 1, **current, "train_reward": sum(round_rewards) / max(1, len(round_rewards)),
                                   "eval": summarise(total, components)})
         _guard(ctx)
-        save_checkpoint(out, (r + 1) * spec.steps, models.denoiser, models.optimizer, metrics, base_eval, checkpoint_state(r + 1, None))
+        save_checkpoint(out, (r + 1) * spec.steps, models.denoiser, models.optimizer, metrics, base_eval, checkpoint_state(r + 1, None), root=ctx.checkpoint_dir)
 
     # ---- save: the LoRA, the final evaluation images, metrics and report
     models.denoiser.eval()

@@ -3,6 +3,7 @@ the same seeds, and the artifacts (LoRA, metrics.json, samples/, report.png)."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import shutil
@@ -20,33 +21,81 @@ def artifact_names(out: Path) -> list[str]:
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts)
 
 
-def save_checkpoint(out: Path, step: int, denoiser, optimizer, metrics: dict, base_eval: dict, extra: Optional[dict] = None) -> None:
+def save_checkpoint(out: Path, step: int, denoiser, optimizer, metrics: dict, base_eval: dict, extra: Optional[dict] = None,
+                    root: Optional[Path] = None) -> None:
     """LoRA + optimiser + metrics (+ `extra`: the method's own state, e.g. GRPO's per-prompt statistics) at
-    `step`, written whole or not at all; older checkpoints removed."""
+    `step`, written whole or not at all into `root` (default `out/checkpoints`; a worker's attempt writes into
+    its own, see `adopt_checkpoints`); older checkpoints removed. Each file is serialised in memory first, so
+    a full disk is a plain OSError (ENOSPC), and a failed write leaves no temporary files behind."""
     from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    root = out / "checkpoints"
+    from .faults import hook
+
+    hook(f"checkpoint-{step}")
+    root = root if root is not None else out / "checkpoints"
     tmp = root / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}, tmp / "lora.safetensors")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "metrics": metrics, "base_eval": base_eval, "extra": extra or {}}))
-    final = root / f"step-{step}"
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    try:
+        tmp.mkdir(parents=True)
+        (tmp / "lora.safetensors").write_bytes(save({k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(denoiser).items()}))
+        buffer = io.BytesIO()
+        torch.save(optimizer.state_dict(), buffer)
+        (tmp / "optimizer.pt").write_bytes(buffer.getbuffer())
+        (tmp / "state.json").write_text(json.dumps({"step": step, "metrics": metrics, "base_eval": base_eval, "extra": extra or {}}))
+        final = root / f"step-{step}"
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in root.glob("step-*"):
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def resume(out: Path, denoiser, optimizer, metrics: dict) -> tuple[int, Optional[dict], dict]:
-    """Load the last checkpoint, if any: (the step to start at, the base model's evaluation, the extra state)."""
+def adopt_checkpoints(out: Path, attempt: int) -> Path:
+    """The checkpoint folder of `attempt` of a worker's job, `out/checkpoints/attempt-<attempt>`, holding the
+    newest checkpoint of the job so far.
+
+    Why (fencing): a runner that lost its job can still be frozen between its last ownership check and a
+    checkpoint write. Each attempt therefore writes only into its own folder, and a new attempt takes over
+    the folder of the newest earlier attempt by renaming it (atomic). A late write of a superseded runner
+    goes by path into its own folder name, which no longer exists (it is made anew, holding only that write),
+    and no later attempt reads it: an attempt adopts the highest-numbered folder below its own, and every
+    attempt that got this far has made its own. Checkpoints directly under `checkpoints/` (an older release,
+    or `t2i-reward finetune`) are adopted as attempt 0."""
+    root = out / "checkpoints"
+    own = root / f"attempt-{attempt}"
+    if own.is_dir():
+        return own
+    earlier = sorted((int(p.name.split("-")[1]), p) for p in root.glob("attempt-*") if p.name.split("-")[1].isdigit())
+    earlier = [(n, p) for n, p in earlier if n < attempt]
+    root.mkdir(parents=True, exist_ok=True)
+    if earlier:
+        try:
+            earlier[-1][1].rename(own)
+        except FileNotFoundError:  # a newer attempt took it meanwhile: this one is stale, its guard stops it
+            own.mkdir(exist_ok=True)
+    else:
+        own.mkdir()
+        for flat in root.glob("step-*"):  # attempt 0: the flat layout
+            flat.rename(own / flat.name)
+    for _, stale in earlier[:-1]:
+        shutil.rmtree(stale, ignore_errors=True)
+    for tmp in own.glob(".step-*.tmp"):  # a write that never finished
+        shutil.rmtree(tmp, ignore_errors=True)
+    return own
+
+
+def resume(out: Path, denoiser, optimizer, metrics: dict, root: Optional[Path] = None) -> tuple[int, Optional[dict], dict]:
+    """Load the last checkpoint in `root` (default `out/checkpoints`), if any: (the step to start at, the base
+    model's evaluation, the extra state)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    root = root if root is not None else out / "checkpoints"
+    ckpts = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     if not ckpts:
         return 0, None, {}
     last = ckpts[-1]

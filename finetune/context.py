@@ -45,6 +45,7 @@ class JobContext:
     metrics: dict = field(default_factory=lambda: {"reward": [], "loss": [], "kl": []})
     lora_path: Optional[Path] = None  # generate: the LoRA the base model loads
     peer: Optional[object] = None  # the MLLM peer (t2i_reward.rewarders.mllm), for generate's enhancement and reasons
+    checkpoint_dir: Optional[Path] = None  # where checkpoints are read and written (default out_dir/checkpoints; a worker: its attempt's)
 
 
 @dataclass

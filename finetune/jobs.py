@@ -13,9 +13,21 @@ runner's (or has lapsed with nobody taking over), and renews the lease. The reap
 running jobs whose lease expired, bumping the attempt in the same transaction as the enqueue, so a runner
 that was cut off finds its writes refused when it comes back.
 
+No window leaves a job stuck. rq moves a job out of its queue before our claim; a worker that dies in
+between leaves the job `queued` in no queue. Queued jobs are therefore tracked too, and a sweep (each
+worker's reaper) hands a queued job that has been in no rq queue for longer than the lease to a new
+attempt. A job whose runner keeps dying gets `max_attempts` lost attempts, then fails (a poison job); a
+worker asked to stop hands its job back as a new attempt (`hand_back`).
+
+Quotas (why: any key holder could fill Redis): `create` refuses a job past a cap on queued plus running
+jobs, in total and per API key (`QuotaExceeded`), checked and written in one transaction; queued jobs
+expire after a TTL (`expire_queued`).
+
 Keys: `t2i:job:<id>` (hash), `t2i:job:<id>:lease`, `t2i:jobs` (index, by creation time),
-`t2i:jobs:running` (what the reaper scans), `t2i:jobs:expiry` (when terminal jobs leave the index; their
-hash expires by itself after the retention).
+`t2i:jobs:running` (what the reaper scans), `t2i:jobs:queued` (queued jobs, by the time they were queued:
+what the sweep scans), `t2i:jobs:owner:<key digest>` (an API key's queued and running jobs, pruned at each
+submission), `t2i:jobs:expiry` (when terminal jobs leave the index; their hash expires by itself after the
+retention).
 """
 
 from __future__ import annotations
@@ -40,11 +52,14 @@ from .spec import JobSpec
 PREFIX = "t2i:job:"
 INDEX = "t2i:jobs"
 RUNNING = "t2i:jobs:running"
+QUEUED = "t2i:jobs:queued"
+OWNER = "t2i:jobs:owner:"
 EXPIRY = "t2i:jobs:expiry"
 QUEUE = "t2i-finetune"
 TERMINAL = ("succeeded", "failed", "cancelled")
 JOB_TIMEOUT_S = 7 * 24 * 3600
 DEFAULT_RETENTION_S = 7 * 24 * 3600
+DEFAULT_MAX_ATTEMPTS = 3
 JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # secrets.token_urlsafe's alphabet; nothing else reaches a key
 MAX_OFFSET = 1_000_000  # of a listing page (the API bounds it too)
 METRIC_POINTS = 1000  # most points per curve kept in Redis (metrics.json keeps them all)
@@ -74,7 +89,7 @@ if redis.call('HGET', KEYS[1], 'cancel') == '1' then return 1 end
 return 0
 """
 
-# KEYS: hash, lease, running. ARGV: token, attempt, lease_ms, now, job id, worker. Returns {state, spec}:
+# KEYS: hash, lease, running, queued. ARGV: token, attempt, lease_ms, now, job id, worker. Returns {state, spec}:
 # 'ok' (we hold the lease; idempotent for a retried call), 'gone', a terminal status, 'stale' (a newer
 # attempt exists) or 'busy' (another runner holds this attempt: a duplicate delivery).
 _START = """
@@ -88,11 +103,13 @@ if lease then return {'busy', ''} end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[3])
 redis.call('HSET', KEYS[1], 'status', 'running', 'heartbeat', ARGV[4], 'updated_at', ARGV[4], 'worker', ARGV[6],
            'run:' .. ARGV[2], ARGV[6] .. '@' .. ARGV[4])
+redis.call('HDEL', KEYS[1], 'missing_since')
 redis.call('SADD', KEYS[3], ARGV[5])
+redis.call('ZREM', KEYS[4], ARGV[5])
 return {'ok', h[3]}
 """
 
-# KEYS: hash, expiry. ARGV: now, ttl_s, job id. A queued job is cancelled at once (and starts its retention).
+# KEYS: hash, expiry, queued. ARGV: now, ttl_s, job id. A queued job is cancelled at once (and starts its retention).
 _CANCEL = """
 local s = redis.call('HGET', KEYS[1], 'status')
 if not s then return false end
@@ -100,6 +117,7 @@ if s == 'succeeded' or s == 'failed' or s == 'cancelled' then return s end
 redis.call('HSET', KEYS[1], 'cancel', 1, 'updated_at', ARGV[1])
 if s ~= 'queued' then return s end
 redis.call('HSET', KEYS[1], 'status', 'cancelled')
+redis.call('ZREM', KEYS[3], ARGV[3])
 redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[2])))
 redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) + tonumber(ARGV[2]), ARGV[3])
 return 'cancelled'
@@ -120,6 +138,53 @@ for _, id in ipairs(ids) do
 end
 return out
 """
+
+
+# KEYS: queued, expiry. ARGV: now, ttl_s, retention_s, prefix, message. Fails the jobs queued for longer than
+# ttl_s (a worker that dequeues one later finds it failed and does not run it); returns their ids.
+_EXPIRE_QUEUED = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[2]), 'LIMIT', 0, 1000)
+local out = {}
+for _, id in ipairs(ids) do
+  local h = ARGV[4] .. id
+  redis.call('ZREM', KEYS[1], id)
+  if redis.call('HGET', h, 'status') == 'queued' then
+    redis.call('HSET', h, 'status', 'failed', 'error', ARGV[5], 'updated_at', ARGV[1])
+    redis.call('EXPIRE', h, math.ceil(tonumber(ARGV[3])))
+    redis.call('ZADD', KEYS[2], tonumber(ARGV[1]) + tonumber(ARGV[3]), id)
+    out[#out + 1] = id
+  end
+end
+return out
+"""
+
+# KEYS: queued, the rq queue's list. ARGV: now, grace_s, prefix. The dequeue-claim window: a queued job whose
+# current attempt is in no rq queue is marked (`missing_since`); one missing for longer than grace_s is
+# returned ({id, attempt, ...}) to be queued again. Members that are no longer queued leave the set.
+_SWEEP = """
+local waiting = {}
+for _, rq_id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do waiting[rq_id] = true end
+local lost = {}
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local h = ARGV[3] .. id
+  local s = redis.call('HMGET', h, 'status', 'attempt', 'missing_since')
+  if s[1] ~= 'queued' then
+    redis.call('ZREM', KEYS[1], id)
+  elseif waiting[id .. '-' .. s[2]] then
+    if s[3] then redis.call('HDEL', h, 'missing_since') end
+  elseif not s[3] then
+    redis.call('HSET', h, 'missing_since', ARGV[1])
+  elseif tonumber(ARGV[1]) - tonumber(s[3]) > tonumber(ARGV[2]) then
+    lost[#lost + 1] = id
+    lost[#lost + 1] = s[2]
+  end
+end
+return lost
+"""
+
+
+class QuotaExceeded(Exception):
+    """Too many queued and running jobs, in total or for one API key (the API answers 429)."""
 
 
 class LeaseLost(Exception):
@@ -179,6 +244,8 @@ class JobStore:
         self._start = self.redis.register_script(_START)
         self._cancel = self.redis.register_script(_CANCEL)
         self._list = self.redis.register_script(_LIST)
+        self._expire_queued = self.redis.register_script(_EXPIRE_QUEUED)
+        self._sweep = self.redis.register_script(_SWEEP)
 
     def close(self) -> None:
         self.redis.close()
@@ -189,22 +256,56 @@ class JobStore:
                            job_timeout=JOB_TIMEOUT_S, result_ttl=24 * 3600, failure_ttl=7 * 24 * 3600)
 
     # ---- API side
-    def create(self, spec: JobSpec) -> str:
-        """The hash, the index entry and the rq job in one MULTI/EXEC: all or nothing."""
+    def create(self, spec: JobSpec, owner: str = "-", max_active: Optional[int] = None,
+               max_per_owner: Optional[int] = None) -> str:
+        """The hash, the index entry and the rq job in one MULTI/EXEC: all or nothing. With caps, the count of
+        queued plus running jobs (in total, and of `owner`: a digest of the API key) is checked in the same
+        transaction (WATCH), so concurrent submissions cannot overshoot it; QuotaExceeded past a cap."""
         job_id = secrets.token_urlsafe(16)  # unguessable: ids are capabilities to read a job's artifacts
-        now = time.time()
-        with self.queue.connection.pipeline() as pipe:
-            pipe.multi()
-            pipe.hset(key(job_id), mapping=encode({
-                "id": job_id, "spec": spec.model_dump_json(), "status": "queued", "attempt": 1,
-                "progress": {"step": 0, "total": spec.total_steps, "eta_s": None},
-                "metrics": {"reward": [], "loss": [], "kl": []}, "artifacts": [], "error": "",
-                "created_at": now, "updated_at": now, "heartbeat": 0, "cancel": 0,
-            }))
-            pipe.zadd(INDEX, {job_id: now})
-            self._enqueue(job_id, 1, pipe)
-            pipe.execute()
-        return job_id
+        owned = OWNER + owner
+        for _ in range(100):  # a WATCH conflict means another submission or a claim got in first: count again
+            with self.queue.connection.pipeline() as pipe:
+                try:
+                    pipe.watch(QUEUED, RUNNING, owned)
+                    active = pipe.zcard(QUEUED) + pipe.scard(RUNNING)
+                    if max_active is not None and active >= max_active:
+                        raise QuotaExceeded(f"{active} jobs are queued or running; the limit is {max_active}")
+                    mine, done = [], []
+                    if max_per_owner is not None:  # the owner's set, pruned of the jobs that ended since
+                        mine = [m.decode() for m in pipe.smembers(owned)]
+                        with self.redis.pipeline(transaction=False) as read:
+                            for m in mine:
+                                read.hget(key(m), "status")
+                            statuses = read.execute()
+                        done = [m for m, st in zip(mine, statuses) if st is None or st in TERMINAL]
+                        if len(mine) - len(done) >= max_per_owner:
+                            raise QuotaExceeded(f"this API key has {len(mine) - len(done)} jobs queued or running; "
+                                                f"the limit is {max_per_owner}")
+                    now = time.time()
+                    pipe.multi()
+                    if done:
+                        pipe.srem(owned, *done)
+                    pipe.hset(key(job_id), mapping=encode({
+                        "id": job_id, "spec": spec.model_dump_json(), "status": "queued", "attempt": 1,
+                        "progress": {"step": 0, "total": spec.total_steps, "eta_s": None},
+                        "metrics": {"reward": [], "loss": [], "kl": []}, "artifacts": [], "error": "",
+                        "created_at": now, "updated_at": now, "heartbeat": 0, "cancel": 0, "owner": owner,
+                    }))
+                    pipe.zadd(INDEX, {job_id: now})
+                    pipe.zadd(QUEUED, {job_id: now})
+                    if max_per_owner is not None:
+                        pipe.sadd(owned, job_id)
+                    self._enqueue(job_id, 1, pipe)
+                    pipe.execute()
+                    return job_id
+                except redis.WatchError:
+                    continue
+        raise redis.RedisError("too many concurrent submissions and claims to count the queued jobs; retry")
+
+    def expire_queued(self, ttl_s: float, retention_s: float = DEFAULT_RETENTION_S) -> list[str]:
+        """Fail the jobs queued for longer than `ttl_s` (nobody ran them); returns their ids."""
+        message = f"expired: not started within {ttl_s:g} s of being queued (no worker took it)"
+        return self._expire_queued(keys=[QUEUED, EXPIRY], args=[time.time(), ttl_s, retention_s, PREFIX, message])
 
     def get(self, job_id: str) -> Optional[dict]:
         raw = self.redis.hgetall(key(job_id))
@@ -233,13 +334,13 @@ class JobStore:
 
     def cancel(self, job_id: str, retention_s: float = DEFAULT_RETENTION_S) -> Optional[str]:
         """Ask a job to stop. A queued job is cancelled at once; a running one at its next step."""
-        return self._cancel(keys=[key(job_id), EXPIRY], args=[time.time(), retention_s, job_id])
+        return self._cancel(keys=[key(job_id), EXPIRY, QUEUED], args=[time.time(), retention_s, job_id])
 
     # ---- worker side
     def start(self, job_id: str, attempt: int, token: str, lease_s: float) -> tuple[str, Optional[str]]:
         """Claim `attempt` of the job: ('ok', the spec's JSON) when this runner may run it, else (why not, None)."""
         now = time.time()
-        state, spec = self._start(keys=[key(job_id), key(job_id) + ":lease", RUNNING],
+        state, spec = self._start(keys=[key(job_id), key(job_id) + ":lease", RUNNING, QUEUED],
                                   args=[token, attempt, int(lease_s * 1000), now, job_id, worker_name()])
         return state, (spec if state == "ok" else None)
 
@@ -258,42 +359,106 @@ class JobStore:
                               args=[token, attempt, int(lease_s * 1000), retention_s, now, job_id, *flat])
         return None if r == -1 else bool(r)
 
-    def requeue_stale(self) -> list[str]:
+    def requeue_stale(self, max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+                      retention_s: float = DEFAULT_RETENTION_S) -> list[tuple[str, str]]:
         """Queue again the running jobs whose lease expired (their runner died or was cut off); they resume.
-        Only the running set is scanned, not every job ever created."""
+        A job that has lost `max_attempts` attempts this way fails instead (a poison job: it may be what
+        kills its workers), its checkpoints kept. Only the running set is scanned, not every job ever
+        created. Returns (job id, "requeued" or "failed") for each job it acted on."""
         ids = sorted(self.redis.smembers(RUNNING))
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.exists(key(job_id) + ":lease")
                 pipe.hget(key(job_id), "status")
             found = pipe.execute()
-        requeued = []
+        acted = []
         for job_id, held, status in zip(ids, found[::2], found[1::2]):
             if status != "running":  # finished or expired: not ours to scan any more
                 self.redis.srem(RUNNING, job_id)
-            elif not held and self._requeue(job_id):
-                requeued.append(job_id)
-        return requeued
+            elif not held:
+                outcome = self._requeue(job_id, max_attempts, retention_s)
+                if outcome is not None:
+                    acted.append((job_id, outcome))
+        return acted
 
-    def _requeue(self, job_id: str) -> bool:
-        """Bump the attempt and enqueue it, in one transaction that fails if the lease or the job changed
-        meanwhile (the runner came back, or another reaper won)."""
+    def _requeue(self, job_id: str, max_attempts: int, retention_s: float) -> Optional[str]:
+        """Bump the attempt and enqueue it (or fail a job out of attempts), in one transaction that fails if
+        the lease or the job changed meanwhile (the runner came back, or another reaper won)."""
         h, lease = key(job_id), key(job_id) + ":lease"
         with self.queue.connection.pipeline() as pipe:
             try:
                 pipe.watch(h, lease)
-                status, attempt = pipe.hmget(h, "status", "attempt")
+                status, attempt, lost, worker = pipe.hmget(h, "status", "attempt", "lost", "worker")
                 if pipe.exists(lease) or status != b"running":
-                    return False
-                attempt = int(attempt) + 1
+                    return None
+                attempt, lost, now = int(attempt), int(lost or 0) + 1, time.time()
                 pipe.multi()
-                pipe.hset(h, mapping={"status": "queued", "attempt": attempt, "updated_at": time.time()})
                 pipe.srem(RUNNING, job_id)
-                self._enqueue(job_id, attempt, pipe)
+                if lost >= max_attempts:
+                    last = (worker or b"?").decode()
+                    pipe.hset(h, mapping={"status": "failed", "lost": lost, "updated_at": now, "error": (
+                        f"gave up after {lost} attempts: each time, its worker died or was cut off before the job "
+                        f"finished (the last one: {last}); its checkpoints are kept in the job directory")})
+                    pipe.expire(h, math.ceil(retention_s))
+                    pipe.zadd(EXPIRY, {job_id: now + retention_s})
+                else:
+                    pipe.hset(h, mapping={"status": "queued", "attempt": attempt + 1, "lost": lost, "updated_at": now})
+                    pipe.zadd(QUEUED, {job_id: now})
+                    self._enqueue(job_id, attempt + 1, pipe)
                 pipe.execute()
-                return True
+                return "failed" if lost >= max_attempts else "requeued"
             except redis.WatchError:
-                return False
+                return None
+
+    def redeliver_lost(self, grace_s: float) -> list[str]:
+        """The dequeue-claim window: queue again, as a new attempt, each queued job that has been in no rq
+        queue for longer than `grace_s` (the worker that dequeued it died before claiming it). A worker
+        that dequeued it and is still alive finds its attempt stale and does not run it."""
+        lost = self._sweep(keys=[QUEUED, self.queue.key], args=[time.time(), grace_s, PREFIX])
+        done = []
+        for job_id, attempt in zip(lost[::2], lost[1::2]):
+            h, rq_id = key(job_id), f"{job_id}-{attempt}"
+            with self.queue.connection.pipeline() as pipe:
+                try:
+                    pipe.watch(h, self.queue.key)
+                    status, current = pipe.hmget(h, "status", "attempt")
+                    if status != b"queued" or current != attempt.encode() or pipe.lpos(self.queue.key, rq_id) is not None:
+                        continue
+                    pipe.multi()
+                    pipe.hset(h, mapping={"attempt": int(attempt) + 1, "updated_at": time.time()})
+                    pipe.hdel(h, "missing_since")
+                    self._enqueue(job_id, int(attempt) + 1, pipe)
+                    pipe.execute()
+                    done.append(job_id)
+                except redis.WatchError:
+                    continue
+        return done
+
+    def hand_back(self, job_id: str, attempt: int, token: str, fields: dict) -> bool:
+        """A runner asked to stop gives its job back: the job is queued again as a new attempt (which
+        resumes from the checkpoint just written), with `fields` (the last progress) written, the lease
+        released. False when this runner no longer owns the job."""
+        h, lease = key(job_id), key(job_id) + ":lease"
+        for _ in range(10):  # a conflict is a concurrent cancel request or a sweep: look again
+            with self.queue.connection.pipeline() as pipe:
+                try:
+                    pipe.watch(h, lease)
+                    status, current = pipe.hmget(h, "status", "attempt")
+                    held = pipe.get(lease)
+                    if status != b"running" or current != str(attempt).encode() or (held is not None and held != token.encode()):
+                        return False
+                    now = time.time()
+                    pipe.multi()
+                    pipe.hset(h, mapping={**encode(fields), "status": "queued", "attempt": attempt + 1, "updated_at": now})
+                    pipe.delete(lease)
+                    pipe.srem(RUNNING, job_id)
+                    pipe.zadd(QUEUED, {job_id: now})
+                    self._enqueue(job_id, attempt + 1, pipe)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+        return False
 
     def prune(self) -> None:
         """Drop expired jobs from the index (listing does it too)."""

@@ -3,6 +3,7 @@ runs the job) and `t2i-reward finetune` all call it, so defaults and checks are 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -95,3 +96,71 @@ def check_layout(spec: JobSpec, base_model: str) -> None:
         runs_on = ", ".join(LAYOUT_NAMES[l] for l in LAYOUT_NAMES if l in METHOD_LAYOUTS[method])
         raise ValueError(f"method {method!r} cannot run on a {layout} pipeline ({spec.base_model!r}); it runs on {runs_on} "
                          "pipelines; use method 'grpo' for flow-matching models")
+
+
+def check_submission(submitted: JobSpec, prepared: PreparedJob, experts: Optional[list[str]], cache_dir: Path) -> None:
+    """What the API refuses at submission (a 422) rather than let the worker fail later: `prompts` together
+    with `topics` (one of them would be ignored), `reward_weights` naming an expert the mixture does not have
+    (`experts`: the configured ones; None: unknown here), and `target_modules` that match no layer of the base
+    model's denoiser, where its config is at hand without a download."""
+    if submitted.prompts is not None and submitted.topics is not None:
+        raise ValueError("give prompts or topics, not both (the topics would be ignored)")
+    unknown = sorted(set(submitted.reward_weights or {}) - set(experts)) if experts is not None else []
+    if unknown:
+        raise ValueError(f"reward_weights names experts that are not configured: {', '.join(map(repr, unknown))}; "
+                         f"configured: {', '.join(experts)}")
+    if prepared.spec.method == "generate":  # no LoRA is trained
+        return
+    config = denoiser_config(prepared.base_model, cache_dir)
+    if config is None:
+        return
+    layers = adaptable_layers(str(config), config.stat().st_mtime_ns)
+    missing = [t for t in prepared.spec.target_modules if not any(n == t or n.endswith("." + t) for n in layers)]
+    if missing:
+        def short(n: str) -> str:  # what a target names: the last part, or the last two for to_out.0
+            parts = n.split(".")
+            return ".".join(parts[-2:]) if parts[-1].isdigit() else parts[-1]
+
+        examples = sorted({short(n) for n in layers if "attn" in n} or {short(n) for n in layers})[:8]
+        raise ValueError(f"target_modules {missing} match no Linear or Conv layer of the {config.parent.name} of "
+                         f"{prepared.spec.base_model!r} (its attention layers include {', '.join(examples)})")
+
+
+def denoiser_config(base_model: str, cache_dir: Path) -> Optional[Path]:
+    """The config.json of the denoiser (unet/ or transformer/) of a resolved base model: a tiny built-in
+    (built once), a local pipeline folder, or a hub id already in the hub cache; None when not at hand."""
+    from .tiny import TINY_PIPELINES
+
+    if base_model in TINY_PIPELINES:
+        folder = Path(TINY_PIPELINES[base_model](cache_dir))
+    elif Path(base_model).is_absolute():
+        folder = Path(base_model)
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        for sub in ("unet", "transformer"):
+            try:
+                cached = try_to_load_from_cache(base_model, f"{sub}/config.json")
+            except Exception:
+                return None
+            if isinstance(cached, str):
+                return Path(cached)
+        return None
+    return next((folder / sub / "config.json" for sub in ("unet", "transformer") if (folder / sub / "config.json").is_file()), None)
+
+
+@functools.lru_cache(maxsize=16)
+def adaptable_layers(config_file: str, mtime_ns: int) -> frozenset[str]:
+    """The names of the layers LoRA can adapt (peft: Linear, Conv, Embedding) in the model a diffusers config
+    describes, built on the meta device: no weights are read or allocated."""
+    import json
+
+    import diffusers
+    import torch
+    from accelerate import init_empty_weights
+
+    config = json.loads(Path(config_file).read_text())
+    with init_empty_weights():
+        model = getattr(diffusers, config["_class_name"]).from_config(config)
+    kinds = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Embedding)
+    return frozenset(n for n, m in model.named_modules() if isinstance(m, kinds))

@@ -32,6 +32,13 @@ class FinetuneSettings(BaseSettings):
     reward_service_url: Optional[str] = Field(None, description="Worker: take rewards from this reward service (none: in-process).")
     reward_service_api_key: Optional[str] = Field(None, description="Worker: API key for the reward service.")
     heartbeat_timeout_s: float = Field(60.0, gt=0, description="Worker: a running job silent this long is queued again and resumes.")
+    shutdown_timeout_s: float = Field(25.0, gt=0, description="Worker: on SIGTERM or SIGINT the running job stops at its next "
+                                      "step, is checkpointed and queued again, and the worker exits within this many seconds "
+                                      "(a step still running then is abandoned: the job resumes from its last checkpoint). Keep "
+                                      "it under the orchestrator's grace period (compose: stop_grace_period; Kubernetes: 30 s).")
+    max_attempts: int = Field(3, ge=1, le=100, description="Worker: a job whose worker dies or is cut off this many times fails "
+                              "(a poison job), its checkpoints kept.")
+    queued_ttl_s: float = Field(7 * 24 * 3600, gt=0, description="A job still queued (not started) this long after it was queued fails as expired.")
     job_retention_s: float = Field(7 * 24 * 3600, gt=0, description="How long a finished (succeeded, failed, cancelled) job's "
                                    "state stays in Redis and in GET /jobs; its directory is not touched.")
     device: str = Field("auto", description="Worker: the device jobs run on.")

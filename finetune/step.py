@@ -47,7 +47,7 @@ def setup_training(spec: JobSpec, ctx) -> tuple[TrainState, int, Optional[dict],
     models = setup_models(spec, ctx.base_model, ctx.cache_dir, device, WEIGHT_DTYPES[accelerator.mixed_precision])
     sampler = Sampler(models, spec.guidance_scale, device, accelerator.autocast)
     pairs = load_pretrain_pairs(ctx.pretrain_dir) if ctx.pretrain_dir is not None else []
-    start, base_eval, extra = resume(Path(ctx.out_dir), models.denoiser, models.optimizer, ctx.metrics)
+    start, base_eval, extra = resume(Path(ctx.out_dir), models.denoiser, models.optimizer, ctx.metrics, root=ctx.checkpoint_dir)
     # why only when used: a remote reward asks the service for them (GET /models)
     weights = ctx.reward.expert_weights() if spec.is_policy_gradient or spec.eval_every else {}
     state = TrainState(spec, accelerator, models, sampler, ctx.reward, ctx.metrics, pairs,

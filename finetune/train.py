@@ -91,7 +91,7 @@ def run_training(spec: JobSpec, ctx: JobContext) -> dict:
         _guard(ctx)
         if ctx.should_stop is not None and ctx.should_stop():
             if main:
-                save_checkpoint(out, step, models.denoiser, models.optimizer, ctx.metrics, base_eval, checkpoint_state())
+                save_checkpoint(out, step, models.denoiser, models.optimizer, ctx.metrics, base_eval, checkpoint_state(), root=ctx.checkpoint_dir)
             raise JobCancelled(f"cancelled at step {step}")
         rng = random.Random(spec.seed * 1_000_003 + step + 7_919 * accelerator.process_index)
         first_prompt = (step * accelerator.num_processes + accelerator.process_index) * spec.batch_size
@@ -109,7 +109,7 @@ def run_training(spec: JobSpec, ctx: JobContext) -> dict:
                 return finish(state, ctx, out, eval_prompts, eval_p, eval_seeds, base_eval, sentinel, stopped)
         if done % spec.checkpoint_every == 0 and done < spec.steps and main:
             _guard(ctx)
-            save_checkpoint(out, done, models.denoiser, models.optimizer, ctx.metrics, base_eval, checkpoint_state())
+            save_checkpoint(out, done, models.denoiser, models.optimizer, ctx.metrics, base_eval, checkpoint_state(), root=ctx.checkpoint_dir)
         if ctx.on_progress is not None and main:
             ctx.on_progress({"step": done, "total": spec.steps, "eta_s": round(eta, 1)})
 

@@ -10,12 +10,22 @@ Redis outages are ridden out: the rq loop is restarted with back-off, a running 
 its state writes are retried (only the newest progress matters), and its terminal state is written once
 Redis is back. Ownership (see `jobs.py`): a runner holds its job's lease through `Lease`; when its writes
 are refused, or it has not renewed the lease for 0.8 x `heartbeat_timeout_s`, it stops at the next step
-and writes nothing more, and the job resumes from its last checkpoint under a newer attempt.
+and writes nothing more, and the job resumes from its last checkpoint under a newer attempt. Each attempt
+writes its checkpoints into its own folder (`artifacts.adopt_checkpoints`), so a late write of a runner
+that lost its job never reaches the newer attempt's.
+
+Stopping (`Shutdown`): SIGTERM or SIGINT (what compose, Kubernetes and systemd send) stops the running job
+at its next step boundary, where it is checkpointed and handed back to the queue as a new attempt that
+any worker resumes bit-exactly; the worker exits within `shutdown_timeout_s` whatever the job is doing (a
+step still running then is abandoned: the job is handed back and resumes from its last checkpoint). A
+second signal exits at once. A job that fails because the jobs volume is full says so; the worker goes on.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import secrets
 import signal
 import threading
@@ -25,6 +35,8 @@ from typing import Callable, Optional
 
 import redis
 
+from .artifacts import adopt_checkpoints
+from .faults import hook
 from .jobs import QUEUE, JobStore, LeaseLost, bounded_metrics, worker_name
 from .prepare import prepare_job
 from .rewards import LocalReward, RemoteReward, Reward
@@ -46,6 +58,8 @@ class JobRunner:
         self._prompter = None
         self._peer = None
         self._store: Optional[JobStore] = None
+        self.shutdown = Shutdown(settings.shutdown_timeout_s, self)
+        self.current: Optional[Lease] = None  # the lease of the job being run
 
     @property
     def store(self) -> JobStore:
@@ -90,15 +104,26 @@ class JobRunner:
         return prepared.spec, ctx
 
     def execute(self, job_id: str, attempt: Optional[int] = None) -> None:
-        """Run one attempt of a queued job to a terminal state, unless another attempt owns it."""
+        """Run one attempt of a queued job to a terminal state, unless another attempt owns it (or the
+        worker is asked to stop: then the job goes back to the queue as a new attempt)."""
         settings, store = self.settings, self.store
         if attempt is None:  # queued by a version that did not pass the attempt
             attempt = _retry(f"job {job_id}", lambda: store.attempt(job_id))
         lease = Lease(store, job_id, attempt, settings.heartbeat_timeout_s)
+        hook("dequeued")  # out of rq's queue, not claimed yet: the window the sweep covers (JobStore.redeliver_lost)
         state, raw_spec = _retry(f"job {job_id}", lease.claim)
         if state != "ok":  # cancelled while queued, superseded by a newer attempt, or a duplicate delivery
             log.info("job %s attempt %d not run: %s", job_id, attempt, state)
             return
+        self.current = lease
+        try:
+            self._run(job_id, attempt, lease, raw_spec)
+        finally:
+            self.current = None
+
+    def _run(self, job_id: str, attempt: int, lease: Lease, raw_spec: str) -> None:
+        settings, stopping = self.settings, self.shutdown.requested.is_set
+        hook("claimed")
         log.info("job %s attempt %d: running on %s", job_id, attempt, worker_name())
         out_dir = settings.jobs_dir / job_id
         error = None
@@ -107,10 +132,15 @@ class JobRunner:
 
             def progress(p: dict) -> None:  # a copy, thinned: the reporter thread encodes it while training goes on
                 lease.report(progress=p, metrics=bounded_metrics(ctx.metrics))
+                hook(f"step-{p['step']}")
 
             # parsed here, so a stored spec this version cannot read fails the job instead of looping
-            spec, ctx = self.context(JobSpec.model_validate_json(raw_spec), out_dir, on_progress=progress,
-                                     should_stop=lambda: lease.cancel, guard=lease.check)
+            spec = JobSpec.model_validate_json(raw_spec)
+            lease.check()
+            checkpoints = adopt_checkpoints(out_dir, attempt) if spec.method != "generate" else None  # this attempt's own (fencing)
+            spec, ctx = self.context(spec, out_dir, on_progress=progress,
+                                     should_stop=lambda: lease.cancel or stopping(), guard=lease.check,
+                                     checkpoint_dir=checkpoints)
             result = run_job(spec, ctx)
             # "failed" with an error when the job stopped itself (the reward-hacking sentinel), artifacts kept
             final = dict(status=result["status"], metrics=result["metrics"], artifacts=result["artifacts"],
@@ -122,11 +152,21 @@ class JobRunner:
             log.warning("job %s attempt %d: %s; stopped without writing anything more", job_id, attempt, e)
             return
         except JobCancelled as e:
+            if stopping() and not lease.cancel:  # the worker is stopping: the job was checkpointed at this step
+                if lease.hand_back():
+                    at = max((int(p.name.split("-")[1]) for p in checkpoints.glob("step-*")), default=0) if checkpoints else 0
+                    log.warning("job %s attempt %d: stopped for shutdown with a checkpoint at step %d; queued again as "
+                                "attempt %d", job_id, attempt, at, attempt + 1)
+                return
             log.info("job %s: %s", job_id, e)
             final = dict(status="cancelled", artifacts=artifact_names(out_dir) if out_dir.exists() else [])
         except Exception as e:
             error = e
-            final = dict(status="failed", error=f"{type(e).__name__}: {e}")
+            if disk_full(e):  # say what happened, not the library's words (torch: "unexpected pos ...")
+                final = dict(status="failed", error="no space left on the jobs volume: the job could not write its files "
+                             f"({type(e).__name__}); its last checkpoint is kept. Free space, then submit it again")
+            else:
+                final = dict(status="failed", error=f"{type(e).__name__}: {e}")
         except BaseException:  # a cold shutdown: the lease lapses and another worker resumes the job
             lease.abandon()
             raise
@@ -135,6 +175,59 @@ class JobRunner:
         if error is not None:
             log.error("job %s failed: %s: %s", job_id, type(error).__name__, error)
             raise error  # rq records the job as failed and logs the traceback; the worker lives on
+
+
+def disk_full(e: BaseException) -> bool:
+    """Whether `e` (or what caused it) is a full disk or quota: ENOSPC / EDQUOT, or a library's words for it
+    (safetensors reports Rust's IO error as text)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(s in str(e) for s in ("No space left on device", "os error 28", "StorageFull", "Disk quota exceeded")):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class Shutdown:
+    """A worker asked to stop (SIGTERM or SIGINT). The running job sees `requested` at its next step boundary,
+    is checkpointed there and handed back to the queue (`JobRunner._run`); whatever happens, a watchdog
+    hands the job back (from its last checkpoint) and ends the process `timeout_s` after the signal, inside
+    the orchestrator's grace period. A second signal ends the process at once."""
+
+    def __init__(self, timeout_s: float, runner: JobRunner):
+        self.timeout_s, self.runner = timeout_s, runner
+        self.requested = threading.Event()
+
+    def request(self, signum: int) -> None:
+        """Called from the signal handler (the main thread)."""
+        name = signal.Signals(signum).name
+        if self.requested.is_set():
+            log.warning("worker: second %s: exiting now", name)
+            _flush_logs()
+            os._exit(1)
+        self.requested.set()
+        log.warning("worker: %s: the running job stops at its next step and is queued again; exiting within %g s "
+                    "(a second signal exits now)", name, self.timeout_s)
+        threading.Thread(target=self._watchdog, daemon=True, name="shutdown").start()
+
+    def _watchdog(self) -> None:
+        margin = min(5.0, self.timeout_s / 5)  # for the hand-back, one Redis transaction
+        time.sleep(self.timeout_s - margin)
+        lease = self.runner.current
+        if lease is not None and lease.hand_back(deadline=time.monotonic() + margin / 2):
+            log.warning("job %s attempt %d: still mid-step at the shutdown bound: queued again as attempt %d, "
+                        "it resumes from its last checkpoint", lease.job_id, lease.attempt, lease.attempt + 1)
+        log.warning("worker: shutdown bound (%g s) reached: exiting", self.timeout_s)
+        _flush_logs()
+        os._exit(0)
+
+
+def _flush_logs() -> None:
+    for h in logging.getLogger().handlers:
+        h.flush()
 
 
 class Lease:
@@ -158,6 +251,8 @@ class Lease:
         self._lock = threading.Lock()
         self._wake, self._stop = threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"lease-{job_id}")
+        self._handing = threading.Lock()
+        self._handed: Optional[bool] = None
 
     def claim(self):
         sent = time.monotonic()
@@ -219,6 +314,21 @@ class Lease:
         if self._thread.is_alive():
             self._thread.join()
 
+    def hand_back(self, deadline: Optional[float] = None) -> bool:
+        """Give the job back to the queue as a new attempt, with the newest reported state; once, whether the
+        training thread or the shutdown watchdog asks first. Redis errors are retried until `deadline`
+        (monotonic; None: until Redis answers). False when the job is no longer this runner's."""
+        with self._handing:
+            if self._handed is None:
+                self.abandon()
+                with self._lock:
+                    fields = dict(self._pending)
+                def give():
+                    return self.store.hand_back(self.job_id, self.attempt, self.token, fields)
+
+                self._handed = self.superseded is None and bool(_retry(f"job {self.job_id}: hand-back", give, deadline))
+            return self._handed
+
     def finish(self, fields: dict, retention_s: float) -> bool:
         """Write the terminal state, retrying until Redis answers; False when the job was taken over. A
         runner cut off after its last step still tries: the job's files are written, and Redis accepts the
@@ -232,13 +342,16 @@ class Lease:
         return False
 
 
-def _retry(what: str, fn: Callable):
-    """Call `fn` until Redis answers, backing off from 0.5 s to 10 s."""
+def _retry(what: str, fn: Callable, deadline: Optional[float] = None):
+    """Call `fn` until Redis answers, backing off from 0.5 s to 10 s; None once `deadline` (monotonic) passed."""
     delay = 0.5
     while True:
         try:
             return fn()
         except redis.RedisError as e:
+            if deadline is not None and time.monotonic() + delay > deadline:
+                log.warning("%s: Redis unavailable (%s: %s); giving up", what, type(e).__name__, e)
+                return None
             log.warning("%s: Redis unavailable (%s: %s); retrying in %.1f s", what, type(e).__name__, e, delay)
             time.sleep(delay)
             delay = min(delay * 2, 10.0)
@@ -281,10 +394,50 @@ def job_class():
     return CompatJob
 
 
+def worker_class():
+    """rq's SimpleWorker with our stop (`Shutdown`) in place of rq's warm shutdown, which waits for the
+    running job to finish however long it takes."""
+    from rq import SimpleWorker
+    from rq.exceptions import StopRequested
+    from rq.utils import now as rq_now
+
+    class Worker(SimpleWorker):
+        busy = False
+
+        def _install_signal_handlers(self):
+            signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+        def _on_signal(self, signum, frame):
+            _runner.shutdown.request(signum)  # a second signal does not come back
+            self._shutdown_requested_date = rq_now()
+            if not self.busy:
+                raise StopRequested()  # out of the blocking dequeue, as rq does
+            self._stop_requested = True  # rq's loop ends after the job, which stops at its next step
+
+        def unsubscribe(self):
+            """rq's, without waiting for redis-py's pubsub thread: once unsubscribed it sleeps up to 60 s before
+            it sees the stop, and rq joins it (a stopping worker would wait that long); it is a daemon thread."""
+            if self.pubsub_thread:
+                self.pubsub.unsubscribe()
+                self.pubsub_thread.stop(timeout=0.1)
+                self.pubsub.close()
+
+        def execute_job(self, job, queue):
+            self.busy = True
+            try:
+                super().execute_job(job, queue)
+            finally:
+                self.busy = False
+
+    return Worker
+
+
 def run_worker(settings: FinetuneSettings, burst: bool = False) -> None:
-    """rq's SimpleWorker, restarted with back-off whenever it quits on a Redis error (rq's loop gives up on
-    one), plus a reaper thread that re-queues jobs whose lease expired."""
-    from rq import Queue, SimpleWorker
+    """rq's SimpleWorker (`worker_class`), restarted with back-off whenever it quits on a Redis error (rq's
+    loop gives up on one), plus a reaper thread that re-queues jobs whose lease expired, fails those out of
+    attempts, queues again the jobs lost between dequeue and claim, and expires the queued ones too old."""
+    from rq import Queue
     from rq.serializers import JSONSerializer
 
     global _runner
@@ -296,8 +449,15 @@ def run_worker(settings: FinetuneSettings, burst: bool = False) -> None:
         failing = False
         while not stop.wait(max(settings.heartbeat_timeout_s / 3, 0.5)):
             try:
-                for job_id in store.requeue_stale():
-                    log.warning("job %s lost its worker: queued again, it will resume from its last checkpoint", job_id)
+                for job_id, outcome in store.requeue_stale(settings.max_attempts, settings.job_retention_s):
+                    if outcome == "failed":
+                        log.error("job %s lost its worker %d times: failed (a poison job?)", job_id, settings.max_attempts)
+                    else:
+                        log.warning("job %s lost its worker: queued again, it will resume from its last checkpoint", job_id)
+                for job_id in store.redeliver_lost(settings.heartbeat_timeout_s):
+                    log.warning("job %s was dequeued by a worker that never claimed it: queued again", job_id)
+                for job_id in store.expire_queued(settings.queued_ttl_s, settings.job_retention_s):
+                    log.warning("job %s expired: queued for more than %g s", job_id, settings.queued_ttl_s)
                 store.prune()
                 failing = False
             except redis.RedisError as e:  # an outage must not kill the reaper; say so once per outage
@@ -307,8 +467,12 @@ def run_worker(settings: FinetuneSettings, burst: bool = False) -> None:
             except Exception:
                 log.exception("reaper")
 
+    def on_signal(signum, frame):  # while rq's loop is not running (the back-off below)
+        stop.set()
+        _runner.shutdown.request(signum)
+
     threading.Thread(target=reap, daemon=True, name="reaper").start()
-    compat = job_class()
+    compat, worker_cls = job_class(), worker_class()
     connection = redis.Redis.from_url(settings.redis_url)  # rq's own: it sets a socket timeout above its blocking pop
     delay = 1.0
     try:
@@ -316,23 +480,23 @@ def run_worker(settings: FinetuneSettings, burst: bool = False) -> None:
             worker, started = None, time.monotonic()
             try:
                 queue = Queue(QUEUE, connection=connection, serializer=JSONSerializer, job_class=compat)  # no pickle
-                worker = SimpleWorker([queue], connection=connection, serializer=JSONSerializer, job_class=compat)
+                worker = worker_cls([queue], connection=connection, serializer=JSONSerializer, job_class=compat)
                 worker.work(burst=burst, with_scheduler=False)
-                if worker._shutdown_requested_date is not None:  # SIGTERM / SIGINT: a warm shutdown
+                if _runner.shutdown.requested.is_set():  # SIGTERM / SIGINT
                     return
                 if burst and len(worker.queues[0]) == 0:  # drained (rq also returns on errors: look)
                     return
                 problem = "rq's loop quit (see its log)"
             except redis.RedisError as e:
                 problem = f"{type(e).__name__}: {e}"
-            if worker is not None and worker._shutdown_requested_date is not None:
+            if _runner.shutdown.requested.is_set():
                 return
             if time.monotonic() - started > 60:  # it ran a while: a new outage starts the back-off again
                 delay = 1.0
             log.warning("worker: Redis unavailable (%s); restarting in %.0f s", problem, delay)
             # rq's signal handlers point at the old worker: ours, while we wait
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            signal.signal(signal.SIGINT, lambda *_: stop.set())
+            signal.signal(signal.SIGTERM, on_signal)
+            signal.signal(signal.SIGINT, on_signal)
             if stop.wait(delay):
                 return
             delay = min(delay * 2, 30.0)

@@ -26,6 +26,12 @@ class Settings(FinetuneSettings):
                                "of giving it back to the kernel (glibc): large bodies then reuse it rather than page-fault it "
                                "in again (service/memory.py); 0: the allocator's defaults.")
     max_concurrent_uploads: int = Field(32, ge=1, description="Request bodies being received at once; more gets 429.")
+    max_active_jobs: int = Field(1000, ge=1, description="Most fine-tuning jobs queued or running at once, all keys together; more gets 429.")
+    max_active_jobs_per_key: int = Field(100, ge=1, description="Most fine-tuning jobs queued or running at once per API key (without "
+                                         "keys: for everyone together); more gets 429.")
+    max_spec_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest stored job spec in bytes (its JSON, topics turned into "
+                                "prompts); larger gets 413.")
+    max_images: int = Field(64, ge=1, description="Most images in one request (a GRPO batch); more gets 422.")
     # the request limits: defaults and bounds from the library's (rewarders/limits.py)
     max_images: int = limit_field("max_images", "Most images in one request (a GRPO batch); more gets 422.")
     max_image_pixels: int = limit_field("max_image_pixels", "Most pixels per image, checked from the header; more gets 413.")

@@ -54,6 +54,21 @@ def test_redis_needs_its_password_and_the_api_scales_out(services):
     assert int(services["service"]["deploy"]["replicas"]) >= 1
 
 
+def test_workers_stop_within_their_grace_period_and_redis_never_evicts(services):
+    """A worker's shutdown bound is under compose's grace period (else the SIGKILL comes first and the job loses
+    its steps since the last checkpoint); Redis caps its memory and refuses writes when full rather than
+    evicting job state (the API answers 503)."""
+    from t2i_reward.finetune.settings import FinetuneSettings
+
+    command = services["redis"]["command"]
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction" and command[command.index("--maxmemory") + 1]
+    for name in ("worker", "worker-cpu"):
+        value, unit = re.fullmatch(r"(\d+)(s|m)", services[name]["stop_grace_period"]).groups()
+        grace = int(value) * (60 if unit == "m" else 1)
+        bound = float(services[name]["environment"]["T2I_SERVICE_SHUTDOWN_TIMEOUT_S"])
+        assert bound == FinetuneSettings.model_fields["shutdown_timeout_s"].default and bound < grace, (name, bound, grace)
+
+
 def test_dockerfile_targets():
     text = (ROOT / "docker/Dockerfile").read_text()
     assert re.search(r"^FROM nvidia/cuda:\S+runtime\S* AS base", text, re.M)

@@ -117,7 +117,8 @@ def test_refl_job_succeeds_reward_rises_and_lora_loads(api, worker, env, tmp_pat
 
 
 def test_reward_weighted_job(api, worker):
-    spec = {"method": "reward_weighted", "prompts": ["a green field"], "steps": 4, "regularizer": "kl", **FAST}
+    spec = {"method": "reward_weighted", "prompts": ["a green field"], "steps": 4, "regularizer": "kl", **FAST,
+            "reward_weights": {"aesthetic": 1.0, "mlp": 0.5}, "target_modules": ["to_q", "to_v"]}  # both checked at submission
     job = wait_for(api, api.post("/jobs", json=spec).json()["id"], {"succeeded"})
     assert len(job["metrics"]["reward"]) == 4 and all(v > 0 for v in job["metrics"]["kl"][1:])
     assert "pytorch_lora_weights.safetensors" in job["artifacts"]
@@ -235,6 +236,11 @@ def test_a_killed_grpo_job_on_sd3_resumes_where_it_was(api, env, worker, tmp_pat
         ({"method": "active_learning", "rounds": 100, "steps": 11}, "rounds * steps is 1100; the limit is 1000"),
         ({"method": "active_learning", "learner": "refl", "base_model": "tiny-sd3", "prompts": ["a", "b"]}, "'refl' cannot run on a sd3"),
         ({"method": "active_learning", "learner": "grpo", "group_size": 1, "prompts": ["a", "b"]}, "group_size >= 2"),
+        # checked at submission, not failed later by the worker (issue 30)
+        ({"target_modules": ["to_q", "to_qq"]}, "target_modules ['to_qq'] match no Linear or Conv layer of the unet of 'tiny'"),
+        ({"method": "grpo", "base_model": "tiny-sd3", "target_modules": ["to_q", "conv1"]}, "['conv1'] match no Linear or Conv layer"),
+        ({"reward_weights": {"aesthetic": 1.0, "pickscore": 2.0}}, "experts that are not configured: 'pickscore'; configured: imagereward, aesthetic, mlp"),
+        ({"topics": ["a fox"]}, "give prompts or topics, not both"),
     ],
 )
 def test_bad_specs_get_422(api, change, fragment):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
 from fastapi.testclient import TestClient
 from t2i_reward.finetune.jobs import EXPIRY, INDEX, MAX_OFFSET, RUNNING, JobStore, key
 from t2i_reward.finetune.spec import JobSpec
@@ -337,3 +338,281 @@ def test_a_superseded_runner_stops_and_writes_nothing(store, workers):
     assert writers == {other.name} and runs(store, job_id) == {1: first.name, 2: other.name}
     assert re.search(rf"job {job_id} attempt 1: (superseded|cut off).*stopped without writing anything more", first.log())
     assert f"job {job_id} attempt 1: succeeded" not in first.log() and first.proc.poll() is None
+
+
+# ---- no job stuck, graceful stop, poison jobs, fencing, disk full (issue 30): each test on its own Redis
+
+class Private:
+    """A Redis of the test's own, a store on it, and the workers the test starts (stopped at the end)."""
+
+    def __init__(self, folder: Path, env: dict):
+        self.server = RedisServer(folder)
+        self.store = JobStore(self.server.url(0), socket_timeout=2)
+        self.env = {**os.environ, **env, "T2I_SERVICE_REDIS_URL": self.server.url(0)}
+        self.folder, self.workers = folder, []
+
+    def worker(self, **extra) -> Worker:
+        w = Worker({**self.env, **extra}, self.folder / f"w{len(self.workers)}.log")
+        w.name = f"{os.uname().nodename}:{w.proc.pid}"
+        self.workers.append(w)
+        return w
+
+    def close(self):
+        for w in self.workers:
+            w.stop()
+        self.store.close()
+        self.server.kill()
+
+
+@pytest.fixture
+def private(tmp_path, env):
+    p = Private(tmp_path, env)
+    yield p
+    p.close()
+
+
+def until(cond, timeout: float, what: str) -> None:
+    end = time.time() + timeout
+    while not cond():
+        assert time.time() < end, f"timed out after {timeout} s: {what}"
+        time.sleep(0.1)
+
+
+def frozen(w: Worker) -> bool:
+    """SIGSTOPped (the process's state is T)."""
+    return Path(f"/proc/{w.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def in_rq_queue(store: JobStore, rq_id: str) -> bool:
+    return rq_id.encode() in store.queue.connection.lrange(store.queue.key, 0, -1)
+
+
+@pytest.mark.parametrize("point", ["dequeued", "claimed", "outage"])
+def test_no_job_is_stuck_whatever_point_its_worker_dies_at(private, point):
+    """A worker dies after rq handed it the job and before its claim (`dequeued`), right after the claim
+    (`claimed`), or while its claim is being retried through a Redis outage (`outage`: frozen before the
+    claim, Redis killed, thawed, killed, Redis back). A job lost before its claim is `queued` in no rq queue;
+    before the sweep it stayed so forever. Now another worker runs it within the lease plus two reaper
+    periods of its start."""
+    store = private.store
+    first = private.worker(T2I_TEST_WORKER_HOOK="dequeued:stop" if point == "outage" else f"{point}:kill")
+    job_id = submit(store, steps=3)
+    if point == "outage":
+        until(lambda: frozen(first), 120, "the worker froze before its claim")
+        private.server.kill()
+        first.proc.send_signal(signal.SIGCONT)
+        until(lambda: f"job {job_id}: Redis unavailable" in first.log(), 60, "the claim is retried")
+        first.proc.kill()
+        private.server.start()
+    assert first.proc.wait(120) == -signal.SIGKILL
+    job = store.get(job_id)
+    assert job["status"] == ("running" if point == "claimed" else "queued") and job["attempt"] == 1
+    assert not in_rq_queue(store, f"{job_id}-1")  # in no queue: only the sweep (or the reaper) can hand it on
+    started = time.time()
+    second = private.worker()
+    job = wait(store, job_id, succeeded, timeout=180)
+    assert job["attempt"] == 2 and len(job["metrics"]["reward"]) == 3 and "pytorch_lora_weights.safetensors" in job["artifacts"]
+    claimed = runs(store, job_id)
+    assert claimed[2] == second.name and claimed.get(1) == (first.name if point == "claimed" else None)
+    taken = float(store.redis.hget(key(job_id), "run:2").split("@")[1]) - started
+    print(f"\nMEASURE window={point}: attempt 2 claimed {taken:.1f} s after the second worker started (lease {H:g} s)")
+    assert second.proc.poll() is None and len(store.queue.connection.lrange(store.queue.key, 0, -1)) == 0
+
+
+def test_sigterm_stops_the_job_at_a_step_and_another_worker_ends_it_as_if_uninterrupted(private):
+    """SIGTERM mid-job: the worker checkpoints at the next step boundary, hands the job back as attempt 2 and
+    exits within the default bound (25 s); another worker resumes it from that checkpoint, redoing no step,
+    and ends with the uninterrupted job's losses and LoRA. Before, the worker waited for the whole job."""
+    from safetensors.torch import load_file
+
+    store = private.store
+    spec = JobSpec(method="refl", prompts=["a red apple", "a blue car"], steps=14, **{**FAST, "checkpoint_every": 100})
+    first = private.worker()
+    job_id = store.create(spec)
+    wait(store, job_id, at_step(4))
+    second = private.worker()
+    sent = time.monotonic()
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(60) == 0
+    took = time.monotonic() - sent
+    stopped = re.search(rf"job {job_id} attempt 1: stopped for shutdown with a checkpoint at step (\d+); queued again as attempt 2",
+                        first.log())
+    assert stopped, first.log()[-3000:]
+    at = int(stopped.group(1))
+    assert 4 <= at < 14 and took < 25, took
+    job = wait(store, job_id, succeeded)
+    assert job["attempt"] == 2 and runs(store, job_id) == {1: first.name, 2: second.name}
+    assert job["metrics"]["resumed_at"] == [at]  # the step it stopped after: no step redone
+    print(f"\nMEASURE sigterm: exited {took:.2f} s after SIGTERM; stopped after step {at}, resumed at {at}: 0 steps redone")
+    whole = wait(store, store.create(spec), succeeded)  # the same job, never interrupted
+    assert job["metrics"]["loss"] == whole["metrics"]["loss"] and job["metrics"]["reward"] == whole["metrics"]["reward"]
+    jobs = Path(private.env["T2I_SERVICE_JOBS_DIR"])
+    a, b = (load_file(jobs / i / "pytorch_lora_weights.safetensors") for i in (job_id, whole["id"]))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_step_longer_than_the_bound_is_abandoned_and_a_second_signal_exits_at_once(private):
+    """A step that never ends (the `hang` hook): SIGTERM, and the worker still exits at its bound (8 s here),
+    having handed the job back at once (not after the lease) to resume from its last checkpoint. A second
+    SIGTERM to the next worker, hung the same way with a 60 s bound, ends it at once."""
+    store = private.store
+    first = private.worker(T2I_TEST_WORKER_HOOK="step-3:hang", T2I_SERVICE_SHUTDOWN_TIMEOUT_S="8")
+    job_id = submit(store, steps=8)  # checkpoints every 2 steps
+    until(lambda: "test hook: hang at step-3" in first.log(), 180, "the step hangs")
+    sent = time.monotonic()
+    first.proc.send_signal(signal.SIGTERM)
+    assert first.proc.wait(30) == 0
+    took = time.monotonic() - sent
+    assert 5 < took < 8 + 1, took  # the watchdog, just before the bound
+    job = store.get(job_id)
+    assert job["status"] == "queued" and job["attempt"] == 2  # handed back, no lease to wait for
+    assert f"job {job_id} attempt 1: still mid-step at the shutdown bound" in first.log()
+
+    second = private.worker(T2I_TEST_WORKER_HOOK="step-5:hang", T2I_SERVICE_SHUTDOWN_TIMEOUT_S="60")
+    until(lambda: "test hook: hang at step-5" in second.log(), 180, "the step hangs again")
+    second.proc.send_signal(signal.SIGTERM)
+    until(lambda: "exiting within 60 s" in second.log(), 10, "the first signal is taken")
+    sent = time.monotonic()
+    second.proc.send_signal(signal.SIGTERM)
+    assert second.proc.wait(10) == 1
+    again = time.monotonic() - sent
+    print(f"\nMEASURE bound: a hung step's worker exited {took:.2f} s after SIGTERM (bound 8 s); a second signal: {again:.2f} s")
+    assert again < 3 and "second SIGTERM: exiting now" in second.log()
+    private.worker()  # the lease of attempt 2 lapses; this one resumes it from step 4
+    job = wait(store, job_id, succeeded, timeout=180)
+    assert job["attempt"] == 3 and job["metrics"]["resumed_at"] == [2, 4] and len(job["metrics"]["reward"]) == 8
+
+
+def test_a_job_that_kills_its_worker_every_time_fails_after_max_attempts(private):
+    """A poison job (here: every worker SIGKILLs itself at step 3) was queued again forever. With
+    max_attempts 2 it fails after its second lost attempt, saying so, its checkpoints kept; workers go on."""
+    store = private.store
+    job_id = submit(store, steps=6)
+    end, started = time.time() + 300, []
+    while (job := store.get(job_id))["status"] != "failed":
+        assert time.time() < end and len(started) <= 3, (job["status"], job["attempt"], len(started))
+        if not started or started[-1].proc.poll() is not None:  # an orchestrator restarting the dead worker
+            started.append(private.worker(T2I_TEST_WORKER_HOOK="step-3:kill", T2I_SERVICE_MAX_ATTEMPTS="2"))
+        time.sleep(0.2)
+    assert "gave up after 2 attempts" in job["error"] and "checkpoints are kept" in job["error"], job["error"]
+    assert len(started) == 3 and [w.proc.poll() for w in started] == [-signal.SIGKILL, -signal.SIGKILL, None]
+    assert job["attempt"] == 2 and sorted(runs(store, job_id)) == [1, 2]
+    folder = Path(private.env["T2I_SERVICE_JOBS_DIR"]) / job_id / "checkpoints"
+    assert (folder / "attempt-2" / "step-2" / "lora.safetensors").is_file()
+    assert not store.redis.sismember(RUNNING, job_id) and not in_rq_queue(store, f"{job_id}-3")
+    assert 0 < store.redis.ttl(key(job_id)) <= 3600
+
+
+def test_a_superseded_runner_frozen_before_a_checkpoint_write_cannot_reach_the_job(private):
+    """The last stale-write window: the first runner freezes after its ownership check, just before writing
+    the checkpoint of step 4; the second takes over (attempt 2), writes step 6 and freezes before step 8.
+    The first thaws and writes its stale step 4: before per-attempt folders that replaced (deleted) step 6,
+    and attempt 3 resumed from 4. Now it lands in attempt 1's folder, which nobody reads: attempt 3 resumes
+    from 6."""
+    store = private.store
+    first = private.worker(T2I_TEST_WORKER_HOOK="checkpoint-4:stop")
+    job_id = submit(store, steps=12)
+    wait(store, job_id, at_step(1))
+    second = private.worker(T2I_TEST_WORKER_HOOK="checkpoint-8:stop")
+    until(lambda: frozen(second), 180, "the second runner took over and froze before step 8's checkpoint")
+    assert frozen(first) and runs(store, job_id) == {1: first.name, 2: second.name}
+    first.proc.send_signal(signal.SIGCONT)  # its write of step 4 goes through, then its guard stops it
+    until(lambda: re.search(rf"job {job_id} attempt 1: .*stopped without writing anything more", first.log()), 60, "the stale runner stops")
+    job = wait(store, job_id, succeeded, timeout=180)  # attempt 3, on the first worker, once the second's lease lapsed
+    second.proc.send_signal(signal.SIGCONT)
+    assert runs(store, job_id) == {1: first.name, 2: second.name, 3: first.name}
+    assert job["metrics"]["resumed_at"] == [2, 6] and len(job["metrics"]["reward"]) == 12
+    until(lambda: re.search(rf"job {job_id} attempt 2: .*stopped without writing anything more", second.log()), 60, "the second stops")
+
+
+@pytest.fixture
+def small_volume(tmp_path):
+    """A 16 MB tmpfs for the jobs directory (needs the right to mount, e.g. root; else the test is skipped)."""
+    folder = tmp_path / "volume"
+    folder.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def test_a_full_jobs_volume_fails_the_job_clearly_and_the_worker_goes_on(private, small_volume):
+    """The jobs volume fills up mid-job: the job fails with "no space left on the jobs volume" (before: torch's
+    "unexpected pos" or safetensors' error text), no temporary checkpoint folder is left, the worker lives
+    on and runs the next job once there is room."""
+    store = private.store
+    worker = private.worker(T2I_SERVICE_JOBS_DIR=str(small_volume))
+    job_id = submit(store, steps=60)
+    wait(store, job_id, at_step(1))  # its base samples are written
+    filler = small_volume / "filler"
+    with open(filler, "wb", buffering=0) as f, pytest.raises(OSError, match="No space left"):  # take every byte left
+        while True:
+            f.write(b"\0" * 65536)
+    end = time.time() + 120
+    while (job := store.get(job_id))["status"] != "failed":
+        assert time.time() < end and job["status"] == "running", job["status"]
+        time.sleep(0.1)
+    assert job["error"].startswith("no space left on the jobs volume"), job["error"]
+    assert list((small_volume / job_id).rglob(".step-*.tmp")) == []
+    filler.unlink()
+    assert worker.proc.poll() is None
+    wait(store, submit(store, steps=2), succeeded)
+    assert runs(store, job_id) == {1: worker.name}
+
+
+# ---- quotas and a full Redis (the API)
+
+def test_quotas_per_key_and_in_total_spec_size_and_queued_ttl(server, env, tiny):
+    """429 with Retry-After past the caps on queued plus running jobs (per API key, in total), 413 for a spec
+    stored too large, and queued jobs expire after their TTL, which frees their slots."""
+    settings = Settings(redis_url=server.url(4), jobs_dir=Path(env["T2I_SERVICE_JOBS_DIR"]), models_dir=Path(env["T2I_SERVICE_MODELS_DIR"]),
+                        data_dir=Path(env["T2I_SERVICE_DATA_DIR"]), api_keys=["key-a", "key-b"], max_active_jobs=3,
+                        max_active_jobs_per_key=2, max_spec_bytes=4096, queued_ttl_s=3)
+    spec = {"method": "refl", "prompts": ["a cat"], "steps": 3, **FAST}
+    with TestClient(create_app(settings, rewarder=tiny)) as api:
+        def post(k, body=spec):
+            return api.post("/jobs", json=body, headers={"X-API-Key": k})
+
+        a = [post("key-a").json()["id"] for _ in range(2)]
+        r = post("key-a")
+        assert r.status_code == 429 and r.headers["Retry-After"] == "60" and "this API key has 2 jobs" in r.json()["detail"]
+        b = post("key-b").json()["id"]
+        r = post("key-b")
+        assert r.status_code == 429 and "3 jobs are queued or running; the limit is 3" in r.json()["detail"]
+        assert api.post(f"/jobs/{a[0]}/cancel", headers={"X-API-Key": "key-a"}).json()["status"] == "cancelled"
+        assert post("key-b").status_code == 202  # a slot freed
+        r = post("key-a", {**spec, "prompts": ["a cat " + "x" * 1990] * 3})
+        assert r.status_code == 413 and "the limit is 4096" in r.json()["detail"]
+        time.sleep(3.2)  # every queued job is now past its TTL: the next submission expires them first
+        assert post("key-a").status_code == 202
+        expired = api.get(f"/jobs/{a[1]}", headers={"X-API-Key": "key-a"}).json()
+        assert expired["status"] == "failed" and "not started within 3 s" in expired["error"]
+        assert api.get(f"/jobs/{b}", headers={"X-API-Key": "key-a"}).json()["status"] == "failed"
+        store = JobStore(server.url(4))
+        assert store.redis.zcard("t2i:jobs:queued") == 1  # only the last one is still queued
+        store.close()
+
+
+def test_a_full_redis_refuses_job_writes_with_503(tmp_path, env, tiny):
+    """Redis under maxmemory with noeviction (compose's setting) refuses writes when full: POST /jobs and a
+    cancel answer 503 with a message, never 500; reads still work."""
+    full = RedisServer(tmp_path)
+    try:
+        admin = redis.Redis(port=full.port)
+        settings = Settings(redis_url=full.url(0), jobs_dir=Path(env["T2I_SERVICE_JOBS_DIR"]), models_dir=Path(env["T2I_SERVICE_MODELS_DIR"]),
+                            data_dir=Path(env["T2I_SERVICE_DATA_DIR"]))
+        spec = {"method": "refl", "prompts": ["a cat"], "steps": 3, **FAST}
+        with TestClient(create_app(settings, rewarder=tiny)) as api:
+            job_id = api.post("/jobs", json=spec).json()["id"]
+            used = admin.info("memory")["used_memory"]
+            admin.config_set("maxmemory-policy", "noeviction")
+            admin.config_set("maxmemory", used + 2 * 1024 * 1024)
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                for k in range(10_000):
+                    admin.set(f"junk:{k}", b"x" * 65536)
+            for r in (api.post("/jobs", json=spec), api.post(f"/jobs/{job_id}/cancel")):
+                assert r.status_code == 503 and "full and refuses new writes" in r.json()["detail"], r.text
+            assert api.get(f"/jobs/{job_id}").json()["status"] == "queued" and api.get("/jobs").json()["total"] == 1
+    finally:
+        full.kill()

@@ -1,27 +1,32 @@
 """Fine-tuning jobs over REST: submit, list, inspect, cancel, download artifacts.
 
 Job ids are checked against the token alphabet (`[A-Za-z0-9_-]{1,64}`) before anything reaches Redis
-(422 otherwise), a failing Redis is a 503 with a message, and the listing returns summaries fetched in
-one round trip (the per-step metrics only come with GET /jobs/{id}).
+(422 otherwise), a failing Redis is a 503 with a message (Redis refusing a write because it is full, under
+`noeviction`, too), and the listing returns summaries fetched in one round trip (the per-step metrics only
+come with GET /jobs/{id}). A submission is checked whole before it is queued (`prepare.check_submission`),
+its stored spec is bounded (413), and the queued plus running jobs are capped in total and per API key
+(429 with Retry-After).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from typing import Annotated, Any, Callable, Optional, TypeVar
 
 import redis
-from fastapi import APIRouter, HTTPException, Path, Query
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
-from t2i_reward.finetune.jobs import JOB_ID, MAX_OFFSET, JobStore
-from t2i_reward.finetune.prepare import prepare_job
+from t2i_reward.finetune.jobs import JOB_ID, MAX_OFFSET, JobStore, QuotaExceeded
+from t2i_reward.finetune.prepare import check_submission, prepare_job
 from t2i_reward.finetune.spec import JobSpec, confined
 from t2i_reward.rewarders.errors import InvalidRequestError
 
-from ..deps import AuthDep, OptionalPrompterDep, SettingsDep, StoreDep
+from ..deps import AuthDep, OptionalPrompterDep, SettingsDep, StateDep, StoreDep
 from ..errors import Unavailable
 from ..schemas import error_responses
+from ..state import AppState
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[AuthDep])
 ERRORS = error_responses(400, 401, 403, 404, 408, 413, 422, 429, 503)
@@ -67,14 +72,40 @@ class Submitted(BaseModel):
 
 JobId = Annotated[str, Path(pattern=JOB_ID.pattern, description="A job id: 1 to 64 characters of A-Z, a-z, 0-9, '_', '-'.")]
 T = TypeVar("T")
+QUOTA_RETRY_AFTER_S = 60  # jobs take minutes: a slot rarely frees sooner
 
 
-def _redis(fn: Callable[..., T], *args) -> T:
+def _redis(fn: Callable[..., T], *args, **kwargs) -> T:
     """A Redis failure mid-request is a 503 with a message (never a 500)."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except redis.RedisError as e:
+        # maxmemory with noeviction: nothing is evicted, new writes are refused (inside a script: a plain error)
+        if isinstance(e, redis.exceptions.OutOfMemoryError) or "used memory > 'maxmemory'" in str(e):
+            raise Unavailable("the job store (Redis) is full and refuses new writes; retry later, or ask the "
+                              "operator to raise its maxmemory", retry_after=30) from None
         raise Unavailable(f"the job queue (Redis) failed: {type(e).__name__}: {e}", retry_after=5) from None
+
+
+def _owner(request: Request, api_keys: list[str]) -> str:
+    """Whose quota a submission counts against: a digest of its API key (the key itself is never stored), as
+    the auth dependency read it; '-' for everyone when no keys are configured."""
+    if not api_keys:
+        return "-"
+    key = request.headers.get("x-api-key")
+    if key is None:
+        key = request.headers.get("authorization", "").partition(" ")[2].strip()
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+def _experts(state: AppState) -> Optional[list[str]]:
+    """The experts of the served mixture (once loaded), else of the configured one."""
+    if state.batcher is not None:
+        return list(state.batcher.rewarder.weights)
+    try:
+        return list(state.settings.rewarder_config().experts)
+    except Exception:  # a config the service cannot read fails elsewhere, with its own message
+        return None
 
 
 def _job(store: JobStore, job_id: str) -> dict:
@@ -85,15 +116,25 @@ def _job(store: JobStore, job_id: str) -> dict:
 
 
 @router.post("", status_code=202, response_model=Submitted, responses=ERRORS, summary="Submit a fine-tuning job")
-async def submit(spec: JobSpec, store: StoreDep, settings: SettingsDep, prompter: OptionalPrompterDep) -> Submitted:
+async def submit(spec: JobSpec, request: Request, store: StoreDep, settings: SettingsDep, prompter: OptionalPrompterDep,
+                 state: StateDep) -> Submitted:
     if spec.prompts is None and prompter is None:
         raise Unavailable("the prompt index is not loaded yet; retry, or give prompts", retry_after=5)
     try:  # defaults, limits, paths, and topics turned into prompts now, so the job is reproducible
         prepared = await asyncio.to_thread(prepare_job, spec, settings, prompter)
+        await asyncio.to_thread(check_submission, spec, prepared, _experts(state), settings.rewarder_config().cache_dir)
     except ValueError as e:  # the spec cannot run here: a 422, whatever kind of ValueError said so
         raise InvalidRequestError(str(e)) from None
-    # the hash, the index entry and the queue entry are written in one transaction: all or nothing
-    job_id = await asyncio.to_thread(_redis, store.create, prepared.spec)
+    size = len(prepared.spec.model_dump_json())
+    if size > settings.max_spec_bytes:
+        raise HTTPException(413, f"the job's spec takes {size} bytes (topics drawn as prompts); the limit is {settings.max_spec_bytes}")
+    await asyncio.to_thread(_redis, store.expire_queued, settings.queued_ttl_s, settings.job_retention_s)  # frees their slots
+    # the hash, the index entry and the queue entry are written in one transaction, with the caps checked in it
+    try:
+        job_id = await asyncio.to_thread(_redis, store.create, prepared.spec, owner=_owner(request, settings.api_keys),
+                                         max_active=settings.max_active_jobs, max_per_owner=settings.max_active_jobs_per_key)
+    except QuotaExceeded as e:
+        raise HTTPException(429, f"{e}: wait for some to finish, or cancel some", headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)}) from None
     return Submitted(id=job_id, status="queued")
 
 
