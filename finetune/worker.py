@@ -25,6 +25,8 @@ from typing import Callable, Optional
 
 import redis
 
+from t2i_reward.rewarders.errors import public_message
+
 from .jobs import QUEUE, JobStore, LeaseLost, bounded_metrics, worker_name
 from .prepare import prepare_job
 from .settings import FinetuneSettings
@@ -127,7 +129,8 @@ class JobRunner:
             final = dict(status="cancelled", artifacts=artifact_names(out_dir) if out_dir.exists() else [])
         except Exception as e:
             error = e
-            final = dict(status="failed", error=f"{type(e).__name__}: {e}")
+            # the job record is read through the API: no URLs or server paths (the log below keeps them)
+            final = dict(status="failed", error=public_message(f"{type(e).__name__}: {e}"))
         except BaseException:  # a cold shutdown: the lease lapses and another worker resumes the job
             lease.abandon()
             raise
