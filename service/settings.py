@@ -26,7 +26,7 @@ class Settings(FinetuneSettings):
                                "of giving it back to the kernel (glibc): large bodies then reuse it rather than page-fault it "
                                "in again (service/memory.py); 0: the allocator's defaults.")
     max_concurrent_uploads: int = Field(32, ge=1, description="Request bodies being received at once; more gets 429.")
-    max_client_uploads: int = Field(4, ge=1, description="Request bodies being received at once from one client (its API key, "
+    max_client_uploads: int = Field(16, ge=1, description="Request bodies being received at once from one client (its API key, "
                                     "or its address without keys); more gets 429, so one client cannot take every upload slot.")
     min_upload_bytes_per_s: int = Field(65536, ge=0, description="Slowest a request body may arrive, after a first "
                                         "`upload_grace_s`; slower gets 408 (0: only `body_timeout_s`).")
