@@ -20,7 +20,7 @@ from .spec import JobLimits
 class FinetuneSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="T2I_SERVICE_", env_file=".env", extra="ignore", env_nested_delimiter="__")
 
-    reward_config: Optional[Path] = Field(None, description="YAML config of the rewarder (see README: Configuration); `--config`.")
+    reward_config: Optional[Path] = Field(None, description="YAML config of the rewarder (docs: Configuration); `--config`.")
     profile: Optional[str] = Field(None, description="Built-in rewarder profile: default, light, tiny, random-full, ig-rewarding; `--profile`.")
     prompts_index: Optional[Path] = Field(None, description="Prompt index directory (t2i-reward prompts build); none: the built-in corpus; `--prompts-index`.")
 

@@ -24,7 +24,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-sd3")  # tiny random pipelines (SD-1.x, SDXL, SD3 layouts), built on first use
 
-# Hard bounds of every spec (README: Fine-tuning jobs). Shared with the /prompts endpoint.
+# Hard bounds of every spec (docs/finetuning.md, docs/configuration.md). Shared with the /prompts endpoint.
 MAX_TEXT_CHARS = 2000  # a prompt or topic (the service's max_prompt_chars default)
 MAX_NAME_CHARS = 256  # base_model, pretrain_data
 MAX_TOPICS = 16

@@ -102,7 +102,7 @@ def _default() -> dict[str, Any]:
     # models trained on different human data, so that no single model's blind spot is worth exploiting,
     # CLIP score for text alignment, and the aesthetic head at half weight (alone, it rewards saturated,
     # over-stylised images); every expert normalised by its logit unit, so the weights are comparable.
-    # README "The default profile" says why, and what it costs.
+    # docs/configuration.md "The default profile" says why, and what it costs.
     return {
         "experts": {
             "imagereward": {"weight": 1.0},

@@ -39,7 +39,7 @@ def _positive(text: str) -> int:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--config", help="YAML config file (see README: Configuration)")
+    g.add_argument("--config", help="YAML config file (docs/configuration.md)")
     g.add_argument("--profile", help="built-in profile: default, light, tiny, random-full, ig-rewarding")
 
 
