@@ -35,6 +35,7 @@ import httpx
 from PIL import Image
 
 KEY = "attack-key"
+OTHER_KEY = "another-key"  # another client's
 BIG = (7000, 5714)  # 39,998,000 pixels: under the default 40 MP limit
 
 
@@ -239,8 +240,8 @@ def huge_header(server: Server, mib: int) -> str:
 
 
 def stalled_uploads(server: Server, n: int) -> str:
-    """`n` uploads that send their headers and 10 bytes of a 1 MB body, then stall; meanwhile another client
-    (another key... here another source address, 127.0.0.2) posts a small /reward."""
+    """`n` uploads of one client (one key) that send their headers and 10 bytes of a 1 MB body, then stall;
+    meanwhile another client (another key) posts a small /reward."""
     socks = []
     for _ in range(n):
         s = socket.create_connection(("127.0.0.1", server.port), timeout=60)
@@ -248,8 +249,7 @@ def stalled_uploads(server: Server, n: int) -> str:
                   f"Content-Length: 1000000\r\n\r\n{{\"prompt\": ".encode())
         socks.append(s)
     time.sleep(0.5)
-    other = httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2"), timeout=60)
-    r = other.post(f"{server.url}/reward", headers={"X-API-Key": KEY}, json=reward_json([flat_image("PNG", (64, 64))]))
+    r = httpx.post(f"{server.url}/reward", headers={"X-API-Key": OTHER_KEY}, json=reward_json([flat_image("PNG", (64, 64))]), timeout=60)
     for s in socks:
         s.close()
     return f"another client's /reward: {r.status_code}"
@@ -262,7 +262,7 @@ def main() -> int:
     p.add_argument("--only", nargs="*", help="run only these attacks")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    env = {"T2I_SERVICE_API_KEYS": json.dumps([KEY]), "T2I_SERVICE_REDIS_URL": "redis://127.0.0.1:6379/12",
+    env = {"T2I_SERVICE_API_KEYS": json.dumps([KEY, OTHER_KEY]), "T2I_SERVICE_REDIS_URL": "redis://127.0.0.1:6379/12",
            "T2I_SERVICE_MLLM__MODEL": "tiny", "T2I_SERVICE_MLLM__IMAGE_SIZE": "56", "HF_HUB_OFFLINE": "1"}
     webp = flat_image("WEBP", lossless=True)
     bomb = scan_bomb_jpeg(BIG, 100)

@@ -259,7 +259,8 @@ class MicroBatcher:
         then scored with its neighbours (`score`). `timing`, when given, receives the seconds of 'prepare',
         then those of `score`. `ticket`: the request's (`admit`), which stops the work when its client goes."""
         start = time.monotonic()
-        n = _count(body.tensor if body.tensor is not None else body.images)
+        # a request over max_images is the library's 422, not a full queue: it counts as the most it may hold
+        n = min(_count(body.tensor if body.tensor is not None else body.images), self.limits.max_images)
         self._refuse_if_full(n)
         self._preparing_images += n
         opts = dict(limits=self.limits, group_ids=body.group_ids, explain=body.explain, ticket=ticket)
