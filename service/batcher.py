@@ -1,17 +1,21 @@
 """Admission control and micro-batching, in one place: every model call of the service goes through here.
 
 Requests (already validated and decoded by the library) wait in one queue:
-- admission: more than `max_queue_images` images waiting -> `QueueFullError` (429); a request still
-  waiting after `max_queue_wait_s` -> `QueueTimeoutError` (504), and it never runs;
+- admission: more than `max_queue_images` images being prepared or waiting for the model, or admitted
+  requests holding more than `max_queue_bytes` (bodies, tensors, prepared pixels: `admit` gives each a
+  `Ticket`) -> `QueueFullError` (429); a request still waiting after `max_queue_wait_s`, or still being
+  prepared after `max_prepare_s` -> `QueueTimeoutError` (504), and it never runs; a request whose client
+  went (`Ticket.client_gone`) stops between images and leaves the queue;
 - requests are batched: the loop takes the first, then keeps taking requests of the same kind for up to
   `max_wait_s` or until `max_batch_images` images are collected. `/reward` requests are scored together
   with `Mixture.score_checked`; `/reward/gradient` requests whose tensors have the same size share one
   forward and backward pass (`Mixture.reward_and_gradient_many`, at most the config's `max_batch_size`
   images). If a batch fails, each of its requests runs alone, so a bad request fails alone and its
   neighbours get their results.
-The steps of a request: decode (the router, with `rewarders.wire`), check and prepare (`reward`, through
+The steps of a request: decode (the router, with `rewarders.wire`, in the preprocessing pool), check and prepare (`reward`, through
 `prepare_request`: checked in the preprocessing pool, sized to the cores, then its images split into one
-part per pool thread for decoding, resizing, cropping and normalising; the pool's threads run torch
+part per pool thread for decoding, resizing, cropping and normalising one image at a time, within the
+pool's `PixelBudget` of decoded pixels; the pool's threads run torch
 without OpenMP teams, the model thread keeps the only one), batch (here), predict (the single model
 thread, which only concatenates prepared tensors, copies them to the device and runs the models), unbatch
 (each request's own result). So the event loop never blocks, the GPU sees one batch at a time and the
@@ -120,12 +124,16 @@ class Ticket:
         if self.item is not None:
             self.batcher._abandon(self.item, ClientGone("the client closed the connection"))
 
+    def release(self) -> None:
+        """Give the ticket's bytes back (once answered, or refused)."""
+        self.batcher._release_bytes(self.n_bytes)
+        self.n_bytes = 0
+
     def __enter__(self) -> "Ticket":
         return self
 
     def __exit__(self, *exc) -> None:
-        self.batcher._release_bytes(self.n_bytes)
-        self.n_bytes = 0
+        self.release()
 
 
 MIN_IMAGES_PER_PART = 2  # a request's images are prepared in parts of at least this many (one part per pool thread)

@@ -1,8 +1,9 @@
 """POST /reward (JSON, multipart or safetensors in; JSON or safetensors out) and POST /reward/gradient
 (safetensors in, safetensors out).
 
-A route reads the body and decodes it with the wire format (`rewarders.wire`, which the clients share),
-makes one call into the batcher (which checks the request against the service's limits, prepares its
+A route reads the body (never cached on the request), is admitted with its bytes (`MicroBatcher.admit`:
+a ticket that stops its work if the client goes), decodes it with the wire format (`rewarders.wire`, which
+the clients share) in the preprocessing pool, makes one call into the batcher (which checks the request against the service's limits, prepares its
 pixels in the preprocessing pool, admits it and runs the model), and encodes the answer with the wire
 format. Errors are raised as they come; `errors.http_error` gives each its status.
 """
@@ -46,7 +47,7 @@ async def read_reward_request(request: Request, batcher: MicroBatcher) -> tuple[
         try:
             return await batcher.prepare(wire.decode_reward_request, ctype, data, batcher.limits), ticket
         except BaseException:
-            ticket.__exit__(None, None, None)
+            ticket.release()
             raise
     max_images = batcher.limits.max_images
     try:
@@ -65,7 +66,7 @@ async def read_reward_request(request: Request, batcher: MicroBatcher) -> tuple[
     try:
         return await batcher.prepare(wire.decode_reward_request, ctype, fields), ticket
     except BaseException:
-        ticket.__exit__(None, None, None)
+        ticket.release()
         raise
 
 
