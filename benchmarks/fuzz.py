@@ -131,6 +131,10 @@ def weights_values() -> st.SearchStrategy[dict]:
 
 
 DTYPES = ["float32", "float16", "bfloat16", "float64"]
+# JSON the json module refuses with other errors than JSONDecodeError: an integer of over 4,300 digits
+# (ValueError) and deep nesting (RecursionError)
+BIG_INT_JSON = "1" * 5000
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
 SHAPES = [(1, 3, 32, 32), (2, 3, 17, 45), (3, 3, 1, 1), (1, 3, 1, 512), (1, 3, 224, 224)]
 
 
@@ -141,7 +145,7 @@ def safetensors_bodies(draw) -> bytes:
     import torch
     from safetensors.torch import save
 
-    fault = draw(faults("shape", "dtype", "values", "prompts", "weights", "name", "truncate", "header", "random"))
+    fault = draw(faults("shape", "dtype", "values", "prompts", "weights", "name", "extra", "truncate", "header", "random"))
     shape = draw(st.sampled_from(SHAPES))
     if fault == "shape":
         shape = draw(st.sampled_from([(0, 3, 8, 8), (1, 3, 0, 8), (3, 16, 16), (1, 1, 16, 16), (1, 4, 16, 16), (1, 1, 3, 8, 8), (1, 3, 1, 4096)]))
@@ -152,12 +156,17 @@ def safetensors_bodies(draw) -> bytes:
     n = shape[0] if len(shape) == 4 else 1
     prompts = draw(st.sampled_from([json.dumps(["a red apple"] * n), json.dumps("a red apple")]))
     if fault == "prompts":
-        prompts = draw(st.sampled_from([None, "not json", json.dumps(["a cat"] * (n + 1)), json.dumps([1] * n), '""', json.dumps("x" * 5000), "[]"]) | st.text(max_size=20))
+        prompts = draw(st.sampled_from([None, "not json", json.dumps(["a cat"] * (n + 1)), json.dumps([1] * n), '""', json.dumps("x" * 5000), "[]",
+                                        DEEP_JSON, "[" + BIG_INT_JSON + "]"]) | st.text(max_size=20))
     weights = draw(st.none() | weights_values().map(json.dumps))
     if fault == "weights":
-        weights = draw(st.sampled_from([json.dumps({"nope": 1.0}), "[1]", json.dumps({"mlp": "x"}), "{", '{"aesthetic": NaN}', '{"mlp": 1e999}']))
+        weights = draw(st.sampled_from([json.dumps({"nope": 1.0}), "[1]", json.dumps({"mlp": "x"}), "{", '{"aesthetic": NaN}', '{"mlp": 1e999}',
+                                        DEEP_JSON, '{"mlp": ' + BIG_INT_JSON + "}"]))
     meta = {k: v for k, v in (("prompts", prompts), ("weights", weights)) if v is not None}
-    body = save({"pixels" if fault == "name" else "images": x.to(dtype).contiguous()}, metadata=meta)
+    tensors = {"pixels" if fault == "name" else "images": x.to(dtype).contiguous()}
+    if fault == "extra":  # anything beside `images` is refused
+        tensors["other"] = torch.zeros(draw(st.integers(0, 4)))
+    body = save(tensors, metadata=meta)
     if fault == "truncate":
         return body[: draw(st.integers(0, len(body) - 1))]
     if fault == "header":
@@ -174,7 +183,7 @@ def register_strategies() -> None:
     """Make schemathesis generate the bodies above (global registrations; idempotent)."""
     schemathesis.openapi.format("t2i-image-b64", image_strings())
     schemathesis.openapi.format("binary", image_files())  # multipart files (the gradient body has its own)
-    schemathesis.openapi.format("t2i-weights-json", weights_values().map(json.dumps))
+    schemathesis.openapi.format("t2i-weights-json", weights_values().map(json.dumps) | st.sampled_from([DEEP_JSON, '{"mlp": ' + BIG_INT_JSON + "}"]))
     schemathesis.openapi.media_type("application/octet-stream", safetensors_bodies())
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import redis
+from t2i_reward.rewarders.errors import public_message
 
 from .artifacts import adopt_checkpoints
 from .faults import hook
@@ -166,7 +167,8 @@ class JobRunner:
                 final = dict(status="failed", error="no space left on the jobs volume: the job could not write its files "
                              f"({type(e).__name__}); its last checkpoint is kept. Free space, then submit it again")
             else:
-                final = dict(status="failed", error=f"{type(e).__name__}: {e}")
+                # the job record is read through the API: no URLs or server paths (the log below keeps them)
+                final = dict(status="failed", error=public_message(f"{type(e).__name__}: {e}"))
         except BaseException:  # a cold shutdown: the lease lapses and another worker resumes the job
             lease.abandon()
             raise

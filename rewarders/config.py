@@ -49,6 +49,7 @@ class RewardConfig(BaseSettings):
     # the request limits (limits.py declares their defaults and bounds)
     max_image_pixels: int = limit_field("max_image_pixels")
     max_prompt_chars: int = limit_field("max_prompt_chars")
+    max_request_pixels: int = limit_field("max_request_pixels")
     max_aspect_ratio: float = limit_field("max_aspect_ratio")
     max_images: int = limit_field("max_images")
     cache_dir: Path = Field(DEFAULT_CACHE, description="Where tiny models are built and hub files cached by us.")

@@ -1,8 +1,21 @@
-"""Errors the library raises for bad input or missing models.
+"""Errors the library raises for bad input or missing models, and `public_message`, what of an error a
+client (or a job's record) may be shown.
 
 Every one is a `ValueError` subclass, so callers (the CLI, the HTTP service) can turn them into a
 clear message or a 4xx answer without catching unrelated bugs.
 """
+
+import re
+
+# a URL (its credentials, host and path) and an absolute path of two parts or more
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s'\"<>]+")
+_PATH = re.compile(r"(?<![\w.~:/-])(?:/[\w.@+-]+){2,}/?")
+
+
+def public_message(text: str) -> str:
+    """`text` with every URL and absolute server path replaced: errors sent to clients and written to job
+    records name no credentials, internal hosts or paths (the logs keep the full message)."""
+    return _PATH.sub("<path>", _URL.sub("<url>", text))
 
 
 class RewardError(ValueError):

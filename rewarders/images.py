@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -25,7 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
 from .errors import ImageTooLargeError, InvalidImageError
-from .limits import MAX_ASPECT_RATIO
+from .limits import MAX_ASPECT_RATIO, Limits
 
 ImageLike = Union[Image.Image, bytes, bytearray, str, os.PathLike]
 
@@ -41,16 +43,76 @@ Image.MAX_IMAGE_PIXELS = None
 _NATIVE_MODES = {"1", "L", "LA", "P", "RGB", "RGBA"}
 
 
+# The formats a request's image may be in: each decodes in work bounded by its pixel count (JPEG once its
+# scans are bounded, JPEG 2000 once reduced, below). Pillow opens many more (EPS runs Ghostscript, FITS and
+# the rest are never a generated image); they are refused as unrecognised.
+FORMATS = ("PNG", "JPEG", "WEBP", "AVIF", "GIF", "BMP", "DIB", "TIFF", "JPEG2000", "PPM", "TGA", "ICO", "QOI")
+# A progressive JPEG may repeat scans: each costs a pass over every block (~2.7 ms per 40 MP) however few
+# bytes it takes. Encoders write at most a dozen or so (libjpeg's progressive script: 10).
+MAX_JPEG_SCANS = 32
+# JPEGs over this many pixels are decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, `Image.draft`)
+# with the short side still at least DRAFT_SHORT_SIDE: a 40 MP photo decodes as 2.5 MP. Generated images
+# (up to 4096x4096) are decoded in full, so their scores do not change.
+DRAFT_ABOVE_PIXELS = 4096 * 4096
+DRAFT_SHORT_SIDE = 1024
+# Pillow's JPEG 2000 decoder holds the GIL while it runs (~55 ns per pixel here): a larger one is decoded at a
+# reduced resolution level (`reduce`) of at most this many pixels, or refused when its codestream has too few.
+JPEG2000_MAX_PIXELS = 1024 * 1024
+_JPEG_MARKER = re.compile(rb"\xff+([^\x00\xd0-\xd7\xff])")  # a marker in entropy-coded data (not a stuffed 0xff00 or RSTn)
+
+
 def open_image(src: ImageLike, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
-    """Open and fully decode one image, refusing oversized, extremely elongated or broken ones with a
-    clear error.
+    """Open and fully decode one image, refusing oversized, extremely elongated, costly or broken ones with
+    a clear error.
 
     The pixel count and the aspect ratio are checked from the header, before any pixel is decoded, so
-    decompression bombs cost nothing. Animated images use their first frame.
+    decompression bombs cost nothing; so are the format and, for a JPEG, its scan count. A large JPEG or
+    JPEG 2000 is decoded at a reduced size (`decode_size`). Animated images use their first frame.
     """
     if isinstance(src, Image.Image):
         check_size(src.size, max_pixels, max_aspect_ratio, "image")
         return src
+    with _header(src, max_pixels, max_aspect_ratio) as (im, name):
+        try:
+            im.load()
+        except Exception as e:  # truncated data, bad chunks, decoder errors
+            if im.format == "JPEG2000" and isinstance(im.reduce, int) and im.reduce:
+                raise InvalidImageError(f"{name}: a JPEG 2000 image over {JPEG2000_MAX_PIXELS} pixels must be decodable "
+                                        f"at 1/{1 << im.reduce} scale ({e})") from None
+            raise InvalidImageError(f"{name}: truncated or corrupt image ({e})") from None
+        return im
+
+
+def decode_size(src: ImageLike, max_pixels: int, max_aspect_ratio: float = MAX_ASPECT_RATIO) -> tuple[int, int]:
+    """The (width, height) `open_image` will decode `src` at, read from its header with every check of
+    `open_image` but the decoding itself: what a request's pixel budget counts."""
+    if isinstance(src, Image.Image):
+        check_size(src.size, max_pixels, max_aspect_ratio, "image")
+        return src.size
+    with _header(src, max_pixels, max_aspect_ratio) as (im, _):
+        return _reduced_size(im)
+
+
+def decode_budget(images, limits: Limits) -> list[int]:
+    """Each image's decoded pixel count, from its header (every header check of `open_image`, errors naming
+    the image), and the request's total against `max_request_pixels` (ImageTooLargeError): all before a
+    pixel is decoded."""
+    pixels = []
+    for i, im in enumerate(images):
+        try:
+            w, h = decode_size(im, limits.max_image_pixels, limits.max_aspect_ratio)
+        except (InvalidImageError, ImageTooLargeError) as e:
+            raise type(e)(f"images[{i}]: {e}") from None
+        pixels.append(w * h)
+    if sum(pixels) > limits.max_request_pixels:
+        raise ImageTooLargeError(f"the images decode to {sum(pixels)} pixels together; the limit is "
+                                 f"{limits.max_request_pixels} per request")
+    return pixels
+
+
+@contextmanager
+def _header(src: ImageLike, max_pixels: int, max_aspect_ratio: float):
+    """(the image opened lazily, set to decode at its reduced size; its name), after every header check."""
     if isinstance(src, (bytes, bytearray)):
         if not src:
             raise InvalidImageError("image is empty (0 bytes)")
@@ -66,20 +128,70 @@ def open_image(src: ImageLike, max_pixels: int, max_aspect_ratio: float = MAX_AS
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                im = Image.open(fp)
+                im = Image.open(fp, formats=FORMATS)
         except UnidentifiedImageError:
-            raise InvalidImageError(f"{name}: not a recognised image format") from None
+            raise InvalidImageError(f"{name}: not a recognised image format (accepted: {', '.join(FORMATS)})") from None
         except Exception as e:  # PIL raises many types for garbage headers
             raise InvalidImageError(f"{name}: cannot read image header ({e})") from None
         check_size(im.size, max_pixels, max_aspect_ratio, name)
-        try:
-            im.load()
-        except Exception as e:  # truncated data, bad chunks, decoder errors
-            raise InvalidImageError(f"{name}: truncated or corrupt image ({e})") from None
-        return im
+        if im.format in ("JPEG", "MPO"):
+            scans = jpeg_scans(fp.getvalue() if isinstance(fp, io.BytesIO) else Path(src).read_bytes())
+            if scans > MAX_JPEG_SCANS:
+                raise InvalidImageError(f"{name}: a JPEG with {scans} scans; the limit is {MAX_JPEG_SCANS}")
+            if im.width * im.height > DRAFT_ABOVE_PIXELS:
+                scale = DRAFT_SHORT_SIDE / min(im.size)
+                im.draft(im.mode, (max(1, int(im.width * scale)), max(1, int(im.height * scale))))
+        elif im.format == "JPEG2000":
+            im.reduce = _jpeg2000_reduction(im.size)
+        yield im, name
     finally:
         if not isinstance(src, (bytes, bytearray)):
             fp.close()
+
+
+def _jpeg2000_reduction(size: tuple[int, int]) -> int:
+    """The fewest halvings that bring a JPEG 2000 image to at most JPEG2000_MAX_PIXELS (0: none needed)."""
+    k = 0
+    while _halved(size[0], k) * _halved(size[1], k) > JPEG2000_MAX_PIXELS:
+        k += 1
+    return k
+
+
+def _halved(n: int, k: int) -> int:
+    """A side of `n` pixels at JPEG 2000 resolution reduction `k` (openjpeg's rounding, as Pillow applies it)."""
+    return (n + ((1 << k) >> 1)) >> k
+
+
+def _reduced_size(im: Image.Image) -> tuple[int, int]:
+    if im.format == "JPEG2000" and isinstance(im.reduce, int) and im.reduce:
+        return _halved(im.width, im.reduce), _halved(im.height, im.reduce)
+    return im.size  # a JPEG's draft has set its size already
+
+
+def jpeg_scans(data: bytes) -> int:
+    """How many scans (SOS markers) a JPEG holds, from a walk of its markers: segment headers are skipped by
+    their lengths, entropy-coded data by searching for the next real marker. Stops counting past the limit."""
+    pos, scans, n = 2, 0, len(data)
+    while pos + 4 <= n and scans <= MAX_JPEG_SCANS:
+        if data[pos] != 0xFF:  # garbage between segments: let the decoder judge the file
+            return scans
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:  # EOI
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:  # SOS: its entropy-coded data runs to the next marker
+            scans += 1
+            m = _JPEG_MARKER.search(data, pos)
+            if m is None:
+                break
+            pos = m.start(1) - 1
+    return scans
 
 
 def check_size(size: tuple[int, int], max_pixels: int, max_aspect_ratio: float, name: str) -> None:
@@ -178,13 +290,18 @@ class Preprocess:
 def _to_rgb(im: Image.Image) -> Image.Image:
     try:
         if im.mode.startswith("I") or im.mode == "F":
-            # 16-bit, 32-bit and float greyscale: map the value range to 8 bits instead of clipping
+            # 16-bit, 32-bit and float greyscale: map the value range to 8 bits instead of clipping, in blocks
+            # of rows (float64 is 8 bytes a pixel: a 40 MP image at once would take 640 MB)
             import numpy as np
 
-            a = np.asarray(im, dtype=np.float64)
-            top = a.max(initial=0.0)
+            a = np.asarray(im)
+            top = float(a.max(initial=0))
             scale = 255.0 / 65535.0 if top > 255 else (255.0 if im.mode == "F" and top <= 1.0 else 1.0)
-            return Image.fromarray(np.clip(a * scale, 0, 255).astype("uint8"), "L").convert("RGB")
+            out = np.empty(a.shape, dtype=np.uint8)
+            rows = max(1, (1 << 20) // max(1, a.shape[1]))
+            for i in range(0, a.shape[0], rows):
+                out[i : i + rows] = np.clip(a[i : i + rows].astype(np.float64) * scale, 0, 255).astype("uint8")
+            return Image.fromarray(out, "L").convert("RGB")
         return im.convert("RGB")
     except Exception as e:
         raise InvalidImageError(f"image mode {im.mode!r} cannot be converted to RGB ({e})") from None

@@ -45,7 +45,7 @@ class Checked:
     raw: Optional[torch.Tensor] = field(default=None, repr=False)
     group_ids: Optional[list] = None
     explain: bool = False
-    pending: Optional[tuple] = field(default=None, repr=False)  # (images, limits) while `Mixture.prepare_part` fills `pixels`
+    pending: Optional[tuple] = field(default=None, repr=False)  # (images, limits, decoded pixels each) while `Mixture.prepare_part` fills `pixels`
 
     def __len__(self) -> int:
         return len(self.prompts)

@@ -12,11 +12,14 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# name -> (default, bounds, description): the single source of the four limits
+# name -> (default, bounds, description): the single source of the limits
 _LIMITS: dict[str, tuple[Any, dict[str, Any], str]] = {
     "max_images": (64, {"ge": 1}, "Most images in one scoring call."),
     "max_image_pixels": (40_000_000, {"ge": 1}, "Images with more pixels are refused before decoding."),
     "max_prompt_chars": (2000, {"ge": 1}, "Longer prompts are refused."),
+    # 64 images of 2048x2048: any GRPO batch; six images at max_image_pixels (bounds a request's decode work)
+    "max_request_pixels": (268_435_456, {"ge": 1}, "Most pixels decoded for one request, all its images together (after "
+                           "a large JPEG's draft or a JPEG 2000's reduction), counted from the headers before decoding."),
     # panoramas up to 32:1 pass; a 20000x1 strip, whose resize to a square would be huge, does not
     "max_aspect_ratio": (32.0, {"ge": 1, "le": 1024}, "Images whose long side is more than this times the short side "
                          "are refused (bounds the resize's work)."),
@@ -37,11 +40,12 @@ class Limits(BaseModel):
     max_images: int = limit_field("max_images")
     max_image_pixels: int = limit_field("max_image_pixels")
     max_prompt_chars: int = limit_field("max_prompt_chars")
+    max_request_pixels: int = limit_field("max_request_pixels")
     max_aspect_ratio: float = limit_field("max_aspect_ratio")
 
     @classmethod
     def of(cls, source: Any) -> "Limits":
-        """The limits of any object that has the four fields (a `RewardConfig`, the service's `Settings`)."""
+        """The limits of any object that has these fields (a `RewardConfig`, the service's `Settings`)."""
         return cls(**{name: getattr(source, name) for name in cls.model_fields})
 
 

@@ -28,13 +28,14 @@ service's metrics come in that way).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Mapping, Optional, Sequence
+from typing import Callable, ContextManager, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -42,7 +43,7 @@ from torch import nn
 from .advantages import group_advantages
 from .config import RewardConfig
 from .errors import InvalidPromptError, InvalidRequestError
-from .images import ImageLike, Preprocess, check_size, open_image
+from .images import ImageLike, Preprocess, check_size, decode_budget, open_image
 from .inputs import Checked, PilPixels, Pixels, check_image_tensor, prepare_pil, prepare_tensor
 from .limits import Limits
 from .registry import Expert
@@ -382,8 +383,9 @@ class Mixture(nn.Module):
         limits = limits or self.limits
         self._check_image_list(images, limits)
         c = self._checked(prompts, len(images), weights, limits, group_ids, explain)  # the cheap checks first
+        pixels = decode_budget(images, limits)
         if not prepare:
-            return self._pending(c, list(images), limits)
+            return self._pending(c, list(images), limits, pixels)
         decoded = [open_image(im, limits.max_image_pixels, limits.max_aspect_ratio) for im in images]
         c.pixels = self._pinned(prepare_pil(decoded, self.input_specs))
         return c
@@ -405,7 +407,7 @@ class Mixture(nn.Module):
         if self.device.type == "cuda":
             c.raw = images.pin_memory()
         elif not prepare:
-            self._pending(c, images, limits)
+            self._pending(c, images, limits, [h * w] * b)
         else:
             c.pixels = prepare_tensor(images, self.input_specs)
         return c
@@ -413,26 +415,33 @@ class Mixture(nn.Module):
     def _pinned(self, pixels: dict[Preprocess, torch.Tensor]) -> dict[Preprocess, torch.Tensor]:
         return {s: t.pin_memory() for s, t in pixels.items()} if self.device.type == "cuda" else pixels
 
-    def _pending(self, c: Checked, images, limits: Limits) -> Checked:
+    def _pending(self, c: Checked, images, limits: Limits, pixels: list[int]) -> Checked:
         # the pixels' final tensors, filled part by part (pinned for a fast copy to a GPU)
-        c.pending = (images, limits)
+        c.pending = (images, limits, pixels)
         n, cuda = len(c), self.device.type == "cuda"
         c.pixels = {s: torch.empty((n, 3, s.size, s.size), pin_memory=cuda) for s in self.input_specs}
         return c
 
-    def prepare_part(self, c: Checked, start: int, stop: int) -> None:
+    def prepare_part(self, c: Checked, start: int, stop: int, gate: Callable[[int], ContextManager] | None = None) -> None:
         """Fill images `start:stop` of a pending request's pixels (checked with `prepare=False`): decoded and
         prepared with the reference pipeline (encoded images) or prepared in torch (a CPU tensor). Parts
-        are disjoint, so several threads can fill one request at once."""
-        images, limits = c.pending
+        are disjoint, so several threads can fill one request at once.
+
+        One image at a time: decoded, prepared into its rows and dropped before the next is opened, each
+        inside `gate(its decoded pixel count)` when given (the service's pool-wide pixel budget, its
+        deadline and the client's presence: the gate may raise to stop the part between images)."""
+        images, limits, pixels = c.pending
         rows = {spec: t[start:stop] for spec, t in c.pixels.items()}
-        if isinstance(images, torch.Tensor):
-            prepare_tensor(images[start:stop], self.input_specs, out=rows)
-            return
-        part = prepare_pil([open_image(im, limits.max_image_pixels, limits.max_aspect_ratio) for im in images[start:stop]],
-                           self.input_specs)
-        for spec, t in part.items():
-            rows[spec].copy_(t)
+        for i in range(start, stop):
+            with gate(pixels[i]) if gate is not None else contextlib.nullcontext():
+                if isinstance(images, torch.Tensor):
+                    prepare_tensor(images[i : i + 1], self.input_specs, out={s: r[i - start : i - start + 1] for s, r in rows.items()})
+                    continue
+                im = open_image(images[i], limits.max_image_pixels, limits.max_aspect_ratio)
+                part = prepare_pil([im], self.input_specs)
+                del im
+            for spec, t in part.items():
+                rows[spec][i - start].copy_(t[0])
 
     def _checked(self, prompts, n: int, weights, limits: Limits, group_ids, explain: bool) -> Checked:
         prompt_list = self._prompts_for(prompts, n, limits)

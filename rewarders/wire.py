@@ -38,6 +38,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from .errors import InvalidBodyError, InvalidImageError, InvalidRequestError, MalformedBodyError, UnsupportedMediaTypeError
+from .limits import Limits
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
@@ -56,9 +57,11 @@ GroupId = Union[Annotated[str, Field(max_length=256)], Annotated[int, Field(ge=-
 class RewardRequest(BaseModel):
     prompt: Optional[str] = Field(None, description="The prompt all the images were generated from; or send `prompts`.",
                                   examples=["a red apple on a wooden table"])
-    prompts: Optional[list[str]] = Field(None, max_length=MAX_BATCH, description="One prompt per image, in the order of "
-                                         "`images` (batched (prompt, image) pairs); instead of `prompt`.")
-    images: list[str] = Field(..., max_length=MAX_BATCH, description="Images as base64 strings or data URLs (PNG, JPEG, WebP, ...).",
+    prompts: Optional[list[str]] = Field(None, min_length=1, max_length=MAX_BATCH, description="One prompt per image, in the "
+                                         "order of `images` (batched (prompt, image) pairs); instead of `prompt` (sending "
+                                         "both is refused with 422).")
+    images: list[Annotated[str, Field(min_length=1)]] = Field(..., max_length=MAX_BATCH, description="Images as base64 "
+                                                               "strings or data URLs (PNG, JPEG, WebP, ...).",
                               examples=[[f"data:image/png;base64,{PNG_1PX}"]])
     weights: Optional[dict[str, float]] = Field(None, description="Per-expert weight overrides for this call.",
                                                 examples=[{"aesthetic": 0.5}])
@@ -118,7 +121,8 @@ MULTIPART_SCHEMA = {
     },
 }
 
-TENSOR_SCHEMA = {"type": "string", "format": "binary", "description": "safetensors: tensor `images`, uint8 (B, H, W, 3) or "
+TENSOR_SCHEMA = {"type": "string", "format": "binary", "description": "safetensors (not an encoded image: PNG or JPEG "
+                "bytes here are refused with 400): the tensor `images` and nothing else, uint8 (B, H, W, 3) or "
                 "float16/float32 (B, 3, H, W) in [0, 1]; metadata `prompts` (a JSON list, one per image, or one string), "
                 "optional `weights` (JSON object), `group_ids` (JSON list), `explain` (true/false)."}
 
@@ -132,8 +136,23 @@ def media_type(header: str | None) -> str:
 
 
 def accepts_tensors(accept: str | None) -> bool:
-    """True when an Accept header asks for a safetensors answer."""
-    return OCTET in [part.split(";")[0].strip().lower() for part in (accept or "").split(",")]
+    """True when an Accept header asks for a safetensors answer: application/octet-stream with a quality
+    above 0 and no lower than JSON's (`application/json`, else `application/*` or `*/*`)."""
+    q: dict[str, float] = {}
+    for part in (accept or "").split(","):
+        kind, *params = [p.strip().lower() for p in part.split(";")]
+        weight = 1.0
+        for p in params:
+            name, _, value = p.partition("=")
+            if name.strip() == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+        q[kind] = max(q.get(kind, 0.0), weight if 0 <= weight <= 1 else 0.0)
+    octet = q.get(OCTET, 0.0)
+    json_q = q.get(JSON, q.get("application/*", q.get("*/*", 0.0)))
+    return octet > 0 and octet >= json_q
 
 
 def check_reward_media_type(ctype: str) -> None:
@@ -198,24 +217,22 @@ class GradientBody:
     weights: dict | None = None
 
 
-def decode_reward_request(ctype: str, payload: bytes | Mapping[str, Sequence[str | bytes]]) -> RewardBody:
+def decode_reward_request(ctype: str, payload: bytes | Mapping[str, Sequence[str | bytes]], limits: Limits | None = None) -> RewardBody:
     """A /reward body of media type `ctype`: the raw bytes of a JSON or safetensors body, or the fields of
-    a multipart one (name -> values in order: text as str, files as bytes)."""
+    a multipart one (name -> values in order: text as str, files as bytes). `limits` bound a safetensors
+    header (`tensor_header_limit`)."""
     check_reward_media_type(ctype)
     if ctype == JSON:
         return _decode_json(payload)
     if ctype == MULTIPART:
         return _decode_form(payload)
-    return _decode_tensors(payload)
+    return _decode_tensors(payload, limits)
 
 
-def decode_gradient_request(body: bytes) -> GradientBody:
-    tensors, metadata = read_safetensors(body)
-    try:
-        prompts = json.loads(metadata.get("prompts", "null"))
-        weights = json.loads(metadata["weights"]) if "weights" in metadata else None
-    except json.JSONDecodeError:
-        raise InvalidRequestError("metadata 'prompts' and 'weights' must be JSON") from None
+def decode_gradient_request(body: bytes, limits: Limits | None = None) -> GradientBody:
+    tensors, metadata = read_safetensors(body, limits)
+    prompts = loads(metadata.get("prompts", "null"), "metadata 'prompts' and 'weights' must be JSON")
+    weights = loads(metadata["weights"], "metadata 'prompts' and 'weights' must be JSON") if "weights" in metadata else None
     if not (isinstance(prompts, str) or (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts))):
         raise InvalidRequestError("metadata 'prompts' must be a JSON list of strings (one per image) or one string")
     if weights is not None and not isinstance(weights, dict):
@@ -238,16 +255,48 @@ def decode_image_string(s: str, index: int) -> bytes:
     return data
 
 
-def read_safetensors(body: bytes) -> tuple[dict, dict[str, str]]:
-    """The tensors and string metadata of a safetensors body that must hold `images`."""
+def loads(text: str | bytes, error: str) -> Any:
+    """JSON from a client, or InvalidRequestError(`error`): also for what the json module raises besides a
+    syntax error (an integer of over 4,300 digits: ValueError; deep nesting: RecursionError)."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
+        raise InvalidRequestError(error) from None
+
+
+def tensor_header_limit(limits: Limits | None = None) -> int:
+    """The largest safetensors header a request may have: one tensor's entry and metadata of `max_images`
+    prompts of `max_prompt_chars` characters, each JSON-escaped (up to 6 bytes a character), and group ids."""
+    limits = limits or Limits()
+    return 65536 + limits.max_images * (6 * limits.max_prompt_chars + 600)
+
+
+def read_safetensors(body: bytes, limits: Limits | None = None) -> tuple[dict, dict[str, str]]:
+    """The tensors and string metadata of a safetensors body that must hold `images` and nothing else. Its
+    header is read and checked first (its size against `tensor_header_limit`, its entries), so a body of a
+    million tensors costs one bounded JSON parse, not a million tensors."""
+    n = int.from_bytes(body[:8], "little")
+    if len(body) < 8 or n > len(body) - 8:  # an encoded image, JSON, garbage: not safetensors at all
+        raise MalformedBodyError("body is not a valid safetensors file")
+    if n > tensor_header_limit(limits):
+        raise InvalidRequestError(f"the safetensors header is {n} bytes; the limit is {tensor_header_limit(limits)}")
+    try:
+        header = json.loads(body[8 : 8 + n])
+    except (ValueError, RecursionError):
+        raise MalformedBodyError("body is not a valid safetensors file") from None
+    if not isinstance(header, dict):
+        raise MalformedBodyError("body is not a valid safetensors file")
+    if "images" not in header:
+        raise InvalidRequestError("safetensors must hold a tensor named 'images'")
+    extra = [k for k in header if k not in ("images", "__metadata__")]
+    if extra:
+        raise InvalidRequestError(f"safetensors must hold the tensor 'images' only; it holds {len(extra)} more")
     try:
         tensors = load_safetensors(body)
-        metadata = safetensors_metadata(body)
     except Exception:  # safetensors' own errors, and a header that lies about its length
         raise MalformedBodyError("body is not a valid safetensors file") from None
-    if "images" not in tensors:
-        raise InvalidRequestError("safetensors must hold a tensor named 'images'")
-    return tensors, metadata
+    meta = header.get("__metadata__") or {}
+    return tensors, {k: v for k, v in meta.items() if isinstance(v, str)} if isinstance(meta, dict) else {}
 
 
 def safetensors_metadata(body: bytes) -> dict[str, str]:
@@ -287,14 +336,16 @@ def _decode_form(fields: Mapping[str, Sequence[str | bytes]]) -> RewardBody:
                       explain=_flag(get("explain"), "explain", "multipart field"))
 
 
-def _decode_tensors(body: bytes) -> RewardBody:
-    tensors, meta = read_safetensors(body)
+def _decode_tensors(body: bytes, limits: Limits | None = None) -> RewardBody:
+    tensors, meta = read_safetensors(body, limits)
     if "prompts" not in meta:
         raise InvalidRequestError("safetensors metadata 'prompts' (a JSON list with one prompt per image, or one string) is required")
     try:
         prompts = json.loads(meta["prompts"])
     except json.JSONDecodeError:
         prompts = meta["prompts"]  # a bare string: one prompt for every image
+    except (ValueError, RecursionError):
+        raise InvalidRequestError("metadata 'prompts' must be a JSON list of strings (one per image) or one string") from None
     return RewardBody(
         prompts, tensor=tensors["images"],
         weights=_json_field(meta["weights"], "weights", dict, "metadata") if "weights" in meta else None,
@@ -315,7 +366,7 @@ def _json_field(value, name: str, kind: type, where: str):
     """A field holding JSON text of type `kind` (an uploaded file is not text)."""
     try:
         out = json.loads(value) if isinstance(value, str) else None
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, a 4,300-digit integer, deep nesting
         out = None
     if not isinstance(out, kind):
         raise InvalidRequestError(f"{where} '{name}' must be a JSON {kind.__name__}")

@@ -88,7 +88,8 @@ async def _load(state: AppState, rewarder: Mixture | None, prompter: PromptIndex
         return
     batcher = MicroBatcher(mixture, settings.limits(), settings.max_batch_images, settings.max_wait_ms / 1000,
                            settings.max_queue_images, settings.max_queue_wait_s, state.metrics, settings.prepare_workers,
-                           model_thread)
+                           model_thread, max_prepare_s=settings.max_prepare_s, max_prepare_pixels=settings.max_prepare_pixels,
+                           max_queue_bytes=settings.max_queue_bytes)
     batcher.start()
     state.batcher = batcher
     if mixture.random_weights:

@@ -1,17 +1,21 @@
 """Admission control and micro-batching, in one place: every model call of the service goes through here.
 
 Requests (already validated and decoded by the library) wait in one queue:
-- admission: more than `max_queue_images` images waiting -> `QueueFullError` (429); a request still
-  waiting after `max_queue_wait_s` -> `QueueTimeoutError` (504), and it never runs;
+- admission: more than `max_queue_images` images being prepared or waiting for the model, or admitted
+  requests holding more than `max_queue_bytes` (bodies, tensors, prepared pixels: `admit` gives each a
+  `Ticket`) -> `QueueFullError` (429); a request still waiting after `max_queue_wait_s`, or still being
+  prepared after `max_prepare_s` -> `QueueTimeoutError` (504), and it never runs; a request whose client
+  went (`Ticket.client_gone`) stops between images and leaves the queue;
 - requests are batched: the loop takes the first, then keeps taking requests of the same kind for up to
   `max_wait_s` or until `max_batch_images` images are collected. `/reward` requests are scored together
   with `Mixture.score_checked`; `/reward/gradient` requests whose tensors have the same size share one
   forward and backward pass (`Mixture.reward_and_gradient_many`, at most the config's `max_batch_size`
   images). If a batch fails, each of its requests runs alone, so a bad request fails alone and its
   neighbours get their results.
-The steps of a request: decode (the router, with `rewarders.wire`), check and prepare (`reward`, through
+The steps of a request: decode (the router, with `rewarders.wire`, in the preprocessing pool), check and prepare (`reward`, through
 `prepare_request`: checked in the preprocessing pool, sized to the cores, then its images split into one
-part per pool thread for decoding, resizing, cropping and normalising; the pool's threads run torch
+part per pool thread for decoding, resizing, cropping and normalising one image at a time, within the
+pool's `PixelBudget` of decoded pixels; the pool's threads run torch
 without OpenMP teams, the model thread keeps the only one), batch (here), predict (the single model
 thread, which only concatenates prepared tensors, copies them to the device and runs the models), unbatch
 (each request's own result). So the event loop never blocks, the GPU sees one batch at a time and the
@@ -23,7 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -62,7 +68,72 @@ class QueueFullError(RuntimeError):
 
 
 class QueueTimeoutError(RuntimeError):
-    """The request waited longer than `max_queue_wait_s` for the model (504)."""
+    """The request waited longer than `max_queue_wait_s` for the model, or its images took longer than
+    `max_prepare_s` to prepare (504)."""
+
+
+class ClientGone(RuntimeError):
+    """The request's client closed its connection: its work stopped (between images) and nobody reads the answer."""
+
+
+class PixelBudget:
+    """Decoded pixels held by the preprocessing pool's threads at once, across requests: a thread waits for
+    room before it decodes an image (`Ticket.check` between waits, so a gone client or a passed deadline
+    stops the wait). An image larger than the whole budget runs alone."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, pixels: int, ticket: "Ticket"):
+        with self._cond:
+            while self.used and self.used + pixels > self.limit:
+                ticket.check()
+                self._cond.wait(0.05)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= pixels
+                self._cond.notify_all()
+
+
+class Ticket:
+    """One request from its admission to its answer: the bytes it holds (its body, then its tensors) counted
+    against `max_queue_bytes`, its preparation deadline, and whether its client is still there. Pool threads
+    call `check` between images; the route's disconnect watcher calls `client_gone`."""
+
+    def __init__(self, batcher: "MicroBatcher", n_bytes: int):
+        self.batcher = batcher
+        self.n_bytes = n_bytes
+        self.deadline = time.monotonic() + batcher.max_prepare_s
+        self.gone = False
+        self.item: Optional["_Item"] = None  # while it waits for the model
+
+    def check(self) -> None:
+        if self.gone:
+            raise ClientGone("the client closed the connection")
+        if time.monotonic() > self.deadline:
+            raise QueueTimeoutError(f"preparing the images took over {self.batcher.max_prepare_s:g} s; send fewer or smaller images")
+
+    def client_gone(self) -> None:
+        self.gone = True
+        if self.item is not None:
+            self.batcher._abandon(self.item, ClientGone("the client closed the connection"))
+
+    def release(self) -> None:
+        """Give the ticket's bytes back (once answered, or refused)."""
+        self.batcher._release_bytes(self.n_bytes)
+        self.n_bytes = 0
+
+    def __enter__(self) -> "Ticket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 MIN_IMAGES_PER_PART = 2  # a request's images are prepared in parts of at least this many (one part per pool thread)
@@ -85,6 +156,13 @@ def side_executor() -> ThreadPoolExecutor:
                               initializer=single_threaded_torch)
 
 
+def _count(images) -> int:
+    """How many images a decoded body holds, for admission (the library checks the shape and the list)."""
+    if isinstance(images, torch.Tensor):
+        return int(images.shape[0]) if images.ndim > 0 else 1
+    return len(images) if isinstance(images, (list, tuple)) else 1
+
+
 @dataclass
 class _Item:
     n_images: int
@@ -101,7 +179,8 @@ class _Item:
 class MicroBatcher:
     def __init__(self, rewarder: Mixture, limits: Limits, max_batch_images: int, max_wait_s: float,
                  max_queue_images: int, max_queue_wait_s: float, metrics: Metrics, prepare_workers: int | None = None,
-                 model_thread: ThreadPoolExecutor | None = None):
+                 model_thread: ThreadPoolExecutor | None = None, *, max_prepare_s: float = 30.0,
+                 max_prepare_pixels: int = 80_000_000, max_queue_bytes: int = 1 << 30):
         prepare_workers = prepare_workers or os.cpu_count() or 1
         if max_batch_images < 1 or max_queue_images < 1 or max_wait_s < 0 or max_queue_wait_s <= 0 or prepare_workers < 1:
             raise ValueError("batcher limits must be positive")
@@ -112,6 +191,9 @@ class MicroBatcher:
         self.max_queue_images = max_queue_images
         self.max_queue_wait_s = max_queue_wait_s
         self.metrics = metrics
+        self.max_prepare_s = max_prepare_s
+        self.max_queue_bytes = max_queue_bytes
+        self.pixel_budget = PixelBudget(max_prepare_pixels)
         # the one thread that runs the models (pass the one that loaded them: it already holds their OpenMP team)
         self.executor = model_thread or model_thread_executor()
         # decoding and preprocessing, in parallel with the model thread (PIL and torch release the GIL)
@@ -120,7 +202,9 @@ class MicroBatcher:
                                                    initializer=single_threaded_torch)
         self._queue: collections.deque[_Item] = collections.deque()
         self._ready = asyncio.Event()
-        self._waiting_images = 0
+        self._waiting_images = 0  # images waiting for the model
+        self._preparing_images = 0  # images admitted and being prepared: the same admission limit counts both
+        self._held_bytes = 0  # bytes of the admitted requests' bodies and tensors
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -149,64 +233,126 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.prepare_executor, lambda: fn(*args, **kwargs))
 
-    async def prepare_request(self, check: Callable, *args, **kwargs) -> Checked:
+    async def prepare_request(self, check: Callable, *args, ticket: Ticket | None = None, **kwargs) -> Checked:
         """Check a request (`Mixture.check_request` or `check_tensor_request`) in the preprocessing pool, then
-        decode and prepare its images in parts, one per pool thread, in parallel, each into its own rows."""
+        decode and prepare its images in parts, one per pool thread, in parallel, each into its own rows,
+        one image at a time within the pool's pixel budget and the ticket's deadline."""
         checked = await self.prepare(check, *args, prepare=False, **kwargs)
         if checked.pending is None:  # a tensor for a GPU: prepared on the device by the model thread
             return checked
+        ticket = ticket or Ticket(self, 0)
+
+        @contextlib.contextmanager
+        def gate(pixels: int):
+            ticket.check()
+            with self.pixel_budget.hold(pixels, ticket):
+                yield
+
         n = len(checked)
         k = max(1, min(self.prepare_workers, n // MIN_IMAGES_PER_PART))
         bounds = [(n * i // k, n * (i + 1) // k) for i in range(k)]
-        await asyncio.gather(*(self.prepare(self.rewarder.prepare_part, checked, a, b) for a, b in bounds))
+        parts = [asyncio.ensure_future(self.prepare(self.rewarder.prepare_part, checked, a, b, gate)) for a, b in bounds]
+        try:
+            await asyncio.gather(*parts)
+        except BaseException:
+            ticket.gone = True  # one part failed (or the request was cancelled): the others stop at their next image
+            await asyncio.gather(*parts, return_exceptions=True)
+            raise
         checked.pending = None  # every row is filled
         return checked
 
-    async def reward(self, body: RewardBody, timing: dict | None = None) -> RewardResult:
-        """A decoded /reward body, whole: checked and prepared against the service's limits in the
-        preprocessing pool (`prepare_request`), then scored with its neighbours (`score`). `timing`, when
-        given, receives the seconds of 'prepare', then those of `score`."""
+    async def reward(self, body: RewardBody, timing: dict | None = None, ticket: Ticket | None = None) -> RewardResult:
+        """A decoded /reward body, whole: admitted (its images count against `max_queue_images` from now),
+        checked and prepared against the service's limits in the preprocessing pool (`prepare_request`),
+        then scored with its neighbours (`score`). `timing`, when given, receives the seconds of 'prepare',
+        then those of `score`. `ticket`: the request's (`admit`), which stops the work when its client goes."""
         start = time.monotonic()
-        opts = dict(limits=self.limits, group_ids=body.group_ids, explain=body.explain)
-        if body.tensor is not None:
-            checked = await self.prepare_request(self.rewarder.check_tensor_request, body.prompts, body.tensor, body.weights, **opts)
-        else:
-            checked = await self.prepare_request(self.rewarder.check_request, body.prompts, body.images, body.weights, **opts)
+        # a request over max_images is the library's 422, not a full queue: it counts as the most it may hold
+        n = min(_count(body.tensor if body.tensor is not None else body.images), self.limits.max_images)
+        self._refuse_if_full(n)
+        self._preparing_images += n
+        opts = dict(limits=self.limits, group_ids=body.group_ids, explain=body.explain, ticket=ticket)
+        try:
+            if body.tensor is not None:
+                checked = await self.prepare_request(self.rewarder.check_tensor_request, body.prompts, body.tensor, body.weights, **opts)
+            else:
+                checked = await self.prepare_request(self.rewarder.check_request, body.prompts, body.images, body.weights, **opts)
+        finally:
+            self._preparing_images -= n
+        body.images = body.tensor = None  # prepared: the encoded images and the tensor can go
+        if ticket is not None:  # the prepared pixels replace what the body held
+            self._resize(ticket, sum(t.nbytes for t in (checked.pixels or {}).values()) + (checked.raw.nbytes if checked.raw is not None else 0))
         if timing is not None:
             timing["prepare"] = time.monotonic() - start
-        return await self.score(checked, timing=timing)
+        return await self.score(checked, timing=timing, ticket=ticket)
 
-    async def score(self, request: Checked, timing: dict | None = None) -> RewardResult:
+    async def score(self, request: Checked, timing: dict | None = None, ticket: Ticket | None = None) -> RewardResult:
         """Score one checked request, batched with its neighbours. `timing`, when given, receives the
         seconds the request waited for the model ('queue') and its micro-batch's model call took ('model')."""
-        return await self._submit(_Item(len(request), self._future(), time.monotonic(), request=request, key="score", timing=timing))
+        item = _Item(len(request), self._future(), time.monotonic(), request=request, key="score", timing=timing)
+        return await self._submit(item, ticket)
 
-    async def reward_and_gradient(self, images, prompts, weights) -> dict:
+    async def reward_and_gradient(self, images, prompts, weights, ticket: Ticket | None = None) -> dict:
         """Rewards and pixel gradients of an image tensor (`Mixture.reward_and_gradient`, the service's limits),
         batched with other gradient requests of the same tensor size."""
         n = int(images.shape[0]) if getattr(images, "ndim", 0) > 0 else 1  # the library refuses a bad shape
         key = ("gradient", tuple(images.shape[1:])) if getattr(images, "ndim", 0) == 4 else ("gradient", id(images))
-        return await self._submit(_Item(max(n, 1), self._future(), time.monotonic(), gradient=(images, prompts, weights), key=key))
+        item = _Item(max(n, 1), self._future(), time.monotonic(), gradient=(images, prompts, weights), key=key)
+        return await self._submit(item, ticket)
 
     def check_admission(self) -> None:
-        """Refuse at once (QueueFullError) when the queue is full: called before a body is read or
-        decoded, so clients that retry immediately cost the server almost nothing."""
+        """Refuse at once (QueueFullError) when the queue is full, in images or in bytes: called before a
+        body is read or decoded, so clients that retry immediately cost the server almost nothing."""
         self._refuse_if_full(1)
+        if self._held_bytes >= self.max_queue_bytes:
+            self._refuse_bytes()
+
+    def admit(self, n_bytes: int) -> Ticket:
+        """A request whose body (`n_bytes`, to be decoded) was just read: its ticket, holding those bytes until
+        it is answered (`with batcher.admit(n) as ticket`), or QueueFullError when the admitted requests
+        already hold `max_queue_bytes` (a request alone may always run: the body limit bounds it)."""
+        if self._held_bytes and self._held_bytes + n_bytes > self.max_queue_bytes:
+            self._refuse_bytes()
+        self._held_bytes += n_bytes
+        self.metrics.queue_bytes.set(self._held_bytes)
+        return Ticket(self, n_bytes)
+
+    def held(self, ticket: Ticket, n_bytes: int) -> None:
+        """The ticket's request now holds `n_bytes` (its body decoded into tensors, or prepared into pixels)."""
+        self._resize(ticket, n_bytes)
+
+    def _resize(self, ticket: Ticket, n_bytes: int) -> None:
+        self._held_bytes += n_bytes - ticket.n_bytes
+        ticket.n_bytes = n_bytes
+        self.metrics.queue_bytes.set(self._held_bytes)
+
+    def _release_bytes(self, n_bytes: int) -> None:
+        self._held_bytes -= n_bytes
+        self.metrics.queue_bytes.set(self._held_bytes)
+
+    def _refuse_bytes(self) -> None:
+        self.metrics.rejected.inc()
+        raise QueueFullError(f"the requests being served hold {self._held_bytes >> 20} MiB (limit {self.max_queue_bytes >> 20} MiB); retry later")
 
     def _refuse_if_full(self, n_images: int) -> None:
-        if self._waiting_images + n_images > self.max_queue_images:
+        waiting = self._waiting_images + self._preparing_images
+        if waiting + n_images > self.max_queue_images:
             self.metrics.rejected.inc()
-            raise QueueFullError(f"{self._waiting_images} images are already waiting (limit {self.max_queue_images}); retry later")
+            raise QueueFullError(f"{waiting} images are already waiting (limit {self.max_queue_images}); retry later")
 
     def _future(self) -> asyncio.Future:
         return asyncio.get_running_loop().create_future()
 
-    async def _submit(self, item: _Item):
+    async def _submit(self, item: _Item, ticket: Ticket | None = None):
         self._refuse_if_full(item.n_images)
         self._waiting_images += item.n_images
         self.metrics.queue_images.set(self._waiting_images)
         self._queue.append(item)
         self._ready.set()
+        if ticket is not None:
+            ticket.item = item
+            if ticket.gone:
+                self._abandon(item, ClientGone("the client closed the connection"))
         try:
             return await asyncio.wait_for(asyncio.shield(item.future), self.max_queue_wait_s)
         except asyncio.TimeoutError:
@@ -215,6 +361,18 @@ class MicroBatcher:
             item.abandoned = True
             self._dequeued(item)
             raise QueueTimeoutError(f"waited {self.max_queue_wait_s:g} s in the queue for the model; retry later") from None
+        finally:
+            if ticket is not None:
+                ticket.item = None
+
+    def _abandon(self, item: _Item, error: Exception) -> None:
+        """A queued request whose client went: out of the queue, its wait ended with `error` (once it reached
+        the model, its batch runs on and the answer is dropped)."""
+        if item.started or item.future.done():
+            return
+        item.abandoned = True
+        self._dequeued(item)
+        item.future.set_exception(error)
 
     def _dequeued(self, item: _Item) -> None:
         try:

@@ -15,6 +15,7 @@ string is escaped and shortened; an `HTTPException`'s detail gets the same treat
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -30,10 +31,13 @@ from t2i_reward.rewarders.errors import (
     MalformedBodyError,
     RewardError,
     UnsupportedMediaTypeError,
+    public_message,
 )
 from t2i_reward.rewarders.mllm import MLLMError
 
-from .batcher import QueueFullError, QueueTimeoutError
+from .batcher import ClientGone, QueueFullError, QueueTimeoutError
+
+log = logging.getLogger(__name__)
 
 MAX_ERRORS = 20  # a list of 10,000 bad prompts gets a readable answer, not 10,000 errors
 MAX_CHARS = 500
@@ -57,11 +61,17 @@ class BodyTooSlow(RuntimeError):
 
 
 class TooManyUploads(RuntimeError):
-    """More request bodies are arriving at once than `max_concurrent_uploads` (429)."""
+    """More request bodies are arriving at once than `max_concurrent_uploads`, or from one client than
+    `max_client_uploads` (429)."""
+
+
+class BadFraming(RuntimeError):
+    """A request whose body framing the service does not take: a Transfer-Encoding other than chunked (400)."""
 
 
 # errors `http_error` answers; anything else is a bug: a 500
-SERVICE_ERRORS = (RewardError, QueueFullError, QueueTimeoutError, Unavailable, BodyTooLarge, BodyTooSlow, TooManyUploads)
+SERVICE_ERRORS = (RewardError, QueueFullError, QueueTimeoutError, Unavailable, BodyTooLarge, BodyTooSlow, TooManyUploads,
+                  BadFraming, ClientGone)
 RETRY_AFTER_S = {429: 1, 504: 1}  # busy or slow now: worth a retry in a second
 
 
@@ -69,6 +79,8 @@ def error_status(e: Exception) -> int:
     """The HTTP status of an error of `SERVICE_ERRORS`."""
     if isinstance(e, Unavailable):
         return 503
+    if isinstance(e, ClientGone):  # nobody reads it: nginx's "client closed request", for the metrics and logs
+        return 499
     if isinstance(e, MLLMError):  # the MLLM peer (vlm_judge) is down, slow, or answered garbage: not the caller's fault
         return 504 if e.kind == "timeout" else 502
     if isinstance(e, (QueueFullError, TooManyUploads)):
@@ -79,7 +91,7 @@ def error_status(e: Exception) -> int:
         return 413
     if isinstance(e, BodyTooSlow):
         return 408
-    if isinstance(e, (InvalidImageError, MalformedBodyError)):
+    if isinstance(e, (InvalidImageError, MalformedBodyError, BadFraming)):
         return 400
     if isinstance(e, UnsupportedMediaTypeError):
         return 415
@@ -88,11 +100,15 @@ def error_status(e: Exception) -> int:
 
 def http_error(e: Exception, detail: Any = None) -> HTTPException:
     """The answer to error `e`: its status, `detail` (default: its message; a JSON body's schema errors
-    as their list) and `Retry-After` when a retry may succeed."""
+    as their list) and `Retry-After` when a retry may succeed. A server-side failure (5xx: a peer, Redis,
+    the models) is logged in full and answered without URLs or paths (`public_message`)."""
     status = error_status(e)
     retry_after = e.retry_after if isinstance(e, Unavailable) else RETRY_AFTER_S.get(status)
     if detail is None:
         detail = e.errors if isinstance(e, InvalidBodyError) else str(e)
+    if status >= 500 and isinstance(detail, str):
+        log.warning("answered %d: %s", status, detail)
+        detail = public_message(detail)
     return HTTPException(status, detail, headers=None if retry_after is None else {"Retry-After": str(retry_after)})
 
 
@@ -136,7 +152,17 @@ async def validation_error(request: Request, exc: RequestValidationError) -> JSO
 
 async def http_exception(request: Request, exc: StarletteHTTPException):
     exc.detail = json_safe(exc.detail, 2000)
+    if exc.status_code == 405:  # Starlette's Allow names the first route of the path only (POST /jobs: not GET)
+        exc.headers = {**(exc.headers or {}), "Allow": ", ".join(allowed_methods(request))}
     return await http_exception_handler(request, exc)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app answers at this request's path."""
+    from starlette.routing import Match
+
+    return [method for method in ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+            if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in request.app.routes)]
 
 
 async def service_error(request: Request, exc: Exception):

@@ -15,5 +15,6 @@ class Metrics:
         self.batch_images = Histogram("t2i_batch_images", "Images per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
         self.batch_requests = Histogram("t2i_batch_requests", "Requests per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.queue_images = Gauge("t2i_queue_images", "Images waiting for the model", registry=self.registry)
+        self.queue_bytes = Gauge("t2i_queue_bytes", "Bytes held by admitted requests (bodies, tensors, prepared pixels)", registry=self.registry)
         self.expert_seconds = Histogram("t2i_expert_seconds", "Inference time per expert or backbone pass", ["expert"], buckets=LATENCY_BUCKETS, registry=self.registry)
         self.rejected = Counter("t2i_rejected", "Requests refused because the queue was full", registry=self.registry)

@@ -31,11 +31,25 @@ class Settings(FinetuneSettings):
                                          "keys: for everyone together); more gets 429.")
     max_spec_bytes: int = Field(2 * 1024 * 1024, ge=1024, description="Largest stored job spec in bytes (its JSON, topics turned into "
                                 "prompts); larger gets 413.")
-    max_images: int = Field(64, ge=1, description="Most images in one request (a GRPO batch); more gets 422.")
+    max_client_uploads: int = Field(16, ge=1, description="Request bodies being received at once from one client (its API key, "
+                                    "or its address without keys); more gets 429, so one client cannot take every upload slot.")
+    min_upload_bytes_per_s: int = Field(65536, ge=0, description="Slowest a request body may arrive, after a first "
+                                        "`upload_grace_s`; slower gets 408 (0: only `body_timeout_s`).")
+    upload_grace_s: float = Field(2.0, ge=0, description="Seconds a body may take before `min_upload_bytes_per_s` applies.")
+    # the HTTP server's own limits (`t2i-reward serve`, service/server.py)
+    max_header_bytes: int = Field(65536, ge=1024, le=1 << 24, description="Largest request line plus headers; larger gets 431.")
+    header_timeout_s: float = Field(10.0, gt=0, description="Longest the request line and headers may take from their first "
+                                    "byte; slower gets 408 and the connection is closed.")
+    idle_timeout_s: float = Field(5.0, gt=0, description="A connection that sends nothing this long, before its first request "
+                                  "or between requests, is closed.")
+    max_connections: int = Field(1000, ge=1, description="Open connections at once; a connection beyond it is closed at "
+                                 "once. `serve` raises the process's open-files limit to its hard limit and keeps this below it.")
     # the request limits: defaults and bounds from the library's (rewarders/limits.py)
     max_images: int = limit_field("max_images", "Most images in one request (a GRPO batch); more gets 422.")
     max_image_pixels: int = limit_field("max_image_pixels", "Most pixels per image, checked from the header; more gets 413.")
     max_prompt_chars: int = limit_field("max_prompt_chars", "Longest prompt in characters; longer gets 422.")
+    max_request_pixels: int = limit_field("max_request_pixels", "Most pixels decoded for one request (all its images, "
+                                          "after draft/reduce), checked from the headers; more gets 413.")
     max_aspect_ratio: float = limit_field("max_aspect_ratio", "Longest image side over the shortest; more gets 400 (bounds the resize's work).")
     max_batch_images: int = Field(64, ge=1, description="Most images pooled into one micro-batch (run in forward passes of the rewarder's max_batch_size).")
     prepare_workers: Optional[int] = Field(None, ge=1, le=256, description="Threads that decode and preprocess images "
@@ -43,6 +57,12 @@ class Settings(FinetuneSettings):
     max_wait_ms: float = Field(0.0, ge=0, description="Extra wait for more requests before a batch runs (0: run as soon as the model is free, batching what queued meanwhile).")
     max_queue_images: int = Field(256, ge=1, description="Most images waiting for the model; more gets 429.")
     max_queue_wait_s: float = Field(60.0, gt=0, description="Longest a request waits in the queue for the model; then 504.")
+    max_queue_bytes: int = Field(1 << 30, ge=1 << 20, description="Most bytes the admitted requests hold at once (their bodies "
+                                 "until decoded, then their tensors and prepared pixels); more gets 429.")
+    max_prepare_s: float = Field(30.0, gt=0, description="Longest a request's images may take to decode and prepare; then 504 "
+                                 "(checked between images).")
+    max_prepare_pixels: int = Field(80_000_000, ge=1, description="Decoded pixels the preprocessing pool holds at once, all "
+                                    "requests together (two images at the default max_image_pixels); an image waits for room.")
     max_topics: int = Field(16, ge=1, le=16, description="Most topics in one /prompts request (at most the schema's 16).")
     prompt_generator: str = Field("Gustavosta/MagicPrompt-Stable-Diffusion", description="/prompts mode generate: MagicPrompt "
                                   "model (hub id, local folder, or 'tiny': a tiny random GPT-2 for tests).")

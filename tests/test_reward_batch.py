@@ -177,7 +177,7 @@ def test_a_request_is_prepared_in_parts_across_the_pool(make_client, tiny, monke
     client = make_client(max_images=8, prepare_workers=3)
     seen = []
     real = tiny.prepare_part
-    monkeypatch.setattr(tiny, "prepare_part", lambda c, a, b: seen.append((a, b, threading.current_thread().name)) or real(c, a, b))
+    monkeypatch.setattr(tiny, "prepare_part", lambda c, a, b, *gate: seen.append((a, b, threading.current_thread().name)) or real(c, a, b, *gate))
     pics = [smooth_image(i, 40, 48) for i in range(7)]
     prompts = [PROMPTS[i % 4] for i in range(7)]
     r = client.post("/reward", data={"prompts": prompts}, files=[("images", (f"{i}.png", png_bytes(im), "image/png")) for i, im in enumerate(pics)])

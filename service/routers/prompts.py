@@ -29,13 +29,13 @@ class PromptsRequest(BaseModel):
 
     topics: list[Text] = Field(..., min_length=1, max_length=MAX_TOPICS, description="Topics to find prompts for.", examples=[["artistic style", "animated style"]])
     n_prompts: int = Field(..., ge=1, le=MAX_N_PROMPTS, strict=True, description="Prompts per topic.", examples=[3])
-    diversity: float = Field(0.0, ge=0.0, le=1.0, strict=True, description="0: most similar first; above 0: maximal marginal relevance re-ranking, so the prompts differ from each other.")
-    min_length: Optional[int] = Field(None, ge=0, le=MAX_LENGTH, strict=True, description="Shortest prompt, in characters.")
-    max_length: Optional[int] = Field(None, ge=1, le=MAX_LENGTH, strict=True, description="Longest prompt, in characters.")
+    diversity: float = Field(0.0, ge=0.0, le=1.0, strict=True, description="retrieve only (above 0 with mode generate: 422). 0: most similar first; above 0: maximal marginal relevance re-ranking, so the prompts differ from each other.")
+    min_length: Optional[int] = Field(None, ge=0, le=MAX_LENGTH, strict=True, description="retrieve only (with mode generate: 422): shortest prompt, in characters.")
+    max_length: Optional[int] = Field(None, ge=1, le=MAX_LENGTH, strict=True, description="retrieve only (with mode generate: 422): longest prompt, in characters.")
     mode: Literal["retrieve", "generate"] = Field("retrieve", description="retrieve: prompts of the index; generate: "
                                                   "MagicPrompt continuations of each topic (plus the expansion's words, if configured).")
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, strict=True, description="generate: the sampling seed (same seed, same "
-                                "prompts); none: a random one, returned in the response.")
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED, strict=True, description="generate only (with mode retrieve: 422): the "
+                                "sampling seed (same seed, same prompts); none: a random one, returned in the response.")
     max_new_tokens: int = Field(60, ge=1, le=MAX_NEW_TOKENS, strict=True, description="generate: most tokens added to a topic "
                                 "(and, separately, by the expansion).")
 

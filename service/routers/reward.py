@@ -1,14 +1,17 @@
 """POST /reward (JSON, multipart or safetensors in; JSON or safetensors out) and POST /reward/gradient
 (safetensors in, safetensors out).
 
-A route reads the body and decodes it with the wire format (`rewarders.wire`, which the clients share),
-makes one call into the batcher (which checks the request against the service's limits, prepares its
+A route reads the body (never cached on the request), is admitted with its bytes (`MicroBatcher.admit`:
+a ticket that stops its work if the client goes), decodes it with the wire format (`rewarders.wire`, which
+the clients share) in the preprocessing pool, makes one call into the batcher (which checks the request against the service's limits, prepares its
 pixels in the preprocessing pool, admits it and runs the model), and encodes the answer with the wire
 format. Errors are raised as they come; `errors.http_error` gives each its status.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -16,6 +19,7 @@ from fastapi.responses import JSONResponse
 from t2i_reward.rewarders import wire
 from t2i_reward.rewarders.errors import MalformedBodyError
 
+from ..batcher import MicroBatcher, Ticket
 from ..deps import AuthDep, BatcherDep
 from ..schemas import error_responses
 
@@ -24,24 +28,62 @@ router = APIRouter(prefix="/reward", tags=["reward"], dependencies=[AuthDep])
 ERRORS = error_responses(400, 401, 403, 408, 413, 415, 422, 429, 503, 504)
 
 
-async def read_reward_request(request: Request, max_images: int) -> wire.RewardBody:
-    """The /reward body, decoded: its bytes, or a multipart body's fields (files read) for `wire` to decode.
-    The media type is checked first (415 before the body is read). `max_images` only bounds how many
-    multipart parts the parser reads (the body size is bounded already); the library checks the counts."""
+async def read_body(request: Request) -> bytes:
+    """The body's bytes, read through the middleware's guarded `receive` and never cached on the request:
+    once decoded, nothing keeps them."""
+    return b"".join([chunk async for chunk in request.stream()])
+
+
+async def read_reward_request(request: Request, batcher: MicroBatcher) -> tuple[wire.RewardBody, Ticket]:
+    """The /reward body, decoded in the preprocessing pool (safetensors and JSON parsing hold the GIL: never on
+    the event loop), and its admission ticket, which holds the body's bytes until the answer. The media type
+    is checked first (415 before the body is read). `max_images` bounds how many multipart parts the parser
+    reads (the body size is bounded already); the library checks the counts."""
     ctype = wire.media_type(request.headers.get("content-type"))
     wire.check_reward_media_type(ctype)
     if ctype != wire.MULTIPART:
-        return wire.decode_reward_request(ctype, await request.body())
+        data = await read_body(request)
+        ticket = batcher.admit(2 * len(data))  # the body and what it decodes to, until the pixels replace them
+        try:
+            return await batcher.prepare(wire.decode_reward_request, ctype, data, batcher.limits), ticket
+        except BaseException:
+            ticket.release()
+            raise
+    max_images = batcher.limits.max_images
     try:
         form = await request.form(max_files=max_images + 1, max_fields=2 * max_images + 8)
     except HTTPException:  # the body's own limits (size, time), raised while it streams in
         raise
     except Exception as e:  # starlette raises for malformed bodies and too many parts
         raise MalformedBodyError(f"cannot read multipart body: {e}") from None
-    fields: dict[str, list[str | bytes]] = {}
-    for name, value in form.multi_items():
-        fields.setdefault(name, []).append(value if isinstance(value, str) else await value.read())
-    return wire.decode_reward_request(ctype, fields)
+    try:
+        fields: dict[str, list[str | bytes]] = {}
+        for name, value in form.multi_items():
+            fields.setdefault(name, []).append(value if isinstance(value, str) else await value.read())
+    finally:
+        await form.close()
+    ticket = batcher.admit(sum(len(v) for values in fields.values() for v in values))
+    try:
+        return await batcher.prepare(wire.decode_reward_request, ctype, fields), ticket
+    except BaseException:
+        ticket.release()
+        raise
+
+
+@contextlib.asynccontextmanager
+async def stop_when_client_goes(request: Request, ticket: Ticket):
+    """While the body runs, watch the connection (its body is read: the next message is the disconnect): a
+    client that goes stops its request's work between images and takes it out of the model's queue."""
+    async def watch():
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        ticket.client_gone()
+
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
 
 
 @router.post(
@@ -67,9 +109,11 @@ async def reward(request: Request, batcher: BatcherDep) -> Response:
     multipart, or a raw image tensor in safetensors (never encoded as an image)."""
     batcher.check_admission()  # a full queue is a 429 before the body is read
     phases, t = {}, time.monotonic()
-    body = await read_reward_request(request, batcher.limits.max_images)
+    body, ticket = await read_reward_request(request, batcher)
     phases["read"] = time.monotonic() - t
-    result = await batcher.reward(body, timing=phases)  # adds 'prepare', 'queue' and 'model'
+    with ticket:
+        async with stop_when_client_goes(request, ticket):
+            result = await batcher.reward(body, timing=phases, ticket=ticket)  # adds 'prepare', 'queue' and 'model'
     t = time.monotonic()
     if wire.accepts_tensors(request.headers.get("accept")):
         response = Response(wire.encode_scores(result), media_type=wire.OCTET)
@@ -107,6 +151,11 @@ async def reward_gradient(request: Request, batcher: BatcherDep) -> Response:
     """
     wire.check_gradient_media_type(wire.media_type(request.headers.get("content-type")))
     batcher.check_admission()
-    body = wire.decode_gradient_request(await request.body())
-    out = await batcher.reward_and_gradient(body.images, body.prompts, body.weights)
+    data = await read_body(request)
+    with batcher.admit(2 * len(data)) as ticket:
+        body = await batcher.prepare(wire.decode_gradient_request, data, batcher.limits)
+        del data  # decoded: the tensor is what the request holds now
+        batcher.held(ticket, getattr(body.images, "nbytes", 0))
+        async with stop_when_client_goes(request, ticket):
+            out = await batcher.reward_and_gradient(body.images, body.prompts, body.weights, ticket)
     return Response(wire.encode_gradient_answer(out, batcher.rewarder.sources()), media_type=wire.OCTET)

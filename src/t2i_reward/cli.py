@@ -101,16 +101,15 @@ def cmd_bench(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import uvicorn
-
     from t2i_reward.service.app import create_app
+    from t2i_reward.service.server import serve
     from t2i_reward.service.settings import Settings
 
     overrides = {"reward_config": args.config, "profile": args.profile, "host": args.host, "port": args.port,
                  "prompts_index": args.prompts_index}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     settings = Settings(**overrides)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    serve(create_app(settings), settings)  # uvicorn with the connection limits (service/server.py)
     return 0
 
 
