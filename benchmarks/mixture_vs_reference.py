@@ -5,7 +5,7 @@ plus one separate CLIP ViT-L/14 image pass (open_clip, batch 1) per CLIP expert 
 Ours: `create_rewarder(profile="random-full")`, every image through each backbone once, in batches.
 
     python benchmarks/mixture_vs_reference.py --images 16 --batch-size 8 \
-        --ref-python /tmp/imagereward-ref/bin/python --ref-checkpoint /tmp/ir_random.pt
+        (defaults: the reference environment and checkpoint that scripts/reference_envs.sh and the parity tests build)
 
 The reference environment comes from ../shared/reference/imagereward/setup_env.sh. Prints one JSON
 object; docs/benchmarks.md records the figures.
@@ -77,8 +77,10 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--ref-python", default=os.environ.get("IMAGEREWARD_REF_PYTHON", "/tmp/imagereward-ref/bin/python"))
-    ap.add_argument("--ref-checkpoint", default=os.environ.get("IMAGEREWARD_REF_CHECKPOINT", "/tmp/ir_random.pt"))
+    # defaults: what scripts/reference_envs.sh and the parity tests build (docs/parity.md)
+    ref_dir = Path(os.environ.get("T2I_REFERENCE_DIR", Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "t2i-reward" / "reference"))
+    ap.add_argument("--ref-python", default=str(ref_dir / "imagereward" / "bin" / "python"))
+    ap.add_argument("--ref-checkpoint", default=str(ref_dir / "checkpoints" / "ir_random.pt"))
     args = ap.parse_args()
 
     result = {
