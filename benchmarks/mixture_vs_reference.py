@@ -4,10 +4,10 @@ Reference chain, per image: the reference ImageReward package's `inference_rank`
 plus one separate CLIP ViT-L/14 image pass (open_clip, batch 1) per CLIP expert (aesthetic and MLP).
 Ours: `create_rewarder(profile="random-full")`, every image through each backbone once, in batches.
 
-    python benchmarks/mixture_vs_reference.py --images 16 --batch-size 8 \
-        (defaults: the reference environment and checkpoint that scripts/reference_envs.sh and the parity tests build)
+    python benchmarks/mixture_vs_reference.py --images 16 --batch-size 8
 
-The reference environment comes from ../shared/reference/imagereward/setup_env.sh. Prints one JSON
+`--ref-python` and `--ref-checkpoint` default to the reference environment and random checkpoint that
+scripts/reference_envs.sh and the parity tests build (docs/parity.md). Prints one JSON
 object; docs/benchmarks.md records the figures.
 """
 
