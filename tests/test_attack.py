@@ -7,6 +7,7 @@ its own process over real sockets; the rest in-process. Time bounds here are far
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -306,12 +307,12 @@ def test_one_client_cannot_take_every_upload_slot(served):
                       b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"to")
             stalled.append(s)
         time.sleep(0.3)
-        answer = stalled[2].recv(1000).decode()  # the third of this key: over max_client_uploads (2)
+        answer = answer_of(stalled[2])  # the third of this key: over max_client_uploads (2)
         assert answer.startswith("HTTP/1.1 429") and "of this client" in answer
         other = httpx.post(f"{served.url}/prompts", headers={"X-API-Key": "unknown"}, json={})
         assert other.status_code == 403  # another client is answered meanwhile
         t = time.monotonic()
-        answer = stalled[0].recv(1000).decode()  # the stalled one: slower than 20,000 B/s after 1 s
+        answer = answer_of(stalled[0])  # the stalled one: slower than 20,000 B/s after 1 s
         assert answer.startswith("HTTP/1.1 408") and "slower than 20000 bytes/s" in answer
         assert time.monotonic() - t < 10
     finally:
@@ -338,6 +339,25 @@ def test_work_for_a_gone_client_stops(served):
     cpu = served.cpu_s()
     time.sleep(4)
     assert served.cpu_s() - cpu < 1.5, "the server went on preparing images for a client that had gone"
+
+
+def answer_of(s: socket.socket) -> str:
+    """One whole HTTP answer read off a socket: the head, then as many body bytes as Content-Length says
+    (the server may send them in separate segments)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            return data.decode(errors="replace")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1)) if re.search(rb"content-length", head, re.I) else 0
+    while len(body) < length:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return (head + b"\r\n\r\n" + body).decode(errors="replace")
 
 
 def raw(server, data: bytes, wait: bool = False) -> tuple[int, str]:

@@ -10,7 +10,9 @@ import pytest
 from t2i_reward.finetune.spec import JobLimits, JobSpec
 from t2i_reward.rewarders.config import RewardConfig
 from t2i_reward.rewarders.mllm import MLLMConfig
-from t2i_reward.rewarders.registry import get_expert_class, list_experts
+from importlib.metadata import entry_points
+
+from t2i_reward.rewarders.registry import BUILTIN, ENTRY_POINT_GROUP, get_expert_class, list_experts
 from t2i_reward.service.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +38,10 @@ def reference_sections() -> dict[str, type]:
     """Heading id on the configuration page -> the model whose fields its table must list."""
     sections = {"service-settings": Settings, "job-limits": JobLimits, "mllm-settings": MLLMConfig,
                 "reward-config": RewardConfig, "job-spec": JobSpec}
-    sections.update({f"expert-{name}": get_expert_class(name).Config for name in list_experts()})
+    # the experts the docs build sees: the built-in ones and installed plugins, not classes that a test
+    # registered at run time in this process
+    sections.update({f"expert-{name}": get_expert_class(name).Config for name in list_experts()
+                     if name in BUILTIN or name in {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)}})
     return sections
 
 
