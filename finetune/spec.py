@@ -21,11 +21,13 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from t2i_reward.rewarders.limits import Limits
+
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-sd3")  # tiny random pipelines (SD-1.x, SDXL, SD3 layouts), built on first use
 
 # Hard bounds of every spec (docs/finetuning.md, docs/configuration.md). Shared with the /prompts endpoint.
-MAX_TEXT_CHARS = 2000  # a prompt or topic (the service's max_prompt_chars default)
+MAX_TEXT_CHARS = Limits().max_prompt_chars  # a prompt or topic: the library's prompt limit (rewarders/limits.py)
 MAX_NAME_CHARS = 256  # base_model, pretrain_data
 MAX_TOPICS = 16
 MAX_N_PROMPTS = 100  # per topic
