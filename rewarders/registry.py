@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -63,6 +64,22 @@ class ExpertConfig(BaseModel):
     std: Optional[float] = Field(None, gt=0, description="Std divided by before weighting (None: the expert's default).")
 
 
+@dataclass
+class ExpertOutput:
+    """What `forward` returns when a plain (B,) tensor is not enough.
+
+    `scores` (B,) is the expert's component (the number that enters the total). `extras` are further
+    per-pair outputs by name, reported beside the components as "<expert>.<name>" and never part of the
+    total (geneval's strict correctness, hpsv3's spread). `errors` maps a pair's index in the batch to why
+    the expert could not score it (its score is NaN there): see the mixture for what a failed pair does
+    to the total.
+    """
+
+    scores: torch.Tensor
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+
+
 class Expert(nn.Module):
     """Base class of every expert.
 
@@ -78,6 +95,10 @@ class Expert(nn.Module):
     default_std: ClassVar[float] = 1.0
     build_tiny: ClassVar[Optional[Callable[[Path], None]]] = None
     needs_text_embeds: ClassVar[bool] = False  # True: forward gets the shared CLIP's text embeddings
+    # per-pair metadata (a JSON object per (prompt, image) pair; see `check_pair`):
+    uses_metadata: ClassVar[bool] = False  # True: forward gets `metadata=[one dict per image]` ({} where none came)
+    metadata_fields: ClassVar[tuple[str, ...]] = ()  # fields every pair must carry for this expert (422 otherwise)
+    extras: ClassVar[tuple[str, ...]] = ()  # names of the ExpertOutput.extras this expert returns, if any
 
     def __init__(self, preprocess: Any = None, checkpoint: str = "", random_weights: bool = False,
                  clip_spec: str | None = None):
@@ -94,14 +115,24 @@ class Expert(nn.Module):
         """Load the expert; `ctx` is the factory's `LoadContext` (device, dtype, cache, shared CLIPs)."""
         raise NotImplementedError
 
+    def check_pair(self, prompt: str, metadata: Mapping[str, Any]) -> None:
+        """Refuse a pair this expert cannot score, before any model runs: raise `InvalidRequestError` naming
+        the expert and what is missing or wrong. The mixture has already checked `metadata_fields`."""
+
     def forward(
         self,
         pixels: torch.Tensor,
         prompts: list[str],
         image_embeds: torch.Tensor | None = None,
         text_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        **kwargs,  # metadata=[dict per image] for experts with uses_metadata
+    ) -> torch.Tensor | ExpertOutput:
         raise NotImplementedError
+
+    def summarize(self, scores: torch.Tensor, extras: Mapping[str, torch.Tensor],
+                  metadata: Sequence[Mapping[str, Any]]) -> Optional[dict]:
+        """A request-level summary of this expert's scores for the answer (geneval: per-tag means), or None."""
+        return None
 
     def describe(self) -> dict:
         p = next(self.parameters(), None)
