@@ -9,6 +9,8 @@ raw score):
   per-prompt statistics compute it; `EPS` = 1e-4 (Flow-GRPO's) keeps groups of equal scores finite.
 - A group with one image has advantage 0 (nothing to compare it with); so does a group whose scores are
   all equal.
+- A NaN value (a pair an expert failed on, whose total is null) is left out of its group's statistics
+  and has a NaN advantage itself: the rest of the group is normalised over the pairs that were scored.
 - The total's advantage is the z-score of the weighted total; each expert's is the z-score of its raw
   score (UniRL's per-component group normalisation), so a trainer can weight them itself:
   sum_e w_e * advantage_e is the "per expert" normalisation of multi-reward GRPO.
@@ -30,9 +32,19 @@ def group_index(group_ids: Sequence[Hashable]) -> torch.Tensor:
 
 
 def zscore_in_groups(values: torch.Tensor, groups: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """(values - group mean) / (group population std + eps), per element; float64 inside for accuracy."""
+    """(values - group mean) / (group population std + eps), per element; float64 inside for accuracy.
+    NaN values are left out of the statistics and stay NaN."""
     v = values.detach().double().cpu()
     n_groups = int(groups.max()) + 1
+    scored = ~torch.isnan(v)
+    if not bool(scored.all()):  # (kept apart so that the common case computes exactly as it always has)
+        w = scored.double()
+        v0 = torch.where(scored, v, torch.zeros_like(v))
+        count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, w)
+        mean = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, v0) / count.clamp_min(1)
+        centred = torch.where(scored, v - mean[groups], torch.zeros_like(v))
+        var = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, centred**2) / count.clamp_min(1)
+        return torch.where(scored, centred / (var.sqrt()[groups] + eps), torch.full_like(v, float("nan"))).float()
     count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, torch.ones_like(v))
     mean = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, v) / count
     centred = v - mean[groups]

@@ -52,6 +52,8 @@ class RewardConfig(BaseSettings):
     max_request_pixels: int = limit_field("max_request_pixels")
     max_aspect_ratio: float = limit_field("max_aspect_ratio")
     max_images: int = limit_field("max_images")
+    max_metadata_bytes: int = limit_field("max_metadata_bytes")
+    max_metadata_depth: int = limit_field("max_metadata_depth")
     cache_dir: Path = Field(DEFAULT_CACHE, description="Where tiny models are built and hub files cached by us.")
     seed: int = Field(0, description="Seed for 'random' weights, so benchmarks are repeatable.")
     calibration: Optional[str] = Field(

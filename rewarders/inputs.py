@@ -36,7 +36,8 @@ class Checked:
     Once checked, exactly one of `pixels` (per input spec, a CPU float tensor (B, 3, size, size), already
     normalised) and `raw` (the request's image tensor, to prepare on the device) is set; a request checked
     with `prepare=False` holds its images in `pending` while `Mixture.prepare_part` fills `pixels`.
-    `group_ids` (one per image) ask for group-relative advantages; `explain` for each image's percentile per expert.
+    `group_ids` (one per image) ask for group-relative advantages; `explain` for each image's percentile per expert;
+    `metadata` (one JSON object per image) is what the experts that read metadata get with each pair.
     """
 
     prompts: list[str]
@@ -45,6 +46,7 @@ class Checked:
     raw: Optional[torch.Tensor] = field(default=None, repr=False)
     group_ids: Optional[list] = None
     explain: bool = False
+    metadata: Optional[list[dict]] = None  # one object per image (rewarders/metadata.py), None when none came
     pending: Optional[tuple] = field(default=None, repr=False)  # (images, limits, decoded pixels each) while `Mixture.prepare_part` fills `pixels`
 
     def __len__(self) -> int:

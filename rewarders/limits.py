@@ -20,6 +20,11 @@ _LIMITS: dict[str, tuple[Any, dict[str, Any], str]] = {
     # 64 images of 2048x2048: any GRPO batch; six images at max_image_pixels (bounds a request's decode work)
     "max_request_pixels": (268_435_456, {"ge": 1}, "Most pixels decoded for one request, all its images together (after "
                            "a large JPEG's draft or a JPEG 2000's reduction), counted from the headers before decoding."),
+    # a GenEval record is ~300 bytes, an OCR target a line: 16 KiB leaves room for any per-prompt annotation
+    "max_metadata_bytes": (16_384, {"ge": 2}, "Largest metadata object of one (prompt, image) pair, as compact JSON "
+                           "in UTF-8; larger gets 422."),
+    "max_metadata_depth": (8, {"ge": 1, "le": 64}, "Deepest nesting of objects and lists in one pair's metadata; "
+                           "deeper gets 422."),
     # panoramas up to 32:1 pass; a 20000x1 strip, whose resize to a square would be huge, does not
     "max_aspect_ratio": (32.0, {"ge": 1, "le": 1024}, "Images whose long side is more than this times the short side "
                          "are refused (bounds the resize's work)."),
@@ -42,6 +47,8 @@ class Limits(BaseModel):
     max_prompt_chars: int = limit_field("max_prompt_chars")
     max_request_pixels: int = limit_field("max_request_pixels")
     max_aspect_ratio: float = limit_field("max_aspect_ratio")
+    max_metadata_bytes: int = limit_field("max_metadata_bytes")
+    max_metadata_depth: int = limit_field("max_metadata_depth")
 
     @classmethod
     def of(cls, source: Any) -> "Limits":

@@ -42,11 +42,12 @@ from torch import nn
 
 from .advantages import group_advantages
 from .config import RewardConfig
-from .errors import InvalidPromptError, InvalidRequestError
+from .errors import InvalidPromptError, InvalidRequestError, RewardError
 from .images import ImageLike, Preprocess, check_size, decode_budget, open_image
 from .inputs import Checked, PilPixels, Pixels, check_image_tensor, prepare_pil, prepare_tensor
 from .limits import Limits
-from .registry import Expert
+from .metadata import check_metadata
+from .registry import Expert, ExpertOutput
 
 # Largest |weight| a call may give an expert: weights beyond make totals overflow float32 (and JSON).
 MAX_WEIGHT = 1e6
@@ -59,9 +60,11 @@ Timing = Callable[[str, float], None]
 
 @dataclass
 class ImageScore:
-    total: float
-    components: dict[str, float]
+    total: Optional[float]  # None: a required expert failed on this pair, or no expert answered
+    components: dict[str, Optional[float]]  # None: the expert failed on this pair (see `errors`)
     percentiles: Optional[dict[str, Optional[float]]] = None  # with `explain`: per expert, in [0, 100]
+    extras: Optional[dict[str, Optional[float]]] = None  # experts' further outputs, "<expert>.<name>" (not in the total)
+    errors: Optional[dict[str, str]] = None  # per expert that failed on this pair: why
 
 
 @dataclass
@@ -71,10 +74,29 @@ class RewardResult:
     images: list[ImageScore]
     experts: dict[str, dict] = field(default_factory=dict)
     # with `group_ids`: {"total": [per image], <expert>: [per image]}, z-scored in each group (advantages.py)
-    advantages: Optional[dict[str, list[float]]] = None
+    advantages: Optional[dict[str, list[Optional[float]]]] = None
+    summaries: Optional[dict[str, dict]] = None  # per expert with a request-level summary (geneval: per-tag means)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class Scores:
+    """Every expert's scores for a run of pairs: `scores` (per expert, (B,) float32, NaN where it failed),
+    `extras` ("<expert>.<name>" -> (B,)) and `errors` (per expert, pair index -> why)."""
+
+    scores: dict[str, torch.Tensor]
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    errors: dict[str, dict[int, str]] = field(default_factory=dict)
+
+    def part(self, a: int, b: int) -> "Scores":
+        return Scores({n: s[a:b] for n, s in self.scores.items()}, {n: s[a:b] for n, s in self.extras.items()},
+                      {n: {i - a: m for i, m in e.items() if a <= i < b} for n, e in self.errors.items()})
+
+
+def _nan_to_none(x: float) -> Optional[float]:
+    return None if math.isnan(x) else x
 
 
 @dataclass
@@ -99,6 +121,7 @@ class Mixture(nn.Module):
         self.clips = nn.ModuleDict({f"clip{i}": c for i, c in enumerate(clips)})
         self._clip_by_spec = {c.spec: c for c in clips}
         self.weights = {n: config.experts[n].weight for n in experts}
+        self.required = {n: config.experts[n].required for n in experts}
         self.norm = {}
         for n, e in experts.items():
             cfg = config.experts[n]
@@ -162,23 +185,23 @@ class Mixture(nn.Module):
             raise InvalidRequestError(f"{len(prompt_list)} prompts for {n} images")
         return [self._check_prompt(p, limits) for p in prompt_list]
 
-    def _timed(self, on_timing: Timing | None, name: str, fn, *args):
+    def _timed(self, on_timing: Timing | None, name: str, fn, *args, **kwargs):
         if on_timing is None:
-            return fn(*args)
+            return fn(*args, **kwargs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t = time.perf_counter()
-        out = fn(*args)
+        out = fn(*args, **kwargs)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         on_timing(name, time.perf_counter() - t)
         return out
 
     def _raw_scores(self, pixels_for: Callable[[Preprocess], torch.Tensor], prompts: list[str],
-                    on_timing: Timing | None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+                    metadata: Sequence[dict] | None, on_timing: Timing | None) -> tuple[Scores, dict[str, torch.Tensor]]:
         """Each per-image expert's raw score for one batch, and the CLIP image embeddings by spec (which
         the batch-level experts read once all batches have run); `pixels_for(spec)` gives the batch
-        preprocessed for `spec`."""
+        preprocessed for `spec`; `metadata` one object per pair (None: none came)."""
         pixels: dict[Preprocess, torch.Tensor] = {}
 
         def get(spec: Preprocess) -> torch.Tensor:
@@ -199,14 +222,38 @@ class Mixture(nn.Module):
                 emb = self._timed(on_timing, f"clip-text:{e.clip_spec}", self._clip_by_spec[e.clip_spec].encode_texts, unique)
                 index = torch.tensor([unique.index(p) for p in prompts], device=emb.device)
                 text_embeds[e.clip_spec] = emb[index]
-        out = {}
+        out = Scores({})
         for name, e in self.experts.items():
             if name in self._batch_level:
                 continue
-            out[name] = self._timed(
-                on_timing, name, e, get(e.preprocess), prompts, image_embeds.get(e.clip_spec), text_embeds.get(e.clip_spec)
-            ).float()
+            kwargs = {"metadata": list(metadata) if metadata is not None else [{}] * len(prompts)} if e.uses_metadata else {}
+            self._collect(out, name, len(prompts), lambda: self._timed(
+                on_timing, name, e, get(e.preprocess), prompts, image_embeds.get(e.clip_spec), text_embeds.get(e.clip_spec), **kwargs))
         return out, image_embeds
+
+    def _collect(self, out: Scores, name: str, n: int, run: Callable[[], torch.Tensor | ExpertOutput]) -> None:
+        """Run one expert on n pairs into `out`. An expert that is not `required` and raises is recorded as
+        failed on every pair of the batch (a judge that timed out), instead of failing the batch; bad input
+        (a `RewardError`) is always the caller's error."""
+        try:
+            res = run()
+        except RewardError:
+            raise
+        except Exception as e:
+            if self.required[name]:
+                raise
+            log.warning("expert %s failed on %d pairs: %s: %s", name, n, type(e).__name__, e)
+            res = ExpertOutput(torch.full((n,), math.nan), errors=dict.fromkeys(range(n), f"{type(e).__name__}: {e}"[:500]))
+        if not isinstance(res, ExpertOutput):
+            res = ExpertOutput(res)
+        scores = res.scores.float()
+        if res.errors:
+            scores = scores.clone()
+            scores[list(res.errors)] = math.nan
+            out.errors.setdefault(name, {}).update(res.errors)
+        out.scores[name] = scores
+        for k, v in res.extras.items():
+            out.extras[f"{name}.{k}"] = v.float()
 
     @property
     def _batch_level(self) -> dict[str, Expert]:
@@ -228,31 +275,52 @@ class Mixture(nn.Module):
                 raise InvalidRequestError(f"expert {name!r} needs at least {need} images per request, got {min(sizes)}")
 
     def _group_scores(self, image_embeds: Mapping[str, torch.Tensor], prompts: Sequence[str], sizes: Sequence[int],
-                      on_timing: Timing | None) -> dict[str, torch.Tensor]:
+                      metadata: Sequence[dict] | None, on_timing: Timing | None) -> Scores:
         """The batch-level experts, called once per request on its images' CLIP embeddings, so requests
         pooled in one micro-batch never see each other's images."""
-        out = {}
-        for name, e in self._batch_level.items():
-            embeds, starts = image_embeds[e.clip_spec], [0, *itertools.accumulate(sizes)]
-            out[name] = self._timed(on_timing, name, lambda: torch.cat([
-                e(None, list(prompts[a:b]), embeds[a:b]).float() for a, b in zip(starts, starts[1:])
-            ]))
-        return out
+        starts = [0, *itertools.accumulate(sizes)]
+        parts = []
+        for a, b in zip(starts, starts[1:]):
+            part = Scores({})
+            for name, e in self._batch_level.items():
+                embeds = image_embeds[e.clip_spec][a:b]
+                kwargs = {"metadata": list(metadata[a:b]) if metadata is not None else [{}] * (b - a)} if e.uses_metadata else {}
+                self._collect(part, name, b - a, lambda: self._timed(on_timing, name, e, None, list(prompts[a:b]), embeds, **kwargs))
+            parts.append(part)
+        return _concat(parts, sizes)
 
     def combine(self, raw: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
-        """The total per image from raw expert scores: sum of weight * (score - mean) / std."""
-        total = None
+        """The total per image from raw expert scores: sum of weight * (score - mean) / std.
+
+        A NaN score is an expert that failed on that pair: the pair's total is NaN if the expert is
+        `required`, else the sum over the experts that answered, scaled by sum |w| / sum of their |w| (the
+        weights renormalised to the same total weight). Without NaN this is the plain sum, unchanged."""
+        terms = {}
         for name, s in raw.items():
             mean, std = self.norm[name]
-            term = weights[name] * (s - mean) / std
-            total = term if total is None else total + term
+            terms[name] = weights[name] * (s - mean) / std
+        failed = {n: torch.isnan(s) for n, s in raw.items()}
+        if not any(bool(f.any()) for f in failed.values()):
+            total = None
+            for term in terms.values():
+                total = term if total is None else total + term
+            return total
+        total = sum(torch.where(failed[n], torch.zeros_like(t), t) for n, t in terms.items())
+        w_all = sum(abs(weights[n]) for n in terms)
+        w_answered = sum(abs(weights[n]) * (~failed[n]).to(total.dtype) for n in terms)
+        if w_all > 0:  # (all weights 0: the total is 0 whoever answered)
+            total = torch.where(w_answered > 0, total * (w_all / w_answered.clamp_min(1e-30)), torch.full_like(total, math.nan))
+        for n, f in failed.items():
+            if self.required[n]:
+                total = torch.where(f, torch.full_like(total, math.nan), total)
         return total
 
     # ------------------------------------------------------------------------------------------
     # the differentiable path
 
     def forward(self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None,
-                *, limits: Limits | None = None, on_timing: Timing | None = None) -> TensorScores:
+                *, metadata: Mapping | Sequence | None = None, limits: Limits | None = None,
+                on_timing: Timing | None = None) -> TensorScores:
         """Score a float image tensor (B, 3, H, W) with values in [0, 1], any size, keeping gradients.
 
         `prompts` is one prompt for all images or one per image. Preprocessing runs in torch, so
@@ -265,19 +333,25 @@ class Mixture(nn.Module):
             raise InvalidRequestError("no images to score")
         prompt_list = self._prompts_for(prompts, images.shape[0], limits)
         w = self.weights_for(weights)
-        raw = self._tensor_scores(images, prompt_list, [len(prompt_list)], on_timing)  # the tensor is one request
+        meta = self.check_metadata(prompt_list, metadata, limits)
+        raw = self._tensor_scores(images, prompt_list, [len(prompt_list)], meta, on_timing)  # the tensor is one request
         return TensorScores(self.combine(raw, w), raw)
 
     score_tensor = forward
 
     def _tensor_scores(self, images: torch.Tensor, prompts: list[str], sizes: Sequence[int],
-                       on_timing: Timing | None) -> dict[str, torch.Tensor]:
-        """Raw scores of a float tensor that holds consecutive requests of `sizes` images, differentiably."""
+                       metadata: Sequence[dict] | None, on_timing: Timing | None) -> dict[str, torch.Tensor]:
+        """Raw scores of a float tensor that holds consecutive requests of `sizes` images, differentiably.
+        A pair an expert failed on is an error here: a gradient needs every term."""
         self.check_group_sizes(sizes)
         images = images.to(self.device, torch.float32)
-        raw, embeds = self._raw_scores(lambda spec: spec.tensor(images), prompts, on_timing)
-        raw.update(self._group_scores(embeds, prompts, sizes, on_timing))
-        return {n: raw[n] for n in self.experts}
+        raw, embeds = self._raw_scores(lambda spec: spec.tensor(images), prompts, metadata, on_timing)
+        grouped = self._group_scores(embeds, prompts, sizes, metadata, on_timing)
+        raw.scores.update(grouped.scores)
+        for name, errors in {**raw.errors, **grouped.errors}.items():
+            i, why = next(iter(errors.items()))
+            raise InvalidRequestError(f"expert {name!r} failed on image {i} ({why}); the differentiable path needs every score")
+        return {n: raw.scores[n] for n in self.experts}
 
     def check_tensor(self, images, limits: Limits | None = None) -> None:
         """Refuse an image tensor the gradient path should not run: wrong dtype or shape, empty, too many
@@ -292,28 +366,32 @@ class Mixture(nn.Module):
         _check_values(images)
 
     def reward_and_gradient(self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None,
-                            *, limits: Limits | None = None, on_timing: Timing | None = None) -> dict[str, torch.Tensor]:
+                            *, metadata: Mapping | Sequence | None = None, limits: Limits | None = None,
+                            on_timing: Timing | None = None) -> dict[str, torch.Tensor]:
         """Rewards and d(sum of totals)/d(images) for a [0, 1] image tensor, after every check.
 
         Returns CPU tensors: `rewards` (B,), `grad` (B, 3, H, W) and `components.<expert>` (B,).
         """
-        return self.reward_and_gradient_many([(images, prompts, weights)], limits=limits, on_timing=on_timing)[0]
+        return self.reward_and_gradient_many([(images, prompts, weights, metadata)], limits=limits, on_timing=on_timing)[0]
 
     def reward_and_gradient_many(self, requests: Sequence[tuple], *, limits: Limits | None = None,
                                  on_timing: Timing | None = None) -> list[dict[str, torch.Tensor]]:
-        """`reward_and_gradient` for several (images, prompts, weights) requests whose tensors have the same
+        """`reward_and_gradient` for several (images, prompts, weights[, metadata]) requests whose tensors have the same
         (3, H, W), in one forward and one backward pass. Each request keeps its own prompts, weights and
         batch-level groups, so each answer equals that request run alone (within float rounding)."""
         limits = limits or self.limits
-        checked = []
-        for images, prompts, weights in requests:
+        checked, metadata = [], []
+        for images, prompts, weights, *meta in requests:
             self.check_tensor(images, limits)
-            checked.append((images, self._prompts_for(prompts, images.shape[0], limits), self.weights_for(weights)))
+            prompt_list = self._prompts_for(prompts, images.shape[0], limits)
+            checked.append((images, prompt_list, self.weights_for(weights)))
+            m = self.check_metadata(prompt_list, meta[0] if meta else None, limits)
+            metadata += m if m is not None else [{}] * len(prompt_list)
         if len({tuple(im.shape[1:]) for im, _, _ in checked}) > 1:
             raise InvalidRequestError("requests pooled into one gradient pass must have tensors of one size")
         sizes = [len(p) for _, p, _ in checked]
         x = torch.cat([im.detach().float() for im, _, _ in checked]).requires_grad_(True)
-        raw = self._tensor_scores(x, [p for _, ps, _ in checked for p in ps], sizes, on_timing)
+        raw = self._tensor_scores(x, [p for _, ps, _ in checked for p in ps], sizes, metadata, on_timing)
         starts = [0, *itertools.accumulate(sizes)]
         totals = [self.combine({n: s[a:b] for n, s in raw.items()}, w) for (_, _, w), a, b in zip(checked, starts, starts[1:])]
         torch.cat(totals).sum().backward()  # requests' totals are independent: one backward serves all
@@ -327,51 +405,82 @@ class Mixture(nn.Module):
     # ------------------------------------------------------------------------------------------
     # scoring images
 
-    def score(self, prompt: str, images: Sequence[ImageLike], weights: Mapping[str, float] | None = None,
-              *, on_timing: Timing | None = None) -> RewardResult:
-        """Score images (PIL images, paths or encoded bytes) against one prompt."""
-        return self.score_many([(prompt, images, weights)], on_timing=on_timing)[0]
+    def score(self, prompt: str | Sequence[str], images: Sequence[ImageLike], weights: Mapping[str, float] | None = None,
+              *, metadata: Mapping | Sequence[Mapping | None] | None = None, on_timing: Timing | None = None) -> RewardResult:
+        """Score images (PIL images, paths or encoded bytes) against one prompt (or one prompt per image).
+
+        `metadata`: one JSON object per image (or one for all), for the experts that read it (geneval's
+        record, ocr's `text`); see rewarders/metadata.py."""
+        return self.score_many([(prompt, images, weights, metadata)], on_timing=on_timing)[0]
 
     def score_many(self, requests: Iterable[tuple], *, on_timing: Timing | None = None) -> list[RewardResult]:
-        """Score several (prompt, images[, weights]) requests in shared batches.
+        """Score several (prompt, images[, weights[, metadata]]) requests in shared batches.
 
         The images of all requests are pooled, so many small requests fill a batch; each request
         still gets its own result. Every request is validated before any model runs.
         """
-        return self.score_checked([self.check_request(*req) for req in requests], on_timing=on_timing)
+        checked = []
+        for req in requests:
+            prompt, images, *rest = req
+            weights = rest[0] if rest else None
+            metadata = rest[1] if len(rest) > 1 else None
+            checked.append(self.check_request(prompt, images, weights, metadata=metadata))
+        return self.score_checked(checked, on_timing=on_timing)
 
     def score_checked(self, checked: Sequence[Checked], *, on_timing: Timing | None = None) -> list[RewardResult]:
         """Score requests returned by `check_request` / `check_tensor_request`, pooled in shared batches;
         each gets its own result (its own weights, groups, advantages and percentiles)."""
         prompts = [p for c in checked for p in c.prompts]
-        raw = self._scores(Pixels(checked, self.device), prompts, [len(c) for c in checked], on_timing)
+        metadata = None
+        if any(c.metadata is not None for c in checked):
+            metadata = [m for c in checked for m in (c.metadata if c.metadata is not None else [{}] * len(c))]
+        raw = self._scores(Pixels(checked, self.device), prompts, [len(c) for c in checked], metadata, on_timing)
         results, start = [], 0
         sources = self.sources()
         for c in checked:
-            part = {n: s[start : start + len(c)] for n, s in raw.items()}
+            got = raw.part(start, start + len(c))
             start += len(c)
-            total = self.combine(part, c.weights)
-            pct = self.calibration.percentiles(part) if c.explain else None
-            advantages = None
-            if c.group_ids is not None:
-                advantages = {k: v.tolist() for k, v in group_advantages(total, part, c.group_ids).items()}
-            results.append(
-                RewardResult(
-                    mean_reward=float(total.mean()),
-                    component_rewards={n: float(s.mean()) for n, s in part.items()},
-                    images=[
-                        ImageScore(float(total[i]), {n: float(s[i]) for n, s in part.items()},
-                                   {n: v[i] for n, v in pct.items()} if pct is not None else None)
-                        for i in range(len(c))
-                    ],
-                    experts=sources,
-                    advantages=advantages,
-                )
-            )
+            results.append(self._result(c, got, sources))
         return results
 
+    def _result(self, c: Checked, got: Scores, sources: dict) -> RewardResult:
+        """One request's answer from its experts' scores: totals, means, percentiles, advantages, summaries
+        (NaN, an expert's failure on a pair, becomes None)."""
+        part = got.scores
+        total = self.combine(part, c.weights)
+        pct = self.calibration.percentiles(part) if c.explain else None
+        advantages = None
+        if c.group_ids is not None:
+            advantages = {k: [_nan_to_none(x) for x in v.tolist()] for k, v in group_advantages(total, part, c.group_ids).items()}
+        summaries = {}
+        for name, e in self.experts.items():
+            extras = {k.split(".", 1)[1]: v for k, v in got.extras.items() if k.split(".", 1)[0] == name}
+            summary = e.summarize(part[name], extras, c.metadata if c.metadata is not None else [{}] * len(c))
+            if summary is not None:
+                summaries[name] = summary
+
+        def image(i: int) -> ImageScore:
+            components = {n: _nan_to_none(float(s[i])) for n, s in part.items()}
+            errors = {n: e[i] for n, e in got.errors.items() if i in e}
+            return ImageScore(
+                _nan_to_none(float(total[i])), components,
+                {n: (v[i] if components[n] is not None else None) for n, v in pct.items()} if pct is not None else None,
+                {n: _nan_to_none(float(v[i])) for n, v in got.extras.items()} or None,
+                errors or None,
+            )
+
+        return RewardResult(
+            mean_reward=_nan_mean(total),
+            component_rewards={n: _nan_mean(s) for n, s in part.items()},
+            images=[image(i) for i in range(len(c))],
+            experts=sources,
+            advantages=advantages,
+            summaries=summaries or None,
+        )
+
     def check_request(self, prompts, images, weights: Mapping[str, float] | None = None, limits: Limits | None = None,
-                      *, group_ids: Sequence | None = None, explain: bool = False, prepare: bool = True) -> Checked:
+                      *, group_ids: Sequence | None = None, explain: bool = False, prepare: bool = True,
+                      metadata: Mapping | Sequence | None = None) -> Checked:
         """Validate one request, decode its images and prepare every backbone's input from them.
 
         `prompts`: one prompt for all images or a list with one per image. Raises a `RewardError` subclass
@@ -382,7 +491,7 @@ class Mixture(nn.Module):
         """
         limits = limits or self.limits
         self._check_image_list(images, limits)
-        c = self._checked(prompts, len(images), weights, limits, group_ids, explain)  # the cheap checks first
+        c = self._checked(prompts, len(images), weights, limits, group_ids, explain, metadata)  # the cheap checks first
         pixels = decode_budget(images, limits)
         if not prepare:
             return self._pending(c, list(images), limits, pixels)
@@ -392,7 +501,8 @@ class Mixture(nn.Module):
 
     def check_tensor_request(self, prompts, images: torch.Tensor, weights: Mapping[str, float] | None = None,
                              limits: Limits | None = None, *, group_ids: Sequence | None = None,
-                             explain: bool = False, prepare: bool = True) -> Checked:
+                             explain: bool = False, prepare: bool = True,
+                             metadata: Mapping | Sequence | None = None) -> Checked:
         """Validate a request whose images are a tensor: uint8 (B, H, W, 3) or float (B, 3, H, W) in [0, 1].
 
         On a GPU host the tensor stays raw (pinned) and is prepared on the device by the model thread;
@@ -402,7 +512,7 @@ class Mixture(nn.Module):
         check_size((w, h), limits.max_image_pixels, limits.max_aspect_ratio, "'images'")
         if images.dtype != torch.uint8:
             _check_values(images)
-        c = self._checked(prompts, b, weights, limits, group_ids, explain)
+        c = self._checked(prompts, b, weights, limits, group_ids, explain, metadata)
         images = images.contiguous()
         if self.device.type == "cuda":
             c.raw = images.pin_memory()
@@ -443,8 +553,9 @@ class Mixture(nn.Module):
             for spec, t in part.items():
                 rows[spec][i - start].copy_(t[0])
 
-    def _checked(self, prompts, n: int, weights, limits: Limits, group_ids, explain: bool) -> Checked:
+    def _checked(self, prompts, n: int, weights, limits: Limits, group_ids, explain: bool, metadata=None) -> Checked:
         prompt_list = self._prompts_for(prompts, n, limits)
+        metadata = self.check_metadata(prompt_list, metadata, limits)
         if group_ids is not None:
             if isinstance(group_ids, (str, bytes)) or not isinstance(group_ids, Sequence):
                 raise InvalidRequestError("group_ids must be a list with one id (string or integer) per image")
@@ -457,10 +568,30 @@ class Mixture(nn.Module):
             raise InvalidRequestError("explain needs a calibration file: set `calibration` in the config "
                                       "(written by `t2i-reward calibrate`)")
         self.check_group_sizes([n])
-        return Checked(prompt_list, self.weights_for(weights), group_ids=group_ids, explain=bool(explain))
+        return Checked(prompt_list, self.weights_for(weights), group_ids=group_ids, explain=bool(explain), metadata=metadata)
+
+    def check_metadata(self, prompts: Sequence[str], metadata, limits: Limits | None = None) -> list[dict] | None:
+        """Each pair's metadata checked (rewarders/metadata.py), then against what every expert needs of it:
+        its `metadata_fields` and its own `check_pair`. InvalidRequestError names the expert, field and image."""
+        limits = limits or self.limits
+        checked = check_metadata(metadata, len(prompts), limits)
+        pairs = checked if checked is not None else [{}] * len(prompts)
+        for name, e in self.experts.items():
+            if not (e.uses_metadata or e.metadata_fields):
+                continue
+            for i, (prompt, m) in enumerate(zip(prompts, pairs)):
+                missing = [f for f in e.metadata_fields if f not in m]
+                if missing:
+                    lack = f"image {i}'s metadata lacks it" if m else f"image {i} has no metadata"
+                    raise InvalidRequestError(f"expert {name!r} needs the metadata field {missing[0]!r} for every image; {lack}")
+                try:
+                    e.check_pair(prompt, m)
+                except InvalidRequestError as err:
+                    raise InvalidRequestError(f"image {i}: {err}") from None
+        return checked
 
     def raw_scores(self, images: Sequence, prompts: Sequence[str], *, groups: Sequence[int] | None = None,
-                   on_timing: Timing | None = None) -> dict[str, torch.Tensor]:
+                   metadata: Sequence | None = None, on_timing: Timing | None = None) -> dict[str, torch.Tensor]:
         """Raw per-expert scores (CPU float32) for decoded PIL images, one prompt per image, in batches.
 
         `groups`: the sizes of the consecutive requests the images belong to, which the batch-level
@@ -470,25 +601,32 @@ class Mixture(nn.Module):
             groups = [len(list(run)) for _, run in itertools.groupby(prompts)]
         if sum(groups) != len(images):
             raise InvalidRequestError(f"groups add up to {sum(groups)} images, not {len(images)}")
-        return self._scores(PilPixels(images, self.device), list(prompts), groups, on_timing)
+        metadata = self.check_metadata(list(prompts), metadata) if metadata is not None else None
+        return self._scores(PilPixels(images, self.device), list(prompts), groups, metadata, on_timing).scores
 
-    def _scores(self, pixels, prompts: list[str], groups: Sequence[int], on_timing: Timing | None) -> dict[str, torch.Tensor]:
+    def _scores(self, pixels, prompts: list[str], groups: Sequence[int], metadata: Sequence[dict] | None,
+                on_timing: Timing | None) -> Scores:
         """Every expert's raw scores (CPU float32), in batches of `max_batch_size` from `pixels.get(spec, a, b)`."""
         self.check_group_sizes(groups)
-        out: dict[str, list[torch.Tensor]] = {n: [] for n in self.experts if n not in self._batch_level}
         specs = {e.clip_spec for e in self._batch_level.values()}
         embeds: dict[str, list[torch.Tensor]] = {s: [] for s in specs}
         bs = self.config.max_batch_size
+        parts, sizes = [], []
         with torch.inference_mode():
             for i in range(0, len(prompts), bs):
                 j = min(i + bs, len(prompts))
-                raw, emb = self._raw_scores(lambda spec: pixels.get(spec, i, j), prompts[i:j], on_timing)
-                for n, s in raw.items():
-                    out[n].append(s.cpu())
+                raw, emb = self._raw_scores(lambda spec: pixels.get(spec, i, j), prompts[i:j],
+                                            metadata[i:j] if metadata is not None else None, on_timing)
+                parts.append(raw)
+                sizes.append(j - i)
                 for s in specs:
                     embeds[s].append(emb[s].cpu())
-            grouped = self._group_scores({s: torch.cat(v) for s, v in embeds.items()}, prompts, groups, on_timing)
-        return {n: grouped[n] if n in grouped else torch.cat(out[n]) for n in self.experts}
+            grouped = self._group_scores({s: torch.cat(v) for s, v in embeds.items()}, prompts, groups, metadata, on_timing)
+        out = _concat(parts, sizes)
+        out.scores.update(grouped.scores)
+        out.extras.update(grouped.extras)
+        out.errors.update(grouped.errors)
+        return Scores({n: out.scores[n] for n in self.experts}, out.extras, out.errors)
 
     def _check_image_list(self, images, limits: Limits) -> None:
         if isinstance(images, (str, bytes, bytearray)) or not isinstance(images, Sequence):
@@ -497,6 +635,29 @@ class Mixture(nn.Module):
             raise InvalidRequestError("no images to score")
         if len(images) > limits.max_images:
             raise InvalidRequestError(f"{len(images)} images; the limit is {limits.max_images} per call")
+
+
+def _concat(parts: Sequence[Scores], sizes: Sequence[int]) -> Scores:
+    """Consecutive runs of pairs' scores as one (CPU tensors; error indices shifted to the whole run)."""
+    out = Scores({})
+    starts = [0, *itertools.accumulate(sizes)]
+    for name in dict.fromkeys(n for p in parts for n in p.scores):
+        out.scores[name] = torch.cat([p.scores[name].cpu() for p in parts])
+    for name in dict.fromkeys(n for p in parts for n in p.extras):  # NaN where a failed batch gave none
+        out.extras[name] = torch.cat([p.extras[name].cpu() if name in p.extras else torch.full((n,), math.nan)
+                                      for p, n in zip(parts, sizes)])
+    for p, a in zip(parts, starts):
+        for name, errors in p.errors.items():
+            out.errors.setdefault(name, {}).update({a + i: m for i, m in errors.items()})
+    return out
+
+
+def _nan_mean(x: torch.Tensor) -> Optional[float]:
+    """The mean over the values that are not NaN (an expert's failures), or None when all are."""
+    keep = ~torch.isnan(x)
+    if bool(keep.all()):
+        return float(x.mean())
+    return float(x[keep].mean()) if bool(keep.any()) else None
 
 
 def _check_values(images: torch.Tensor) -> None:

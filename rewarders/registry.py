@@ -62,6 +62,10 @@ class ExpertConfig(BaseModel):
     weight: float = Field(1.0, description="Weight of this expert's normalised score in the total.")
     mean: Optional[float] = Field(None, description="Mean subtracted before weighting (None: the expert's default).")
     std: Optional[float] = Field(None, gt=0, description="Std divided by before weighting (None: the expert's default).")
+    required: bool = Field(True, description="True: a pair this expert fails to score has no total (null), and an error "
+                           "the expert raises fails the request, as always. False: its component is null for the pairs "
+                           "it failed, the answer's `errors` say why, and the total is taken over the experts that "
+                           "answered, their weights scaled up to the same sum of |weight|.")
 
 
 @dataclass

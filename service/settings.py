@@ -51,6 +51,9 @@ class Settings(FinetuneSettings):
     max_request_pixels: int = limit_field("max_request_pixels", "Most pixels decoded for one request (all its images, "
                                           "after draft/reduce), checked from the headers; more gets 413.")
     max_aspect_ratio: float = limit_field("max_aspect_ratio", "Longest image side over the shortest; more gets 400 (bounds the resize's work).")
+    max_metadata_bytes: int = limit_field("max_metadata_bytes", "Largest metadata object of one (prompt, image) pair, as compact "
+                                          "JSON; larger gets 422.")
+    max_metadata_depth: int = limit_field("max_metadata_depth", "Deepest nesting in one pair's metadata; deeper gets 422.")
     max_batch_images: int = Field(64, ge=1, description="Most images pooled into one micro-batch (run in forward passes of the rewarder's max_batch_size).")
     prepare_workers: Optional[int] = Field(None, ge=1, le=256, description="Threads that decode and preprocess images "
                                            "beside the model thread; default: the number of cores.")
