@@ -174,8 +174,10 @@ def plan_chunks(n: int, group_ids: Sequence[Hashable] | None, chunk_size: int | 
     return chunks
 
 
-def _checked_batch(prompts, images, group_ids, chunk_size):
-    """(the image tensor, prompts, group ids, the chunks' indices) after the local checks."""
+def _checked_batch(prompts, images, group_ids, chunk_size, metadata=None):
+    """(the image tensor, prompts, group ids, metadata, the chunks' indices) after the local checks.
+    `metadata`: None, one mapping for every image, or one mapping (or None) per image (the server checks
+    what is in them)."""
     images = to_image_tensor(images)
     if images.ndim == 0 or images.shape[0] == 0:
         raise ValueError("no images to score")
@@ -185,16 +187,21 @@ def _checked_batch(prompts, images, group_ids, chunk_size):
         group_ids = list(group_ids)
         if len(group_ids) != n:
             raise ValueError(f"{len(group_ids)} group_ids for {n} images: pass one per image")
-    return images, prompts, group_ids, plan_chunks(n, group_ids, chunk_size)
+    if metadata is not None and not isinstance(metadata, Mapping):
+        metadata = list(metadata)  # a trainer's tuple of per-prompt dicts
+        if len(metadata) != n:
+            raise ValueError(f"{len(metadata)} metadata objects for {n} images: pass one per image, or one for all")
+    return images, prompts, group_ids, metadata, plan_chunks(n, group_ids, chunk_size)
 
 
-def _part(chunk: list[int], n: int, images: torch.Tensor, prompts, group_ids):
-    """The images, prompts and group ids of one chunk."""
+def _part(chunk: list[int], n: int, images: torch.Tensor, prompts, group_ids, metadata=None):
+    """The images, prompts, group ids and metadata of one chunk."""
     if len(chunk) == n:
-        return images, prompts, group_ids
+        return images, prompts, group_ids, metadata
     index = torch.tensor(chunk)
     return (images.index_select(0, index), prompts if isinstance(prompts, str) else [prompts[i] for i in chunk],
-            None if group_ids is None else [group_ids[i] for i in chunk])
+            None if group_ids is None else [group_ids[i] for i in chunk],
+            metadata if metadata is None or isinstance(metadata, Mapping) else [metadata[i] for i in chunk])
 
 
 def merge_scores(chunks: list[list[int]], parts: list[BatchScores], n: int) -> BatchScores:
@@ -214,8 +221,16 @@ def merge_scores(chunks: list[list[int]], parts: list[BatchScores], n: int) -> B
         return {k: scatter(lambda p, k=k: get(p)[k]) for k in get(parts[0])}
 
     rewards = scatter(lambda p: p.rewards)
+    errors = None
+    if any(p.errors for p in parts):
+        errors = [None] * n
+        for chunk, p in zip(chunks, parts):
+            for i, e in zip(chunk, p.errors or [None] * len(chunk)):
+                errors[i] = e
+    # a request-level summary covers its own chunk only: with several chunks there is none for the whole batch
     return BatchScores(rewards, scatter_all(lambda p: p.components), scatter_all(lambda p: p.advantages),
-                       scatter_all(lambda p: p.percentiles), float(rewards.mean()), parts[0].experts)
+                       scatter_all(lambda p: p.percentiles), float(rewards.nanmean()), parts[0].experts,
+                       extras=scatter_all(lambda p: p.extras) or {}, errors=errors, summaries=None)
 
 
 def _prompts_body(topics, n_prompts, diversity, min_length, max_length, mode, seed, max_new_tokens) -> dict:
@@ -330,19 +345,22 @@ class RewardClient(_Replicas):
     def _check(self, r: httpx.Response) -> httpx.Response:
         return _check(r)
 
-    def reward(self, prompt: str, images: Sequence, weights: Mapping[str, float] | None = None) -> dict:
+    def reward(self, prompt: str | Sequence[str], images: Sequence, weights: Mapping[str, float] | None = None,
+               metadata: Mapping | Sequence | None = None) -> dict:
         """POST /reward: `{"mean_reward", "component_rewards", "images": [...], "experts": {...}}`."""
-        return self._request("POST", "/reward", json=wire.encode_json_request(prompt, [image_bytes(im) for im in images], weights)).json()
+        body = wire.encode_json_request(prompt, [image_bytes(im) for im in images], weights, metadata)
+        return self._request("POST", "/reward", json=body).json()
 
     def score_batch(self, prompts: str | Sequence[str], images, group_ids: Sequence[Hashable] | None = None,
                     weights: Mapping[str, float] | None = None, explain: bool = False,
-                    chunk_size: int | None = None) -> BatchScores:
+                    chunk_size: int | None = None, metadata: Mapping | Sequence | None = None) -> BatchScores:
         """POST /reward with the images as one raw tensor (safetensors in, safetensors out): BatchScores.
 
         `prompts`: one for all images or one per image. `images`: see `to_image_tensor` (uint8
         (B, H, W, 3), float (B, 3, H, W) in [0, 1], or a list of same-size PIL images / arrays).
         `group_ids`: one str|int per image; the answer then holds group advantages. `weights`: expert ->
-        weight for this call. `explain`: per-expert percentiles.
+        weight for this call. `explain`: per-expert percentiles. `metadata`: one JSON object per image (or
+        one for all) for the experts that read it (geneval's record, ocr's `text`).
 
         `chunk_size`: None sends one request (a server refuses more than its `max_images` with 422); else
         requests of at most `chunk_size` images, one after another, joined in order. With `group_ids`,
@@ -350,31 +368,33 @@ class RewardClient(_Replicas):
         when one group is larger than `chunk_size`). Batch-level experts (diversity) score each request
         on its own images, so with such an expert chunking changes their scores.
         """
-        images, prompts, group_ids, chunks = _checked_batch(prompts, images, group_ids, chunk_size)
+        images, prompts, group_ids, metadata, chunks = _checked_batch(prompts, images, group_ids, chunk_size, metadata)
         n = int(images.shape[0])
         parts = []
         for chunk in chunks:
-            ims, ps, gs = _part(chunk, n, images, prompts, group_ids)
-            body = wire.encode_tensor_request(ims, ps, weights, gs, explain)
+            ims, ps, gs, ms = _part(chunk, n, images, prompts, group_ids, metadata)
+            body = wire.encode_tensor_request(ims, ps, weights, gs, explain, ms)
             parts.append(_scores(self._request("POST", "/reward", content=body, headers=wire.TENSOR_HEADERS)))
         return merge_scores(chunks, parts, n)
 
     def reward_gradient(
-        self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None
+        self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None,
+        metadata: Mapping | Sequence | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """POST /reward/gradient: (rewards (B,), d(sum of rewards)/d(images) (B, 3, H, W)) for a [0, 1] tensor.
 
         Chain rule across the network: `images.backward(-grad)` on the worker maximises the reward.
         """
-        out = self.reward_tensors(images, prompts, weights)
+        out = self.reward_tensors(images, prompts, weights, metadata)
         return out["rewards"].to(images.device), out["grad"].to(images.device, images.dtype)
 
     def reward_tensors(
-        self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None
+        self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None,
+        metadata: Mapping | Sequence | None = None,
     ) -> dict[str, torch.Tensor]:
         """POST /reward/gradient, the whole answer (CPU tensors): `rewards`, `grad` and `components.<expert>`."""
-        r = self._request("POST", "/reward/gradient", content=wire.encode_tensor_request(images, prompts, weights),
-                          headers={"content-type": wire.OCTET})
+        body = wire.encode_tensor_request(images, prompts, weights, metadata=metadata)
+        r = self._request("POST", "/reward/gradient", content=body, headers={"content-type": wire.OCTET})
         return wire.decode_gradient_answer(r.content)
 
     def prompts(self, topics: Sequence[str], n_prompts: int, diversity: float = 0.0,
@@ -455,21 +475,23 @@ class AsyncRewardClient(_Replicas):
             await asyncio.sleep(_next_wait(error, retry_after, attempt, self.retries, self.backoff_s, self.urls))
         raise AssertionError("unreachable")
 
-    async def reward(self, prompt: str, images: Sequence, weights: Mapping[str, float] | None = None) -> dict:
+    async def reward(self, prompt: str | Sequence[str], images: Sequence, weights: Mapping[str, float] | None = None,
+                     metadata: Mapping | Sequence | None = None) -> dict:
         """POST /reward: `{"mean_reward", "component_rewards", "images": [...], "experts": {...}}`."""
-        return (await self._request("POST", "/reward", json=wire.encode_json_request(prompt, [image_bytes(im) for im in images], weights))).json()
+        body = wire.encode_json_request(prompt, [image_bytes(im) for im in images], weights, metadata)
+        return (await self._request("POST", "/reward", json=body)).json()
 
     async def score_batch(self, prompts: str | Sequence[str], images, group_ids: Sequence[Hashable] | None = None,
                           weights: Mapping[str, float] | None = None, explain: bool = False,
-                          chunk_size: int | None = None) -> BatchScores:
+                          chunk_size: int | None = None, metadata: Mapping | Sequence | None = None) -> BatchScores:
         """`RewardClient.score_batch`, awaited; the chunks' requests run concurrently (one per replica at a time)."""
-        images, prompts, group_ids, chunks = _checked_batch(prompts, images, group_ids, chunk_size)
+        images, prompts, group_ids, metadata, chunks = _checked_batch(prompts, images, group_ids, chunk_size, metadata)
         n = int(images.shape[0])
         slots = asyncio.Semaphore(len(self._clients))
 
         async def send(chunk: list[int]) -> BatchScores:
-            ims, ps, gs = _part(chunk, n, images, prompts, group_ids)
-            body = wire.encode_tensor_request(ims, ps, weights, gs, explain)
+            ims, ps, gs, ms = _part(chunk, n, images, prompts, group_ids, metadata)
+            body = wire.encode_tensor_request(ims, ps, weights, gs, explain, ms)
             async with slots:
                 r = await self._request("POST", "/reward", content=body, headers=wire.TENSOR_HEADERS)
             return _scores(r)
@@ -478,18 +500,20 @@ class AsyncRewardClient(_Replicas):
         return merge_scores(chunks, list(parts), n)
 
     async def reward_gradient(
-        self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None
+        self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None,
+        metadata: Mapping | Sequence | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """POST /reward/gradient: (rewards (B,), d(sum of rewards)/d(images)), on the images' device and dtype."""
-        out = await self.reward_tensors(images, prompts, weights)
+        out = await self.reward_tensors(images, prompts, weights, metadata)
         return out["rewards"].to(images.device), out["grad"].to(images.device, images.dtype)
 
     async def reward_tensors(
-        self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None
+        self, images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None,
+        metadata: Mapping | Sequence | None = None,
     ) -> dict[str, torch.Tensor]:
         """POST /reward/gradient, the whole answer (CPU tensors): `rewards`, `grad` and `components.<expert>`."""
-        r = await self._request("POST", "/reward/gradient", content=wire.encode_tensor_request(images, prompts, weights),
-                                headers={"content-type": wire.OCTET})
+        body = wire.encode_tensor_request(images, prompts, weights, metadata=metadata)
+        r = await self._request("POST", "/reward/gradient", content=body, headers={"content-type": wire.OCTET})
         return wire.decode_gradient_answer(r.content)
 
     async def prompts(self, topics: Sequence[str], n_prompts: int, diversity: float = 0.0,

@@ -42,7 +42,7 @@ from torch import nn
 
 from .advantages import group_advantages
 from .config import RewardConfig
-from .errors import InvalidPromptError, InvalidRequestError, RewardError
+from .errors import InvalidPromptError, InvalidRequestError, RewardError, public_message
 from .images import ImageLike, Preprocess, check_size, decode_budget, open_image
 from .inputs import Checked, PilPixels, Pixels, check_image_tensor, prepare_pil, prepare_tensor
 from .limits import Limits
@@ -248,6 +248,7 @@ class Mixture(nn.Module):
             res = ExpertOutput(res)
         scores = res.scores.float()
         if res.errors:
+            res.errors = {i: public_message(m) for i, m in res.errors.items()}  # answers name no server path or URL
             scores = scores.clone()
             scores[list(res.errors)] = math.nan
             out.errors.setdefault(name, {}).update(res.errors)

@@ -42,22 +42,22 @@ def _is_rewarder(target) -> bool:
 
 def score_in_process(rewarder, prompts: str | Sequence[str], images, group_ids: Sequence[Hashable] | None = None,
                      weights: Mapping[str, float] | None = None, explain: bool = False,
-                     chunk_size: int | None = None) -> BatchScores:
+                     chunk_size: int | None = None, metadata: Mapping | Sequence | None = None) -> BatchScores:
     """`RewardClient.score_batch` against a rewarder in this process: the same checks, chunks and answer.
     The chunks (whole groups each) are scored in one pooled `score_checked` call, each as its own request."""
-    images, prompts, group_ids, chunks = _checked_batch(prompts, images, group_ids, chunk_size)
+    images, prompts, group_ids, metadata, chunks = _checked_batch(prompts, images, group_ids, chunk_size, metadata)
     n = int(images.shape[0])
     checked = []
     for chunk in chunks:
-        ims, ps, gs = _part(chunk, n, images, prompts, group_ids)
-        checked.append(rewarder.check_tensor_request(ps, ims, weights, group_ids=gs, explain=explain))
+        ims, ps, gs, ms = _part(chunk, n, images, prompts, group_ids, metadata)
+        checked.append(rewarder.check_tensor_request(ps, ims, weights, group_ids=gs, explain=explain, metadata=ms))
     results = rewarder.score_checked(checked)
     return merge_scores(chunks, [batch_scores_from_result(r) for r in results], n)
 
 
 def make_scorer(target, *, weights: Mapping[str, float] | None = None, explain: bool = False,
                 chunk_size: int | None = None, **client_kwargs) -> Scorer:
-    """`scorer(prompts, images, group_ids=None) -> BatchScores` for a service URL (or replica URLs), a
+    """`scorer(prompts, images, group_ids=None, metadata=None) -> BatchScores` for a service URL (or replica URLs), a
     `RewardClient` or a rewarder (`Mixture`). A client built here from URLs is `scorer.client`."""
     if isinstance(target, AsyncRewardClient):
         raise TypeError("trainers call reward functions synchronously (in a thread pool): pass a URL, a RewardClient "
@@ -69,14 +69,14 @@ def make_scorer(target, *, weights: Mapping[str, float] | None = None, explain: 
     if isinstance(target, RewardClient):
         client = target
 
-        def scorer(prompts, images, group_ids=None) -> BatchScores:
-            return client.score_batch(prompts, images, group_ids, weights, explain, chunk_size)
+        def scorer(prompts, images, group_ids=None, metadata=None) -> BatchScores:
+            return client.score_batch(prompts, images, group_ids, weights, explain, chunk_size, metadata)
 
         scorer.client = client
         return scorer
     if _is_rewarder(target):
-        def scorer(prompts, images, group_ids=None) -> BatchScores:
-            return score_in_process(target, prompts, images, group_ids, weights, explain, chunk_size)
+        def scorer(prompts, images, group_ids=None, metadata=None) -> BatchScores:
+            return score_in_process(target, prompts, images, group_ids, weights, explain, chunk_size, metadata)
 
         scorer.rewarder = target
         return scorer
@@ -115,14 +115,17 @@ def ddpo_reward_fn(target, *, weights: Mapping[str, float] | None = None, quanti
         scores, info = fn(images, prompts, metadata)
 
     `images`: the pipeline's float tensor (B, 3, H, W) in [0, 1] (any device) or a uint8 array
-    (B, H, W, 3); `prompts`: one per image (a tuple or list); `metadata` is ignored. `scores`: numpy float32
-    (B,), the weighted totals (the training loop turns it into a tensor with `torch.as_tensor`); `info`:
-    each expert's raw scores, numpy float32 (B,). ddpo-pytorch computes its per-prompt advantages itself.
+    (B, H, W, 3); `prompts`: one per image (a tuple or list); `metadata`: the prompts' metadata, one dict
+    per image (ddpo-pytorch's `prompt_metadata`), sent with each pair to the experts that read it (geneval,
+    ocr); None or empty dicts send none. `scores`: numpy float32 (B,), the weighted totals (the training loop
+    turns it into a tensor with `torch.as_tensor`), NaN for a pair without a total (see `errors` in
+    `scorer`'s answer); `info`: each expert's raw scores, numpy float32 (B,). ddpo-pytorch computes its
+    per-prompt advantages itself.
     """
     scorer = make_scorer(target, weights=weights, chunk_size=chunk_size, **client_kwargs)
 
     def reward_fn(images, prompts, metadata=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        s = scorer(_prompts(prompts), trainer_images(images, quantize))
+        s = scorer(_prompts(prompts), trainer_images(images, quantize), metadata=_metadata(metadata))
         return _numpy(s.rewards), {name: _numpy(v) for name, v in s.components.items()}
 
     return _attach(reward_fn, scorer)
@@ -138,16 +141,19 @@ def flow_grpo_reward_fn(target, *, weights: Mapping[str, float] | None = None, q
 
     `score_details`: `{"avg": totals, <expert>: raw scores}`, each numpy float32 (B,); `"avg"` is the
     weighted total the training loop turns into advantages (as `multi_score`'s weighted sum of its
-    scorers), the others are logged as `reward_<expert>`. `info` is `{}`. `only_strict` (a GenEval option)
-    is accepted and ignored. For Flow-GRPO's single-score functions use `ddpo_reward_fn` (the same
-    `(scores, info)` shape).
+    scorers), the others are logged as `reward_<expert>`; an expert's extra outputs are there too, as
+    `<expert>.<name>` (geneval's `correct`). `metadata`: Flow-GRPO's `prompt_metadata`, one dict per image
+    (GenEval's records), sent with each pair. `info` is `{}`. `only_strict` (Flow-GRPO's GenEval option)
+    is accepted and ignored: the geneval expert reports both its partial reward and its strict correctness.
+    For Flow-GRPO's single-score functions use `ddpo_reward_fn` (the same `(scores, info)` shape).
     """
     scorer = make_scorer(target, weights=weights, chunk_size=chunk_size, **client_kwargs)
 
     def reward_fn(images, prompts, metadata=None, only_strict: bool = True) -> tuple[dict[str, np.ndarray], dict]:
-        s = scorer(_prompts(prompts), trainer_images(images, quantize))
+        s = scorer(_prompts(prompts), trainer_images(images, quantize), metadata=_metadata(metadata))
         details = {"avg": _numpy(s.rewards)}
         details.update({name: _numpy(v) for name, v in s.components.items() if name not in details})
+        details.update({name: _numpy(v) for name, v in s.extras.items() if name not in details})
         return details, {}
 
     return _attach(reward_fn, scorer)
@@ -163,6 +169,7 @@ def dance_grpo_reward_fn(target, *, weights: Mapping[str, float] | None = None, 
     `num_generations` itself.
 
         rewards = fn(images, prompts)      # torch.float32 (B,), replacing the scorer call
+        rewards = fn(images, prompts, metadata)   # with one dict per image for geneval / ocr
 
     `images`: a PIL image or a list of PIL images of one size (the postprocess output), a float tensor
     (B, 3, H, W) in [0, 1] (`output_type="pt"`) or uint8 (B, H, W, 3). `prompts`: one string for all or one
@@ -171,9 +178,10 @@ def dance_grpo_reward_fn(target, *, weights: Mapping[str, float] | None = None, 
     """
     scorer = make_scorer(target, weights=weights, chunk_size=chunk_size, **client_kwargs)
 
-    def reward_fn(images, prompts) -> torch.Tensor:
+    def reward_fn(images, prompts, metadata=None) -> torch.Tensor:
         where = images.device if isinstance(images, torch.Tensor) else (device if device is not None else "cpu")
-        s = scorer(prompts if isinstance(prompts, str) else _prompts(prompts), trainer_images(images, quantize))
+        s = scorer(prompts if isinstance(prompts, str) else _prompts(prompts), trainer_images(images, quantize),
+                   metadata=_metadata(metadata))
         return s.rewards.to(device=where, dtype=torch.float32)
 
     return _attach(reward_fn, scorer)
@@ -181,3 +189,12 @@ def dance_grpo_reward_fn(target, *, weights: Mapping[str, float] | None = None, 
 
 def _prompts(prompts) -> str | list[str]:
     return prompts if isinstance(prompts, str) else list(prompts)
+
+
+def _metadata(metadata):
+    """A trainer's prompt metadata as the scorer takes it: None when there is none (None, or only empty
+    dicts, as ddpo-pytorch's prompt functions give), else one dict per image (or one for all)."""
+    if metadata is None or isinstance(metadata, Mapping):
+        return metadata or None
+    metadata = list(metadata)
+    return metadata if any(metadata) else None

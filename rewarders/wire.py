@@ -7,16 +7,20 @@ service answers as 400 (`MalformedBodyError`, `InvalidImageError`), 415 (`Unsupp
 
 POST /reward takes one of three bodies, all with the same fields:
 - JSON (`RewardRequest`): `prompt` (one for all images) or `prompts` (one per image), `images` (base64
-  strings or data URLs), optional `weights` (expert -> weight), `group_ids` (one per image), `explain`;
+  strings or data URLs), optional `weights` (expert -> weight), `group_ids` (one per image), `explain`,
+  `metadata` (one JSON object per image, or one for all: rewarders/metadata.py);
 - multipart/form-data: `prompt` or repeated `prompts` text fields, `images` files, `weights` as a JSON
-  text field, repeated `group_ids`, `explain` ("true"/"false");
+  text field, repeated `group_ids`, `explain` ("true"/"false"), repeated `metadata` (a JSON object per
+  image, in order; a single one stands for every image);
 - safetensors (`application/octet-stream`): the tensor `images`, uint8 (B, H, W, 3) or float16/float32
   (B, 3, H, W) in [0, 1], never encoded as an image; string metadata `prompts` (a JSON list, or one
-  prompt), optional `weights` and `group_ids` (JSON), `explain` ("true"/"false").
+  prompt), optional `weights` and `group_ids` (JSON), `explain` ("true"/"false"), `metadata` (a JSON list
+  of one object per image, or one object).
 Its answer is JSON (`RewardResponse`: `RewardResult.to_dict()`), or with `Accept: application/octet-stream`
-safetensors: `rewards`, `components.<expert>`, with group ids `advantages` and `advantages.<expert>`, with
-explain `percentiles.<expert>` (NaN where the calibration has none); metadata `mean_reward`,
-`component_rewards` and `experts` (JSON). Clients read either into `BatchScores`.
+safetensors: `rewards`, `components.<expert>`, `extras.<expert>.<name>`, with group ids `advantages` and
+`advantages.<expert>`, with explain `percentiles.<expert>` (NaN where the calibration has none); NaN where
+an expert failed on a pair; metadata `mean_reward`, `component_rewards`, `experts`, and when there are any
+`errors` (per image: null or {expert: why}) and `summaries` (JSON). Clients read either into `BatchScores`.
 
 POST /reward/gradient takes safetensors only: `images` float (B, 3, H, W) in [0, 1], metadata `prompts`
 (JSON: a list, or one string) and optional `weights`; its answer is safetensors `rewards`, `grad`
@@ -29,7 +33,7 @@ import base64
 import binascii
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Annotated, Any, Mapping, Optional, Sequence, Union
 
 import torch
@@ -69,13 +73,22 @@ class RewardRequest(BaseModel):
                                                "prompt's index in a GRPO batch): the answer's `advantages` are the "
                                                "scores z-scored within each group.")
     explain: bool = Field(False, description="Add each image's percentile per expert, from the configured calibration file.")
+    metadata: Optional[Union[list[Optional[dict[str, Any]]], dict[str, Any]]] = Field(
+        None, description="Per-pair metadata for the experts that read it (geneval's record, ocr's `text`): one JSON object "
+                          "per image, in the order of `images` (null for none), or one object for every image.",
+        examples=[[{"text": "OPEN"}]])
 
 
 class ImageReward(BaseModel):
-    total: float = Field(..., description="Weighted sum of the (normalised) expert scores of this image.")
-    components: dict[str, float] = Field(..., description="Raw score of each expert for this image.")
+    total: Optional[float] = Field(..., description="Weighted sum of the (normalised) expert scores of this image; null when "
+                                   "an expert marked `required` failed on it (see `errors`).")
+    components: dict[str, Optional[float]] = Field(..., description="Raw score of each expert for this image; null where the "
+                                                   "expert failed on it.")
     percentiles: Optional[dict[str, Optional[float]]] = Field(None, description="With `explain`: per expert, the share (0..100) "
                                                               "of the calibration set scoring below this image; null for an expert it lacks.")
+    extras: Optional[dict[str, Optional[float]]] = Field(None, description="Further per-image outputs of some experts, as "
+                                                         "`<expert>.<name>` (geneval's `correct`, hpsv3's `sigma`); not in the total.")
+    errors: Optional[dict[str, str]] = Field(None, description="Per expert that failed on this image: why (its component is null).")
 
 
 class ExpertInfo(BaseModel):
@@ -84,13 +97,16 @@ class ExpertInfo(BaseModel):
 
 
 class RewardResponse(BaseModel):
-    mean_reward: float = Field(..., description="Mean of the per-image totals.")
-    component_rewards: dict[str, float] = Field(..., description="Mean raw score of each expert over the images.")
+    mean_reward: Optional[float] = Field(..., description="Mean of the per-image totals (over the images that have one).")
+    component_rewards: dict[str, Optional[float]] = Field(..., description="Mean raw score of each expert over the images it scored.")
     images: list[ImageReward]
     experts: dict[str, ExpertInfo]
-    advantages: Optional[dict[str, list[float]]] = Field(None, description="With `group_ids`: `total` and each expert, per "
-                                                         "image, z-scored within its group: (x - mean) / (std + 1e-4), "
-                                                         "population std; 0 for an image alone in its group.")
+    advantages: Optional[dict[str, list[Optional[float]]]] = Field(None, description="With `group_ids`: `total` and each expert, "
+                                                                   "per image, z-scored within its group: (x - mean) / (std + 1e-4), "
+                                                                   "population std; 0 for an image alone in its group; null "
+                                                                   "for an image without a value (left out of its group's statistics).")
+    summaries: Optional[dict[str, dict[str, Any]]] = Field(None, description="Per expert that summarises a request "
+                                                           "(geneval: means per tag).")
 
     model_config = {
         "json_schema_extra": {
@@ -118,13 +134,16 @@ MULTIPART_SCHEMA = {
         "weights": {"type": "string", "description": "JSON object of per-expert weights"},
         "group_ids": {"type": "array", "items": {"type": "string"}, "description": "one group id per image"},
         "explain": {"type": "string", "enum": ["true", "false"]},
+        "metadata": {"type": "array", "items": {"type": "string"}, "description": "one JSON object per image, in order "
+                     "(a single one: for every image)"},
     },
 }
 
 TENSOR_SCHEMA = {"type": "string", "format": "binary", "description": "safetensors (not an encoded image: PNG or JPEG "
                 "bytes here are refused with 400): the tensor `images` and nothing else, uint8 (B, H, W, 3) or "
                 "float16/float32 (B, 3, H, W) in [0, 1]; metadata `prompts` (a JSON list, one per image, or one string), "
-                "optional `weights` (JSON object), `group_ids` (JSON list), `explain` (true/false)."}
+                "optional `weights` (JSON object), `group_ids` (JSON list), `explain` (true/false), `metadata` (a JSON "
+                "list of one object per image, or one object)."}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -170,16 +189,25 @@ def check_gradient_media_type(ctype: str) -> None:
 # ------------------------------------------------------------------------------------------------
 # requests: the clients' side
 
-def encode_json_request(prompt: str, images: Sequence[bytes], weights: Mapping[str, float] | None = None) -> dict:
-    """A JSON /reward body: one prompt for encoded images (PNG, JPEG... bytes), sent as base64."""
-    body: dict[str, Any] = {"prompt": prompt, "images": [base64.b64encode(im).decode() for im in images]}
+def encode_json_request(prompt: str | Sequence[str], images: Sequence[bytes], weights: Mapping[str, float] | None = None,
+                        metadata: Mapping | Sequence | None = None) -> dict:
+    """A JSON /reward body: one prompt (or one per image) for encoded images (PNG, JPEG... bytes), sent as base64."""
+    body: dict[str, Any] = {"prompt" if isinstance(prompt, str) else "prompts": prompt if isinstance(prompt, str) else list(prompt),
+                            "images": [base64.b64encode(im).decode() for im in images]}
     if weights is not None:
         body["weights"] = dict(weights)
+    if metadata is not None:
+        body["metadata"] = _plain_metadata(metadata)
     return body
 
 
+def _plain_metadata(metadata: Mapping | Sequence) -> Any:
+    return dict(metadata) if isinstance(metadata, Mapping) else [None if m is None else dict(m) for m in metadata]
+
+
 def encode_tensor_request(images: torch.Tensor, prompts: str | Sequence[str], weights: Mapping[str, float] | None = None,
-                          group_ids: Sequence | None = None, explain: bool = False) -> bytes:
+                          group_ids: Sequence | None = None, explain: bool = False,
+                          metadata: Mapping | Sequence | None = None) -> bytes:
     """A safetensors body for /reward (`group_ids`, `explain` too) or /reward/gradient: the image tensor
     as it is (on the CPU) and the rest as string metadata."""
     meta = {"prompts": json.dumps(prompts if isinstance(prompts, str) else list(prompts))}
@@ -189,6 +217,8 @@ def encode_tensor_request(images: torch.Tensor, prompts: str | Sequence[str], we
         meta["group_ids"] = json.dumps(list(group_ids))
     if explain:
         meta["explain"] = "true"
+    if metadata is not None:
+        meta["metadata"] = json.dumps(_plain_metadata(metadata))
     return save_safetensors({"images": images.detach().cpu().contiguous()}, metadata=meta)
 
 
@@ -206,15 +236,17 @@ class RewardBody:
     weights: dict | None = None
     group_ids: list | None = None
     explain: bool = False
+    metadata: Any = None  # a list with one object (or None) per image, or one object; the library checks it
 
 
 @dataclass
 class GradientBody:
-    """A /reward/gradient body: the image tensor, its prompts (a list, or one for all) and weights."""
+    """A /reward/gradient body: the image tensor, its prompts (a list, or one for all), weights and metadata."""
 
     images: Any
     prompts: str | list[str]
     weights: dict | None = None
+    metadata: Any = None
 
 
 def decode_reward_request(ctype: str, payload: bytes | Mapping[str, Sequence[str | bytes]], limits: Limits | None = None) -> RewardBody:
@@ -237,7 +269,17 @@ def decode_gradient_request(body: bytes, limits: Limits | None = None) -> Gradie
         raise InvalidRequestError("metadata 'prompts' must be a JSON list of strings (one per image) or one string")
     if weights is not None and not isinstance(weights, dict):
         raise InvalidRequestError("metadata 'weights' must be a JSON object")
-    return GradientBody(tensors["images"], prompts, weights)
+    return GradientBody(tensors["images"], prompts, weights, _metadata_field(metadata))
+
+
+def _metadata_field(meta: Mapping[str, str]) -> Any:
+    """The safetensors header's `metadata`: a JSON list (one object per image) or one object."""
+    if "metadata" not in meta:
+        return None
+    value = loads(meta["metadata"], "metadata 'metadata' must be JSON: a list with one object per image, or one object")
+    if not isinstance(value, (list, dict)):
+        raise InvalidRequestError("metadata 'metadata' must be a JSON list with one object per image, or one object")
+    return value
 
 
 def decode_image_string(s: str, index: int) -> bytes:
@@ -268,7 +310,9 @@ def tensor_header_limit(limits: Limits | None = None) -> int:
     """The largest safetensors header a request may have: one tensor's entry and metadata of `max_images`
     prompts of `max_prompt_chars` characters, each JSON-escaped (up to 6 bytes a character), and group ids."""
     limits = limits or Limits()
-    return 65536 + limits.max_images * (6 * limits.max_prompt_chars + 600)
+    # per image: its prompt, its group id, and its metadata object, JSON-escaped twice (as JSON text inside
+    # a JSON string: a character can take 7 bytes)
+    return 65536 + limits.max_images * (6 * limits.max_prompt_chars + 600 + 7 * limits.max_metadata_bytes)
 
 
 def read_safetensors(body: bytes, limits: Limits | None = None) -> tuple[dict, dict[str, str]]:
@@ -312,7 +356,7 @@ def _decode_json(body: bytes) -> RewardBody:
     except ValidationError as e:
         raise InvalidBodyError(json.loads(e.json(include_url=False, include_input=False))) from None
     return RewardBody(_one_of(req.prompt, req.prompts, "field"), [decode_image_string(s, i) for i, s in enumerate(req.images)],
-                      weights=req.weights, group_ids=req.group_ids, explain=req.explain)
+                      weights=req.weights, group_ids=req.group_ids, explain=req.explain, metadata=req.metadata)
 
 
 def _decode_form(fields: Mapping[str, Sequence[str | bytes]]) -> RewardBody:
@@ -332,8 +376,20 @@ def _decode_form(fields: Mapping[str, Sequence[str | bytes]]) -> RewardBody:
     if group_ids is not None and any(not isinstance(g, str) for g in group_ids):
         raise InvalidRequestError("multipart fields 'group_ids' must be text")
     weights = _json_field(get("weights"), "weights", dict, "multipart field") if get("weights") is not None else None
+    metadata = None
+    if fields.get("metadata"):
+        metadata = []
+        for i, m in enumerate(fields["metadata"]):
+            if not isinstance(m, str):
+                raise InvalidRequestError("multipart fields 'metadata' must be text (a JSON object each)")
+            value = loads(m, f"multipart field 'metadata' #{i} must be a JSON object (or null)")
+            if value is not None and not isinstance(value, dict):
+                raise InvalidRequestError(f"multipart field 'metadata' #{i} must be a JSON object (or null)")
+            metadata.append(value)
+        if len(metadata) == 1 and len(files) != 1 and metadata[0] is not None:
+            metadata = metadata[0]  # one field for every image
     return RewardBody(prompts, files, weights=weights, group_ids=group_ids,
-                      explain=_flag(get("explain"), "explain", "multipart field"))
+                      explain=_flag(get("explain"), "explain", "multipart field"), metadata=metadata)
 
 
 def _decode_tensors(body: bytes, limits: Limits | None = None) -> RewardBody:
@@ -351,6 +407,7 @@ def _decode_tensors(body: bytes, limits: Limits | None = None) -> RewardBody:
         weights=_json_field(meta["weights"], "weights", dict, "metadata") if "weights" in meta else None,
         group_ids=_json_field(meta["group_ids"], "group_ids", list, "metadata") if "group_ids" in meta else None,
         explain=_flag(meta.get("explain"), "explain", "metadata"),
+        metadata=_metadata_field(meta),
     )
 
 
@@ -393,6 +450,10 @@ class BatchScores:
     advantages: with group_ids, {"total": (B,), <expert>: (B,)} z-scored within each group; else None.
     percentiles: with explain, expert -> (B,) in [0, 100], NaN where the calibration has none; else None.
     mean_reward: the mean total. experts: expert -> {"checkpoint", "random_weights"}.
+    extras: "<expert>.<name>" -> (B,), experts' further outputs (not in the total).
+    errors: None when every expert scored every image; else per image None or {expert: why}.
+    NaN in `rewards`, `components` and `advantages` marks a pair without a value (see `errors`).
+    summaries: per expert, its request-level summary (geneval's per-tag means), or None.
     """
 
     rewards: torch.Tensor
@@ -401,56 +462,66 @@ class BatchScores:
     percentiles: dict[str, torch.Tensor] | None
     mean_reward: float
     experts: dict
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
+    errors: list[dict[str, str] | None] | None = None
+    summaries: dict[str, dict] | None = None
 
     @property
     def component_rewards(self) -> dict[str, float]:
-        """Each expert's mean raw score."""
-        return {n: float(v.mean()) for n, v in self.components.items()}
+        """Each expert's mean raw score (over the images it scored; NaN when none)."""
+        return {n: float(v.nanmean()) for n, v in self.components.items()}
 
     def to(self, device) -> "BatchScores":
         """A copy with every tensor on `device`."""
         def move(d):
             return None if d is None else {k: v.to(device) for k, v in d.items()}
         return replace(self, rewards=self.rewards.to(device), components=move(self.components),
-                       advantages=move(self.advantages), percentiles=move(self.percentiles))
+                       advantages=move(self.advantages), percentiles=move(self.percentiles), extras=move(self.extras))
 
 
-def _batch_scores(names: Sequence[str], totals: Sequence[float], components: Sequence[Mapping], percentiles: Sequence,
-                  advantages: Mapping | None, mean_reward: float, experts: dict) -> BatchScores:
-    """BatchScores from per-image values (a result's images, or a JSON answer's)."""
-    f32 = dict(dtype=torch.float32)
+def _f32(values: Sequence) -> torch.Tensor:
+    return torch.tensor([math.nan if v is None else v for v in values], dtype=torch.float32)
+
+
+def _batch_scores(names: Sequence[str], images: Sequence, advantages: Mapping | None, mean_reward, experts: dict,
+                  summaries: dict | None) -> BatchScores:
+    """BatchScores from per-image values (a result's images as dicts, or a JSON answer's); None -> NaN."""
     pct = None
-    if percentiles and percentiles[0] is not None:
-        pct = {n: torch.tensor([math.nan if p[n] is None else p[n] for p in percentiles], **f32) for n in names}
+    if images and images[0].get("percentiles") is not None:
+        pct = {n: _f32([im["percentiles"][n] for im in images]) for n in names}
+    extra_names = list(dict.fromkeys(k for im in images for k in (im.get("extras") or {})))
+    errors = [im.get("errors") or None for im in images]
     return BatchScores(
-        rewards=torch.tensor(list(totals), **f32),
-        components={n: torch.tensor([c[n] for c in components], **f32) for n in names},
-        advantages=None if advantages is None else {k: torch.tensor(v, **f32) for k, v in advantages.items()},
+        rewards=_f32([im["total"] for im in images]),
+        components={n: _f32([im["components"][n] for im in images]) for n in names},
+        advantages=None if advantages is None else {k: _f32(v) for k, v in advantages.items()},
         percentiles=pct,
-        mean_reward=float(mean_reward),
+        mean_reward=math.nan if mean_reward is None else float(mean_reward),
         experts=experts,
+        extras={k: _f32([(im.get("extras") or {}).get(k) for im in images]) for k in extra_names},
+        errors=errors if any(errors) else None,
+        summaries=summaries or None,
     )
 
 
 def batch_scores_from_result(result) -> BatchScores:
     """A library `RewardResult` (from `Mixture.score_checked`) as BatchScores."""
-    images = result.images
-    return _batch_scores(list(result.component_rewards), [im.total for im in images], [im.components for im in images],
-                         [im.percentiles for im in images], result.advantages, result.mean_reward, dict(result.experts))
+    images = [asdict(im) for im in result.images]
+    return _batch_scores(list(result.component_rewards), images, result.advantages, result.mean_reward,
+                         dict(result.experts), result.summaries)
 
 
 def scores_from_json(body: Mapping) -> BatchScores:
     """A JSON /reward answer (`RewardResponse`) as BatchScores."""
-    images = body["images"]
-    return _batch_scores(list(body["component_rewards"]), [im["total"] for im in images], [im["components"] for im in images],
-                         [im.get("percentiles") for im in images], body.get("advantages"), body["mean_reward"],
-                         body.get("experts", {}))
+    return _batch_scores(list(body["component_rewards"]), body["images"], body.get("advantages"), body["mean_reward"],
+                         body.get("experts", {}), body.get("summaries"))
 
 
 def encode_scores(result) -> bytes:
     """A /reward result as its safetensors answer (see the module doc)."""
     s = batch_scores_from_result(result)
     out = {"rewards": s.rewards, **{f"components.{n}": v for n, v in s.components.items()}}
+    out.update({f"extras.{n}": v for n, v in s.extras.items()})
     if s.advantages is not None:
         out["advantages"] = s.advantages["total"]
         out.update({f"advantages.{n}": s.advantages[n] for n in s.components})
@@ -458,6 +529,10 @@ def encode_scores(result) -> bytes:
         out.update({f"percentiles.{n}": v for n, v in s.percentiles.items()})
     meta = {"mean_reward": repr(result.mean_reward), "component_rewards": json.dumps(result.component_rewards),
             "experts": json.dumps(result.experts)}
+    if s.errors is not None:
+        meta["errors"] = json.dumps(s.errors)
+    if s.summaries is not None:
+        meta["summaries"] = json.dumps(s.summaries)
     return save_safetensors(out, metadata=meta)
 
 
@@ -474,8 +549,12 @@ def decode_scores(ctype: str, content: bytes) -> BatchScores:
     advantages = None
     if "advantages" in tensors:
         advantages = {"total": tensors["advantages"], **prefixed("advantages.")}
+    mean = meta.get("mean_reward")
     return BatchScores(tensors["rewards"], prefixed("components."), advantages, prefixed("percentiles.") or None,
-                       float(meta.get("mean_reward", tensors["rewards"].mean())), json.loads(meta.get("experts", "{}")))
+                       float(tensors["rewards"].nanmean()) if mean is None else math.nan if mean == "None" else float(mean),
+                       json.loads(meta.get("experts", "{}")),
+                       extras=prefixed("extras."), errors=json.loads(meta["errors"]) if "errors" in meta else None,
+                       summaries=json.loads(meta["summaries"]) if "summaries" in meta else None)
 
 
 def encode_gradient_answer(out: Mapping[str, torch.Tensor], experts: Mapping) -> bytes:

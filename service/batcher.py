@@ -169,7 +169,7 @@ class _Item:
     future: asyncio.Future = field(repr=False)
     enqueued: float
     request: Optional[Checked] = None  # a checked /reward request
-    gradient: Optional[tuple] = None  # a /reward/gradient request: (images, prompts, weights)
+    gradient: Optional[tuple] = None  # a /reward/gradient request: (images, prompts, weights, metadata)
     key: Any = None  # items batch together when their keys are equal: the kind, and a gradient's tensor size
     started: bool = False
     abandoned: bool = False
@@ -271,7 +271,7 @@ class MicroBatcher:
         n = min(_count(body.tensor if body.tensor is not None else body.images), self.limits.max_images)
         self._refuse_if_full(n)
         self._preparing_images += n
-        opts = dict(limits=self.limits, group_ids=body.group_ids, explain=body.explain, ticket=ticket)
+        opts = dict(limits=self.limits, group_ids=body.group_ids, explain=body.explain, metadata=body.metadata, ticket=ticket)
         try:
             if body.tensor is not None:
                 checked = await self.prepare_request(self.rewarder.check_tensor_request, body.prompts, body.tensor, body.weights, **opts)
@@ -284,7 +284,11 @@ class MicroBatcher:
             self._resize(ticket, sum(t.nbytes for t in (checked.pixels or {}).values()) + (checked.raw.nbytes if checked.raw is not None else 0))
         if timing is not None:
             timing["prepare"] = time.monotonic() - start
-        return await self.score(checked, timing=timing, ticket=ticket)
+        result = await self.score(checked, timing=timing, ticket=ticket)
+        for im in result.images:
+            for name in im.errors or ():
+                self.metrics.expert_failures.labels(name).inc()
+        return result
 
     async def score(self, request: Checked, timing: dict | None = None, ticket: Ticket | None = None) -> RewardResult:
         """Score one checked request, batched with its neighbours. `timing`, when given, receives the
@@ -292,12 +296,12 @@ class MicroBatcher:
         item = _Item(len(request), self._future(), time.monotonic(), request=request, key="score", timing=timing)
         return await self._submit(item, ticket)
 
-    async def reward_and_gradient(self, images, prompts, weights, ticket: Ticket | None = None) -> dict:
+    async def reward_and_gradient(self, images, prompts, weights, ticket: Ticket | None = None, metadata=None) -> dict:
         """Rewards and pixel gradients of an image tensor (`Mixture.reward_and_gradient`, the service's limits),
         batched with other gradient requests of the same tensor size."""
         n = int(images.shape[0]) if getattr(images, "ndim", 0) > 0 else 1  # the library refuses a bad shape
         key = ("gradient", tuple(images.shape[1:])) if getattr(images, "ndim", 0) == 4 else ("gradient", id(images))
-        item = _Item(max(n, 1), self._future(), time.monotonic(), gradient=(images, prompts, weights), key=key)
+        item = _Item(max(n, 1), self._future(), time.monotonic(), gradient=(images, prompts, weights, metadata), key=key)
         return await self._submit(item, ticket)
 
     def check_admission(self) -> None:

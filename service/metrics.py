@@ -17,4 +17,6 @@ class Metrics:
         self.queue_images = Gauge("t2i_queue_images", "Images waiting for the model", registry=self.registry)
         self.queue_bytes = Gauge("t2i_queue_bytes", "Bytes held by admitted requests (bodies, tensors, prepared pixels)", registry=self.registry)
         self.expert_seconds = Histogram("t2i_expert_seconds", "Inference time per expert or backbone pass", ["expert"], buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.expert_failures = Counter("t2i_expert_failures", "Pairs an expert failed to score (its component null), by expert",
+                                       ["expert"], registry=self.registry)
         self.rejected = Counter("t2i_rejected", "Requests refused because the queue was full", registry=self.registry)

@@ -179,3 +179,108 @@ def test_advantages_skip_pairs_without_a_total(cache_dir):
     assert adv[0] == pytest.approx(-1 / (1 + 1e-4)) and adv[2] == pytest.approx(1 / (1 + 1e-4))
     assert all(a is not None for a in adv[3:])
     assert not any(isinstance(a, float) and math.isnan(a) for a in adv if a is not None)
+
+
+# ---- over HTTP: each body carries metadata, the clients and the trainers' reward functions send it
+
+@pytest.fixture(scope="module")
+def served(cache_dir, registered):
+    """A real uvicorn server with echo_meta (required) and flaky (optional) beside the tiny aesthetic expert."""
+    from t2i_reward.service.app import create_app
+    from t2i_reward.service.settings import Settings
+
+    from .conftest import running_server
+
+    r = rewarder(cache_dir, echo_meta={"mean": 0.0, "std": 1.0}, flaky={"required": False})
+    with running_server(create_app(Settings(max_wait_ms=2), rewarder=r)) as url:
+        yield url, r
+
+
+def png(i):
+    import io
+    buf = io.BytesIO()
+    images(3)[i].save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_json_multipart_and_safetensors_bodies_carry_metadata(served):
+    import base64
+    import json
+
+    import httpx
+
+    from t2i_reward.rewarders import wire
+
+    url, _ = served
+    meta = [{"value": 1.0}, {"value": -2.0}]
+    with httpx.Client(base_url=url, timeout=60) as http:
+        body = {"prompt": "a cat", "images": [base64.b64encode(png(i)).decode() for i in range(2)], "metadata": meta}
+        a = http.post("/reward", json=body)
+        files = [("images", (f"{i}.png", png(i), "image/png")) for i in range(2)]
+        b = http.post("/reward", data={"prompt": "a cat", "metadata": [json.dumps(m) for m in meta]}, files=files)
+        x = torch.stack([torch.from_numpy(__import__("numpy").asarray(images(3)[i].resize((32, 32)))) for i in range(2)])
+        c = http.post("/reward", content=wire.encode_tensor_request(x, "a cat", metadata=meta), headers=wire.TENSOR_HEADERS)
+        for r in (a, b):
+            assert r.status_code == 200, r.text
+            got = r.json()
+            assert [im["components"]["echo_meta"] for im in got["images"]] == [1.0, None]
+            assert got["images"][1]["total"] is None
+            assert got["images"][1]["errors"] == {"echo_meta": "negative value", "flaky": "TimeoutError: the peer did not answer in 30 s"}
+            assert got["images"][0]["errors"] == {"flaky": "TimeoutError: the peer did not answer in 30 s"}
+            assert got["images"][0]["extras"] == {"echo_meta.double": 2.0}
+            assert got["component_rewards"]["flaky"] is None
+        assert c.status_code == 200, c.text
+        s = wire.decode_scores(wire.OCTET, c.content)
+        assert s.components["echo_meta"][0] == 1.0 and math.isnan(float(s.components["echo_meta"][1]))
+        assert math.isnan(float(s.rewards[1])) and not math.isnan(float(s.rewards[0]))
+        assert s.extras["echo_meta.double"].tolist()[0] == 2.0
+        assert s.errors[1]["echo_meta"] == "negative value"
+        # one multipart field for every image
+        one = http.post("/reward", data={"prompt": "a cat", "metadata": json.dumps({"value": 3})}, files=files)
+        assert [im["components"]["echo_meta"] for im in one.json()["images"]] == [3.0, 3.0]
+        # refused with a 422 that names the expert and the field
+        for bad in ({**body, "metadata": None}, {**body, "metadata": [{"value": 1}, {"other": 2}]},
+                    {**body, "metadata": [{"value": 1}, {"value": 1, "x": [[[[[[[[[0]]]]]]]]]}]}):
+            r = http.post("/reward", json=bad)
+            assert r.status_code == 422, r.text
+        assert "expert 'echo_meta' needs the metadata field 'value'" in http.post("/reward", json={**body, "metadata": None}).text
+        r = http.post("/reward", data={"prompt": "a cat", "metadata": ["{not json", "{}"]}, files=files)
+        assert r.status_code == 422 and "multipart field 'metadata' #0" in r.text
+        r = http.post("/reward", content=wire.encode_tensor_request(x, "a cat", metadata=[{"value": 1}]), headers=wire.TENSOR_HEADERS)
+        assert r.status_code == 422 and "1 metadata objects for 2 images" in r.text
+        metrics = http.get("/metrics").text
+        assert 't2i_expert_failures_total{expert="flaky"}' in metrics and 't2i_expert_failures_total{expert="echo_meta"}' in metrics
+
+
+def test_clients_and_reward_functions_send_metadata(served):
+    import asyncio
+
+    from t2i_reward.rewarders.client import AsyncRewardClient, RewardClient
+    from t2i_reward.rewarders.reward_fns import dance_grpo_reward_fn, ddpo_reward_fn, flow_grpo_reward_fn
+
+    url, r = served
+    x = torch.rand(4, 3, 32, 32)
+    meta = tuple({"value": float(v)} for v in (1, 2, 3, 4))
+    with RewardClient(url) as client:
+        s = client.score_batch("a cat", x, metadata=meta, chunk_size=2)
+        assert s.components["echo_meta"].tolist() == [1.0, 2.0, 3.0, 4.0]
+        assert s.extras["echo_meta.double"].tolist() == [2.0, 4.0, 6.0, 8.0]
+        assert s.errors is not None and all(e == {"flaky": "TimeoutError: the peer did not answer in 30 s"} for e in s.errors)
+        j = client.reward("a cat", [png(0)], metadata=[{"value": 5}])
+        assert j["images"][0]["components"]["echo_meta"] == 5.0
+
+    async def run():
+        async with AsyncRewardClient(url) as client:
+            return await client.score_batch(["a", "b", "c", "d"], x, metadata=list(meta), chunk_size=3)
+
+    assert asyncio.run(run()).components["echo_meta"].tolist() == [1.0, 2.0, 3.0, 4.0]
+
+    for target in (url, r):  # the service and the rewarder in this process answer alike
+        scores, info = ddpo_reward_fn(target, quantize=False)(x, ["a cat"] * 4, meta)
+        assert info["echo_meta"].tolist() == [1.0, 2.0, 3.0, 4.0]
+        details, _ = flow_grpo_reward_fn(target, quantize=False)(x, ["a cat"] * 4, meta, only_strict=True)
+        assert details["echo_meta"].tolist() == [1.0, 2.0, 3.0, 4.0] and details["echo_meta.double"].tolist() == [2.0, 4.0, 6.0, 8.0]
+        np_avg = details["avg"]
+        assert np_avg.shape == (4,) and not __import__("numpy").isnan(np_avg).any()
+        rewards = dance_grpo_reward_fn(target, quantize=False)(x, "a cat", list(meta))
+        assert torch.allclose(rewards, torch.as_tensor(scores), atol=1e-5)

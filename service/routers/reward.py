@@ -157,5 +157,5 @@ async def reward_gradient(request: Request, batcher: BatcherDep) -> Response:
         del data  # decoded: the tensor is what the request holds now
         batcher.held(ticket, getattr(body.images, "nbytes", 0))
         async with stop_when_client_goes(request, ticket):
-            out = await batcher.reward_and_gradient(body.images, body.prompts, body.weights, ticket)
+            out = await batcher.reward_and_gradient(body.images, body.prompts, body.weights, ticket, body.metadata)
     return Response(wire.encode_gradient_answer(out, batcher.rewarder.sources()), media_type=wire.OCTET)
