@@ -42,7 +42,7 @@ from torch import nn
 
 from .advantages import group_advantages
 from .config import RewardConfig
-from .errors import InvalidPromptError, InvalidRequestError, RewardError, public_message
+from .errors import InvalidImageError, InvalidPromptError, InvalidRequestError, public_message
 from .images import ImageLike, Preprocess, check_size, decode_budget, open_image
 from .inputs import Checked, PilPixels, Pixels, check_image_tensor, prepare_pil, prepare_tensor
 from .limits import Limits
@@ -234,10 +234,10 @@ class Mixture(nn.Module):
     def _collect(self, out: Scores, name: str, n: int, run: Callable[[], torch.Tensor | ExpertOutput]) -> None:
         """Run one expert on n pairs into `out`. An expert that is not `required` and raises is recorded as
         failed on every pair of the batch (a judge that timed out), instead of failing the batch; bad input
-        (a `RewardError`) is always the caller's error."""
+        (an invalid request, prompt or image) is always the caller's error."""
         try:
             res = run()
-        except RewardError:
+        except (InvalidRequestError, InvalidPromptError, InvalidImageError):
             raise
         except Exception as e:
             if self.required[name]:
@@ -265,7 +265,8 @@ class Mixture(nn.Module):
     def input_specs(self) -> list[Preprocess]:
         """The distinct inputs the backbones read (one per preprocessing spec), each prepared once per image."""
         specs = [self._clip_by_spec[e.clip_spec].preprocess for e in self.experts.values() if e.clip_spec is not None]
-        specs += [e.preprocess for n, e in self.experts.items() if n not in self._batch_level]
+        # batch-level experts without a CLIP (a pairwise judge) read their own input, per request
+        specs += [e.preprocess for n, e in self.experts.items() if n not in self._batch_level or e.clip_spec is None]
         return list(dict.fromkeys(specs))
 
     def check_group_sizes(self, sizes: Sequence[int]) -> None:
@@ -276,17 +277,20 @@ class Mixture(nn.Module):
                 raise InvalidRequestError(f"expert {name!r} needs at least {need} images per request, got {min(sizes)}")
 
     def _group_scores(self, image_embeds: Mapping[str, torch.Tensor], prompts: Sequence[str], sizes: Sequence[int],
-                      metadata: Sequence[dict] | None, on_timing: Timing | None) -> Scores:
-        """The batch-level experts, called once per request on its images' CLIP embeddings, so requests
-        pooled in one micro-batch never see each other's images."""
+                      metadata: Sequence[dict] | None, on_timing: Timing | None,
+                      pixels_for: Callable[[Preprocess, int, int], torch.Tensor] | None = None) -> Scores:
+        """The batch-level experts, called once per request on its images' CLIP embeddings (those with a
+        CLIP) and its images prepared for the expert's own input (`pixels_for(spec, a, b)`, those without),
+        so requests pooled in one micro-batch never see each other's images."""
         starts = [0, *itertools.accumulate(sizes)]
         parts = []
         for a, b in zip(starts, starts[1:]):
             part = Scores({})
             for name, e in self._batch_level.items():
-                embeds = image_embeds[e.clip_spec][a:b]
+                embeds = image_embeds[e.clip_spec][a:b] if e.clip_spec is not None else None
+                pixels = pixels_for(e.preprocess, a, b) if e.clip_spec is None and pixels_for is not None else None
                 kwargs = {"metadata": list(metadata[a:b]) if metadata is not None else [{}] * (b - a)} if e.uses_metadata else {}
-                self._collect(part, name, b - a, lambda: self._timed(on_timing, name, e, None, list(prompts[a:b]), embeds, **kwargs))
+                self._collect(part, name, b - a, lambda: self._timed(on_timing, name, e, pixels, list(prompts[a:b]), embeds, **kwargs))
             parts.append(part)
         return _concat(parts, sizes)
 
@@ -347,7 +351,7 @@ class Mixture(nn.Module):
         self.check_group_sizes(sizes)
         images = images.to(self.device, torch.float32)
         raw, embeds = self._raw_scores(lambda spec: spec.tensor(images), prompts, metadata, on_timing)
-        grouped = self._group_scores(embeds, prompts, sizes, metadata, on_timing)
+        grouped = self._group_scores(embeds, prompts, sizes, metadata, on_timing, lambda spec, a, b: spec.tensor(images[a:b]))
         raw.scores.update(grouped.scores)
         for name, errors in {**raw.errors, **grouped.errors}.items():
             i, why = next(iter(errors.items()))
@@ -609,7 +613,7 @@ class Mixture(nn.Module):
                 on_timing: Timing | None) -> Scores:
         """Every expert's raw scores (CPU float32), in batches of `max_batch_size` from `pixels.get(spec, a, b)`."""
         self.check_group_sizes(groups)
-        specs = {e.clip_spec for e in self._batch_level.values()}
+        specs = {e.clip_spec for e in self._batch_level.values() if e.clip_spec is not None}
         embeds: dict[str, list[torch.Tensor]] = {s: [] for s in specs}
         bs = self.config.max_batch_size
         parts, sizes = [], []
@@ -622,7 +626,8 @@ class Mixture(nn.Module):
                 sizes.append(j - i)
                 for s in specs:
                     embeds[s].append(emb[s].cpu())
-            grouped = self._group_scores({s: torch.cat(v) for s, v in embeds.items()}, prompts, groups, metadata, on_timing)
+            grouped = self._group_scores({s: torch.cat(v) for s, v in embeds.items()}, prompts, groups, metadata, on_timing,
+                                         pixels.get)
         out = _concat(parts, sizes)
         out.scores.update(grouped.scores)
         out.extras.update(grouped.extras)

@@ -5,7 +5,8 @@ them, from transformers serve's yes/no endpoint, or, with neither, its 0-10 rati
 `yes_no` mode; in-process it is always the model's Yes/No logits). Images go to the peer downscaled to
 `image_size` (the longer side). Not differentiable: a job optimising it uses GRPO or reward-weighted
 likelihood. A peer that is down, too slow or unparseable raises `MLLMError`, and the scoring call fails
-with that message; nothing else is affected.
+with that message; nothing else is affected. With `required: false` the failure is that pair's only: its
+component is null, the answer's `errors` say why, and the other pairs keep their scores.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 from pydantic import Field
 
 from ..images import Preprocess
-from ..mllm import MATCH_QUESTION, MLLMConfig, create_peer, question_for
-from ..registry import Expert, ExpertConfig, register_expert
+from ..mllm import MATCH_QUESTION, MLLMConfig, MLLMError, create_peer, question_for
+from ..registry import Expert, ExpertConfig, ExpertOutput, register_expert
 
 
 class VLMJudgeConfig(ExpertConfig, MLLMConfig):
@@ -38,6 +39,7 @@ class VLMJudge(Expert):
         # the pixels stay in [0, 1] at the size sent to the peer (square, as every expert's input)
         super().__init__(Preprocess(cfg.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), cfg.url or cfg.model, cfg.model == "tiny")
         self.peer, self.question, self.workers = peer, cfg.question, cfg.max_concurrency
+        self.per_pair_errors = not cfg.required  # an optional judge fails pair by pair
 
     @classmethod
     def from_config(cls, cfg: VLMJudgeConfig, ctx) -> "VLMJudge":
@@ -49,11 +51,22 @@ class VLMJudge(Expert):
 
         images = [to_pil_image(p.detach().float().clamp(0, 1).cpu()) for p in pixels]
         questions = [question_for(self.question, p) for p in prompts]
-        with ThreadPoolExecutor(max(1, min(self.workers, len(images)))) as pool:
-            return list(pool.map(self.peer.yes_probability, images, questions))
+        def one(image, question):
+            try:
+                return self.peer.yes_probability(image, question)
+            except MLLMError as e:
+                if not self.per_pair_errors:
+                    raise
+                return e
 
-    def forward(self, pixels, prompts, image_embeds=None, text_embeds=None) -> torch.Tensor:
-        return torch.tensor(self.ask(pixels, prompts), dtype=torch.float32, device=pixels.device)
+        with ThreadPoolExecutor(max(1, min(self.workers, len(images)))) as pool:
+            return list(pool.map(one, images, questions))
+
+    def forward(self, pixels, prompts, image_embeds=None, text_embeds=None) -> torch.Tensor | ExpertOutput:
+        answers = self.ask(pixels, prompts)
+        errors = {i: str(a) for i, a in enumerate(answers) if isinstance(a, MLLMError)}
+        scores = torch.tensor([float("nan") if isinstance(a, MLLMError) else a for a in answers], dtype=torch.float32)
+        return ExpertOutput(scores.to(pixels.device), errors=errors) if errors else scores.to(pixels.device)
 
     def describe(self) -> dict:
         return {**super().describe(), "peer": self.peer.describe()}
