@@ -57,3 +57,8 @@ class InvalidBodyError(InvalidRequestError):
     def __init__(self, errors: list):
         super().__init__("; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in errors))
         self.errors = errors
+
+
+class UnsafePickleError(MalformedBodyError):
+    """A pickle body that names a global, a call or a type the safe unpickler does not allow, or is
+    malformed (`safe_pickle.safe_loads`): the service's 400."""
