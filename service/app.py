@@ -23,7 +23,7 @@ from .errors import install_error_handlers
 from .memory import keep_freed_memory
 from .metrics import Metrics
 from .middleware import LimitsAndMetrics
-from .routers import health, jobs, mllm, prompts, reward
+from .routers import compat, health, jobs, mllm, prompts, reward
 from .settings import Settings
 from .state import AppState
 
@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None, rewarder: Mixture | None = None
     app.include_router(mllm.router)  # before /prompts: /prompts/enhance is its own route
     app.include_router(prompts.router)
     app.include_router(jobs.router)
+    app.include_router(compat.router)  # 404 unless flow_grpo_compat
     install_error_handlers(app)  # every 4xx answer is JSON-safe, never an echo of the input
     app.add_middleware(LimitsAndMetrics, settings=settings, metrics=metrics)
     return app

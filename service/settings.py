@@ -36,6 +36,8 @@ class Settings(FinetuneSettings):
     min_upload_bytes_per_s: int = Field(65536, ge=0, description="Slowest a request body may arrive, after a first "
                                         "`upload_grace_s`; slower gets 408 (0: only `body_timeout_s`).")
     upload_grace_s: float = Field(2.0, ge=0, description="Seconds a body may take before `min_upload_bytes_per_s` applies.")
+    flow_grpo_compat: bool = Field(False, description="Serve Flow-GRPO's reward-server protocol (pickled bodies, read by the "
+                                   "safe unpickler) at POST /compat/flow-grpo and /compat/flow-grpo/geneval; off: 404.")
     # the HTTP server's own limits (`t2i-reward serve`, service/server.py)
     max_header_bytes: int = Field(65536, ge=1024, le=1 << 24, description="Largest request line plus headers; larger gets 431.")
     header_timeout_s: float = Field(10.0, gt=0, description="Longest the request line and headers may take from their first "
