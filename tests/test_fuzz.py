@@ -72,7 +72,8 @@ def server(tiny, tmp_path_factory, created_jobs):
     app = create_app(Settings(profile="tiny", api_keys=[fuzz.KEY], redis_url=REDIS_URL, jobs_dir=root / "jobs",
                               models_dir=root / "models", data_dir=root / "data", max_images=4,
                               job_limits=JobLimits(max_steps=4, max_batch_size=2, max_resolution=64, max_lora_rank=8),
-                              mllm=MLLMConfig(model="tiny", image_size=56), enhance_max_tokens=8),  # the tiny VLM in-process
+                              mllm=MLLMConfig(model="tiny", image_size=56), enhance_max_tokens=8,  # the tiny VLM in-process
+                              flow_grpo_compat=True),  # fuzz the Flow-GRPO endpoints themselves, not their 404
                      rewarder=tiny)
     with running_server(app, timeout=300) as url:
         created_jobs += fuzz.submit_jobs(url, fuzz.KEY)  # real jobs for the job routes: one queued, one cancelled
