@@ -143,13 +143,16 @@ def decode_geneval_request(body: bytes, limits: Limits | None = None) -> Geneval
 
 
 def _plain(value: Any) -> Any:
-    """An answer's values as plain Python lists and floats (no numpy or torch types: the client needs only pickle)."""
+    """An answer's values as plain Python lists and floats (no numpy or torch types: the client needs only
+    pickle); None (a pair an expert could not score) as NaN, since the client does arithmetic on them."""
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if hasattr(value, "tolist"):  # numpy arrays and scalars, torch tensors
         return _plain(value.tolist())
+    if value is None:  # an expert that could not score the pair
+        return float("nan")
     if isinstance(value, (int, float)):
         return float(value)
     raise TypeError(f"an answer value of type {type(value).__name__}")

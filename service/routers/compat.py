@@ -73,11 +73,21 @@ async def flow_grpo_geneval(request: Request, batcher: BatcherDep) -> Response:
     Flow-GRPO's GenEval answer out. Needs the `geneval` expert in the configured mixture (422 without)."""
     batcher.check_admission()
     data = await read_body(request)
-    with batcher.admit(2 * len(data)):
+    with batcher.admit(2 * len(data)) as ticket:
         req = await batcher.prepare(flow_grpo.decode_geneval_request, data, batcher.limits)
         del data
         if "geneval" not in batcher.rewarder.experts:
             raise InvalidRequestError("this service's mixture has no 'geneval' expert: enable it to serve Flow-GRPO's "
                                       "GenEval reward")
-        # the geneval expert (branch `geneval`) brings the answer's assembly; until it merges no mixture has one
-        raise InvalidRequestError("this service's geneval expert does not answer Flow-GRPO's protocol yet")
+        async with stop_when_client_goes(request, ticket):
+            body = wire.RewardBody(req.prompts, req.images, metadata=req.metadata)  # the records go with their pairs
+            result = await batcher.reward(body, ticket=ticket)
+    # the geneval expert's module (it comes with the expert: imported only once one is configured)
+    from t2i_reward.rewarders.geneval_rules import flow_grpo_answer
+
+    def extra(name: str) -> list:  # None where the expert could not score a pair: NaN score, not correct
+        return [(im.extras or {}).get(f"geneval.{name}") for im in result.images]
+
+    scores = [float("nan") if v is None else v for v in extra("flow_grpo_score")]
+    strict, correct = ([bool(v) for v in extra(name)] for name in ("flow_grpo_strict", "correct"))
+    return _answer(flow_grpo_answer(req.metadata, scores, strict, correct, only_strict=req.only_strict))
