@@ -224,3 +224,31 @@ def test_the_answer_unpickles_with_nothing_imported():
     data = flow_grpo.encode_answer({"outputs": np.array([1.5, 2.0], np.float32), "group": {"tag": [1, 0.5]}})
     assert b"numpy" not in data and b"torch" not in data
     assert pickle.loads(data) == flow_grpo.decode_answer(data) == {"outputs": [1.5, 2.0], "group": {"tag": [1.0, 0.5]}}
+
+
+def test_geneval_answers_as_the_geneval_expert(tmp_path_factory):
+    """With the geneval expert in the mixture (it arrives with branch `geneval`; skipped before), Flow-GRPO's
+    GenEval client gets `geneval_rules.flow_grpo_answer` of the expert's extras, for both only_strict values."""
+    rules = pytest.importorskip("t2i_reward.rewarders.geneval_rules")
+    from t2i_reward.rewarders import RewardConfig, create_rewarder
+
+    cache = os.environ.get("T2I_REWARD_CACHE_DIR") or str(tmp_path_factory.mktemp("cache"))
+    rewarder = create_rewarder(RewardConfig(profile="tiny", cache_dir=cache, calibration=None, experts={
+        "aesthetic": {"clip": "tiny", "head": "tiny", "mean": 0.0, "std": 1.0},
+        "geneval": {"detector": "tiny", "clip": "tiny", "image_size": 128}}))
+    records = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}], "prompt": "a photo of a dog"},
+               {"tag": "colors", "include": [{"class": "dog", "count": 1, "color": "red"}], "prompt": "a red dog"},
+               {"tag": "counting", "include": [{"class": "dog", "count": 3}], "exclude": [{"class": "dog", "count": 4}],
+                "prompt": "three dogs"}]
+    jpegs = [jpeg(im) for im in batch(3)]
+    with running_server(create_app(Settings(**LIMITS, api_keys=[KEY], flow_grpo_compat=True), rewarder=rewarder)) as url:
+        for only_strict in (True, False):
+            data = {"images": jpegs, "meta_datas": list(np.array_split(records, 1)[0]), "only_strict": only_strict}
+            r = session().post(f"{url}/compat/flow-grpo/geneval", data=pickle.dumps(data), timeout=120)
+            assert r.status_code == 200, r.text
+            res = rewarder.score_checked([rewarder.check_request([m["prompt"] for m in records], jpegs, metadata=records)])[0]
+            expected = rules.flow_grpo_answer(records, *([im.extras[f"geneval.{n}"] for im in res.images]
+                                                         for n in ("flow_grpo_score", "flow_grpo_strict", "correct")),
+                                              only_strict=only_strict)
+            assert pickle.loads(r.content) == expected
+            assert sorted(expected) == ["group_rewards", "group_strict_rewards", "rewards", "scores", "strict_rewards"]
