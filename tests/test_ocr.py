@@ -224,3 +224,24 @@ def test_through_the_mixture(tmp_path):
     assert not math.isnan(result.mean_reward)
     with pytest.raises(InvalidRequestError, match="'ocr'"):
         rewarder.score("a sign with no quoted text", images[:1])
+
+
+def test_nothing_is_downloaded(monkeypatch, tmp_path):
+    """The wheel's files are named explicitly, so rapidocr's download path (models, dictionaries) is never taken."""
+    from rapidocr.utils.download_file import DownloadFile
+
+    def refuse(*a, **k):
+        raise AssertionError("rapidocr tried to download")
+
+    monkeypatch.setattr(DownloadFile, "run", refuse)
+    cls = get_expert_class("ocr")
+    e = cls.from_config(cls.Config(), LoadContext(torch.device("cpu"), torch.float32, tmp_path))
+    assert score(e, [render("Offline")], '"Offline"') == [1.0]
+
+
+def test_workers_read_the_same(expert):
+    cls = get_expert_class("ocr")
+    two = cls.from_config(cls.Config(workers=2, threads=1), LoadContext(torch.device("cpu"), torch.float32, Path("/nonexistent")))
+    images = [render("Alpha"), render("Bravo", font="DejaVuSerif.ttf"), render(""), render("Charlie", fg="white", bg="black")]
+    prompts = ['"Alpha"', '"Bravo"', '"Delta"', '"Charly"']
+    assert score(two, images, prompts) == score(expert, images, prompts) == pytest.approx([1.0, 1.0, 0.0, 4 / 6])  # charlie -> charly: 2 edits
