@@ -222,8 +222,43 @@ def test_through_the_mixture(tmp_path):
     # the total is the normalised score: (s - 0.5) / 0.25 with the default weight 1
     assert [im.total for im in result.images] == pytest.approx([(s - 0.5) / 0.25 for s in got])
     assert not math.isnan(result.mean_reward)
-    with pytest.raises(InvalidRequestError, match="'ocr'"):
-        rewarder.score("a sign with no quoted text", images[:1])
+    with pytest.raises(InvalidRequestError, match="image 0: expert 'ocr'.*'text'"):
+        rewarder.score("a sign with no quoted text", images[:1])  # refused in the request's checks
+    # the `text` metadata field is the target, per pair
+    res = rewarder.score("a shop sign", [render("Bonjour"), render("Bonjour")], metadata=[{"text": "Bonjour"}, {"text": "Hello"}])
+    assert [im.components["ocr"] for im in res.images] == [1.0, 0.0]
+    with pytest.raises(InvalidRequestError, match="image 1: expert 'ocr': metadata field 'text'"):
+        rewarder.score("a shop sign", images[:2], metadata=[{"text": "Hi"}, {"text": 7}])
+
+
+def test_over_http(tmp_path):
+    """A real server with the ocr expert: multipart and JSON bodies, the 422 for a pair without a target."""
+    import base64
+    import io
+
+    import httpx
+    from t2i_reward.service.app import create_app
+    from t2i_reward.service.settings import Settings
+
+    from .conftest import running_server
+
+    def png(im):
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        return buf.getvalue()
+
+    rewarder = create_rewarder(RewardConfig(experts={"ocr": {}}, cache_dir=tmp_path))
+    sign, typo = png(render("Hello World")), png(render("Hello Warld"))
+    with running_server(create_app(Settings(max_wait_ms=2), rewarder=rewarder)) as url, httpx.Client(base_url=url, timeout=60) as http:
+        files = [("images", ("a.png", sign, "image/png")), ("images", ("b.png", typo, "image/png"))]
+        r = http.post("/reward", data={"prompt": 'a sign that says "Hello World"'}, files=files)
+        assert r.status_code == 200, r.text
+        assert [im["components"]["ocr"] for im in r.json()["images"]] == pytest.approx([1.0, 0.9])
+        bad = http.post("/reward", data={"prompt": "a sign"}, files=files)
+        assert bad.status_code == 422 and "'ocr'" in bad.text and "'text'" in bad.text, bad.text
+        body = {"prompt": "a sign", "images": [base64.b64encode(sign).decode()], "metadata": [{"text": "hello world"}]}
+        j = http.post("/reward", json=body)
+        assert j.status_code == 200 and j.json()["images"][0]["components"]["ocr"] == 1.0, j.text
 
 
 def test_nothing_is_downloaded(monkeypatch, tmp_path):
