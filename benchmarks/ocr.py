@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from t2i_reward.rewarders.factory import LoadContext  # noqa: E402
 from t2i_reward.rewarders.registry import get_expert_class  # noqa: E402
 
-FONTS = Path("/usr/share/fonts/truetype/dejavu")
+FONTS = Path(matplotlib.get_data_path()) / "fonts" / "ttf"  # the DejaVu faces matplotlib (a dependency) ships
 TEXTS = ["Hello World", "OPEN 24 HOURS", "Coffee\nShop", "SALE 50%", "Welcome Home", "", "Happy Birthday", "NO ENTRY"]
 FACES = ["DejaVuSans.ttf", "DejaVuSerif-Bold.ttf", "DejaVuSansMono.ttf", "DejaVuSans-Oblique.ttf"]
 GROUNDS = [("black", "white"), ("white", "navy"), ("darkred", "lightyellow"), ("darkgreen", "mistyrose")]

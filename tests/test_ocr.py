@@ -1,12 +1,14 @@
 """The ocr expert with its real weights (the PP-OCR ONNX files of the rapidocr wheel), on images rendered
-here with the DejaVu fonts: the rule on strings against a direct transcription of Flow-GRPO's, what the
-recogniser reads across fonts, sizes, colours and positions, the pairs it refuses, and the mixture."""
+here with the DejaVu fonts that matplotlib ships (no system font needed): the rule on strings against a
+direct transcription of Flow-GRPO's, what the recogniser reads across fonts, sizes, colours and positions,
+the pairs it refuses, the mixture and a real server."""
 
 import math
 
 import numpy as np
 from pathlib import Path
 
+import matplotlib
 import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -16,7 +18,7 @@ from t2i_reward.rewarders.experts import ocr
 from t2i_reward.rewarders.factory import LoadContext
 from t2i_reward.rewarders.registry import get_expert_class
 
-FONTS = Path("/usr/share/fonts/truetype/dejavu")  # Debian's fonts-dejavu-core
+FONTS = Path(matplotlib.get_data_path()) / "fonts" / "ttf"  # the DejaVu faces matplotlib (a dependency) ships
 
 
 # -- the rule on strings, against Flow-GRPO's as written -----------------------------------------------
@@ -102,7 +104,7 @@ STYLES = [  # font, size, colours, position
     dict(font="DejaVuSerif-Bold.ttf", size=44, fg="white", bg="navy"),
     dict(font="DejaVuSansMono.ttf", size=40, fg="darkred", bg="lightyellow", at=(30, 40)),
     dict(font="DejaVuSans-Oblique.ttf", size=64, fg="darkgreen", bg="mistyrose", at=(20, 380)),
-    dict(font="DejaVuSansCondensed-Bold.ttf", size=32, fg=(40, 40, 40), bg=(200, 220, 255)),
+    dict(font="DejaVuSansMono-Bold.ttf", size=32, fg=(40, 40, 40), bg=(200, 220, 255)),
 ]
 
 
