@@ -50,6 +50,7 @@ BUILTIN = {
     "hpsv2": "t2i_reward.rewarders.experts.hpsv2:HPSv2Expert",
     "clip_score": "t2i_reward.rewarders.experts.clip_score:ClipScoreExpert",
     "vlm_judge": "t2i_reward.rewarders.experts.vlm_judge:VLMJudge",
+    "geneval": "t2i_reward.rewarders.experts.geneval:GenEvalExpert",
 }
 
 
