@@ -320,6 +320,12 @@ def test_colour_crop_greys_the_background(expert):
     s = rgb.shape[-1]
     assert torch.allclose(rgb[:, s // 8, s // 8], torch.tensor([1.0, 0.0, 0.0]), atol=1e-4)        # inside the mask
     assert torch.allclose(rgb[:, -s // 8, -s // 8], torch.full((3,), 153 / 255), atol=1e-4)        # outside: #999
+    # a thin object's crop is windowed before CLIP's resize: its middle, not a 224 x 179,200 intermediate
+    thin = torch.zeros(32, 32, dtype=torch.bool)
+    thin[4, :] = True
+    crop = expert.crops(img, [R.Detection((0, 4, 32, 5), 0.9, thin)])
+    assert crop.shape == (1, 3, 224, 224)
+    assert torch.allclose((crop[0] * std + mean)[:, 112, 112], torch.tensor([1.0, 0.0, 0.0]), atol=1e-4)
 
 
 def test_forward_matches_the_rules_on_its_detections(expert):

@@ -211,6 +211,13 @@ class GenEvalExpert(Expert):
         for d in dets:
             x1, y1, x2, y2 = (int(round(v)) for v in d.box)
             crop = torch.where(d.mask[None].to(image.device), image, bg)[:, y1:y2, x1:x2]
+            # a thin object (1 x 800 px) would be resized to 224 x 179,200 before the center crop keeps its
+            # middle: keep only a centered window 4x the short side first (the crop and the resampling
+            # filter never reach beyond it)
+            h, w = crop.shape[-2:]
+            if max(h, w) > 4 * min(h, w):
+                keep = 4 * min(h, w)
+                crop = crop[:, (h - keep) // 2 : (h - keep) // 2 + keep, :] if h > w else crop[:, :, (w - keep) // 2 : (w - keep) // 2 + keep]
             out.append(self.clip.preprocess.tensor(crop[None].float())[0])
         return torch.stack(out)
 
