@@ -401,3 +401,46 @@ def test_random_detector_is_the_swin_s_architecture():
     # Mask2Former Swin-S COCO instance: 69M parameters (Mask2Former's and mmdet's model zoos)
     assert 68.5e6 < sum(p.numel() for p in model.parameters()) < 69.5e6
     assert model.config.num_queries == 100 and model.config.num_labels == 80
+
+
+# ------------------------------------------------------------------------------------------------
+# through the library: create_rewarder, metadata per pair, extras, summaries, 422s
+
+
+def test_geneval_through_the_rewarder(cache_dir):
+    from PIL import Image
+
+    from t2i_reward.rewarders import RewardConfig, create_rewarder
+
+    r = create_rewarder(RewardConfig(profile="tiny", cache_dir=cache_dir, calibration=None, experts={
+        "aesthetic": {"clip": "tiny", "head": "tiny", "mean": 0.0, "std": 1.0},
+        "geneval": {"detector": "tiny", "clip": "tiny", "image_size": 128}}))
+    rng = np.random.default_rng(3)
+    imgs = [Image.fromarray(rng.integers(0, 256, (150 + 10 * i, 140, 3), dtype=np.uint8)) for i in range(3)]
+    e = r.experts["geneval"]
+    pixels = e.preprocess.pil(imgs)  # what the mixture feeds it
+    first = e.detect(pixels, [0.3] * 3)[0]
+    a = max(first, key=lambda c: len(first[c]))
+    records = [{"tag": "single_object", "include": [{"class": a, "count": 1}], "prompt": f"a photo of a {a}"},
+               {"tag": "colors", "include": [{"class": a, "count": 1, "color": "red"}]},
+               {"tag": "counting", "include": [{"class": a, "count": 3}], "exclude": [{"class": a, "count": 4}]}]
+    res = r.score("a prompt", imgs, metadata=records)
+    direct = e(pixels, ["a prompt"] * 3, metadata=records)
+    assert [im.components["geneval"] for im in res.images] == pytest.approx(direct.scores.tolist())
+    assert res.images[0].components["geneval"] == 1.0 and res.images[0].extras["geneval.correct"] == 1.0
+    for name in ("correct", "flow_grpo_score", "flow_grpo_strict"):
+        assert [im.extras[f"geneval.{name}"] for im in res.images] == pytest.approx(direct.extras[name].tolist())
+    s = res.summaries["geneval"]
+    assert list(s["tags"]) == ["single_object", "counting", "colors"]
+    assert s["tags"]["single_object"] == {"images": 1, "correct": 1.0, "reward": 1.0}
+    # Flow-GRPO's answer from the extras
+    answer = R.flow_grpo_answer(records, [im.extras["geneval.flow_grpo_score"] for im in res.images],
+                                [im.extras["geneval.flow_grpo_strict"] for im in res.images],
+                                [im.extras["geneval.correct"] for im in res.images])
+    assert answer["rewards"][0] == 1.0 and answer["group_rewards"]["single_object"] == [1.0, R.MISSED, R.MISSED]
+    # refused before any model runs, naming the image, the expert and the field
+    bad = [records[0], {"tag": "colors", "include": [{"class": "unicorn", "count": 1}]}, records[2]]
+    with pytest.raises(InvalidRequestError, match=r"image 1: expert 'geneval': metadata.include\[0\].class"):
+        r.score("a prompt", imgs, metadata=bad)
+    with pytest.raises(InvalidRequestError, match="needs the metadata field 'tag' for every image; image 0 has no metadata"):
+        r.score("a prompt", imgs)
