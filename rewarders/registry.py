@@ -51,6 +51,7 @@ BUILTIN = {
     "clip_score": "t2i_reward.rewarders.experts.clip_score:ClipScoreExpert",
     "vlm_judge": "t2i_reward.rewarders.experts.vlm_judge:VLMJudge",
     "ocr": "t2i_reward.rewarders.experts.ocr:OCRExpert",
+    "geneval": "t2i_reward.rewarders.experts.geneval:GenEvalExpert",
 }
 
 
