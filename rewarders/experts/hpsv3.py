@@ -178,7 +178,8 @@ class HPSv3Preprocess(Preprocess):
         if canvas.shape[1:] != (3, self.size, self.size):
             raise InvalidImageError(f"hpsv3: expected its packed input (B, 3, {self.size}, {self.size}), got {tuple(canvas.shape)}")
         slots = canvas.reshape(n, 3, self.side, BLOCK, self.side, BLOCK).permute(0, 2, 4, 1, 3, 5).reshape(n, -1, 3, BLOCK, BLOCK)
-        grids = [(int(round(float(s[-1, 0, 0, 0]))), int(round(float(s[-1, 1, 0, 0])))) for s in slots]
+        head = slots[:, -1, :2, 0, 0].detach().round().long().tolist()  # the header block: (a, b)
+        grids = [(a, b) for a, b in head]
         for a, b in grids:
             if not (1 <= a and 1 <= b and a * b <= self.side**2 - 1):
                 raise InvalidImageError(f"hpsv3: not a packed HPSv3 input (block grid {a}x{b})")
