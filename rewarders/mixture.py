@@ -582,7 +582,8 @@ class Mixture(nn.Module):
         checked = check_metadata(metadata, len(prompts), limits)
         pairs = checked if checked is not None else [{}] * len(prompts)
         for name, e in self.experts.items():
-            if not (e.uses_metadata or e.metadata_fields):
+            # an expert's own check_pair runs too where it has no metadata (hpsv3 refuses prompts holding its special tokens)
+            if not (e.uses_metadata or e.metadata_fields or type(e).check_pair is not Expert.check_pair):
                 continue
             for i, (prompt, m) in enumerate(zip(prompts, pairs)):
                 missing = [f for f in e.metadata_fields if f not in m]

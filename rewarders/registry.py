@@ -48,6 +48,7 @@ BUILTIN = {
     "diversity": "t2i_reward.rewarders.experts.diversity:DiversityExpert",
     "pickscore": "t2i_reward.rewarders.experts.pickscore:PickScoreExpert",
     "hpsv2": "t2i_reward.rewarders.experts.hpsv2:HPSv2Expert",
+    "hpsv3": "t2i_reward.rewarders.experts.hpsv3:HPSv3Expert",
     "clip_score": "t2i_reward.rewarders.experts.clip_score:ClipScoreExpert",
     "vlm_judge": "t2i_reward.rewarders.experts.vlm_judge:VLMJudge",
     "ocr": "t2i_reward.rewarders.experts.ocr:OCRExpert",

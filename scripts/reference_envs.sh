@@ -5,14 +5,15 @@
 # A finished environment holds a marker (.complete) with the fingerprint of the recipe that built it; an
 # environment without it (a build that was interrupted or failed) or built by another recipe is removed and
 # built again, never trusted. A second run with everything built takes about a second.
-# Usage: scripts/reference_envs.sh [NAME...]   NAME: imagereward, hpsv2 (default: both)
-# The recipes are ../shared/reference/<name>/setup_env.sh, beside the repository.
+# Usage: scripts/reference_envs.sh [NAME...]   NAME: imagereward, hpsv2, hpsv3 (default: all three)
+# The recipes are ../shared/reference/<name>/setup_env.sh, beside the repository, or scripts/reference/<name>/
+# in it (hpsv3's).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 shared=$root/../shared/reference
 cache=${T2I_REFERENCE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/t2i-reward/reference}
 names=("$@")
-[ ${#names[@]} -gt 0 ] || names=(imagereward hpsv2)
+[ ${#names[@]} -gt 0 ] || names=(imagereward hpsv2 hpsv3)
 mkdir -p "$cache"
 
 # what each environment must import once built (the modules the reference scripts load)
@@ -20,12 +21,14 @@ smoke_test() {
     case $1 in
         imagereward) "$2" -c "import sys; sys.argv = ['x']; import transformers, clip, ImageReward, ImageReward.utils" ;;
         hpsv2) "$2" -c "import hpsv2.img_score, hpsv2.src.open_clip.factory" ;;
-        *) echo "unknown reference environment: $1 (known: imagereward, hpsv2)" >&2; return 2 ;;
+        hpsv3) "$2" -c "import hpsv3.inference, transformers; assert transformers.__version__ == '4.45.2'" ;;
+        *) echo "unknown reference environment: $1 (known: imagereward, hpsv2, hpsv3)" >&2; return 2 ;;
     esac
 }
 
 build() {  # build() NAME: builds one environment unless it is complete; exits non-zero when the build fails
     local name=$1 recipe=$shared/$1/setup_env.sh env=$cache/$1 log=$cache/$1.log fingerprint start
+    [ -f "$recipe" ] || recipe=$root/scripts/reference/$1/setup_env.sh  # the recipes kept in the repository
     if [ ! -f "$recipe" ]; then
         echo "reference recipe $recipe not found (is ../shared/reference beside the repository?)" >&2
         return 1

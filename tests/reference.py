@@ -24,6 +24,7 @@ REFERENCE_DIR = Path(
     or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "t2i-reward" / "reference"
 )
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference"  # ../shared/reference beside the repository
+REPO_RECIPES = Path(__file__).resolve().parents[1] / "scripts" / "reference"  # recipes kept in the repository
 REQUIRED = os.environ.get("T2I_REQUIRE_REFERENCES") == "1"
 
 
@@ -36,8 +37,11 @@ def unavailable(reason: str) -> NoReturn:
 
 
 def script(relative: str) -> Path:
-    """A reference script of ../shared/reference, e.g. 'hpsv2/ref_hpsv2.py'."""
+    """A reference script of ../shared/reference, e.g. 'hpsv2/ref_hpsv2.py', or of the repository's
+    scripts/reference (hpsv3's)."""
     path = SHARED / relative
+    if not path.is_file():
+        path = REPO_RECIPES / relative
     if not path.is_file():
         unavailable(f"reference script {path} not found")
     return path
