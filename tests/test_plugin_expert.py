@@ -72,7 +72,7 @@ def test_entry_point_expert_is_listed_and_served(plugin_path, cache_dir, tmp_pat
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin_path), os.environ.get("PYTHONPATH", "")]),
            "T2I_REWARD_CACHE_DIR": str(cache_dir)}
     listed = subprocess.run([str(exe), "experts"], env=env, capture_output=True, text=True, timeout=120)
-    assert listed.returncode == 0 and listed.stdout.split() == ["imagereward", "aesthetic", "mlp", "blip_score", "diversity", "pickscore", "hpsv2", "clip_score", "vlm_judge", "brightness"]
+    assert listed.returncode == 0 and listed.stdout.split() == ["imagereward", "aesthetic", "mlp", "blip_score", "diversity", "pickscore", "hpsv2", "clip_score", "vlm_judge", "unified_reward", "pairwise_judge", "vqascore", "brightness"]
 
     config = tmp_path / "reward.yaml"
     config.write_text("profile: tiny\nexperts:\n  imagereward: {}\n  brightness: {scale: 2.0, weight: 0.5}\n")
