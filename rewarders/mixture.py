@@ -276,20 +276,34 @@ class Mixture(nn.Module):
             if sizes and min(sizes) < need:
                 raise InvalidRequestError(f"expert {name!r} needs at least {need} images per request, got {min(sizes)}")
 
+    def check_groups(self, prompts: Sequence[str], group_ids: Sequence | None) -> None:
+        """Each group of one request (by `group_ids`; without, the request is one group) through the `check_group`
+        of every batch-level expert that scores groups (`uses_group_ids`), before any model runs."""
+        experts = [e for e in self._batch_level.values() if e.uses_group_ids]
+        if not experts:
+            return
+        for members in _groups(group_ids, len(prompts)).values():
+            for e in experts:
+                e.check_group([prompts[i] for i in members])
+
     def _group_scores(self, image_embeds: Mapping[str, torch.Tensor], prompts: Sequence[str], sizes: Sequence[int],
                       metadata: Sequence[dict] | None, on_timing: Timing | None,
-                      pixels_for: Callable[[Preprocess, int, int], torch.Tensor] | None = None) -> Scores:
+                      pixels_for: Callable[[Preprocess, int, int], torch.Tensor] | None = None,
+                      group_ids: Sequence[Sequence | None] | None = None) -> Scores:
         """The batch-level experts, called once per request on its images' CLIP embeddings (those with a
         CLIP) and its images prepared for the expert's own input (`pixels_for(spec, a, b)`, those without),
-        so requests pooled in one micro-batch never see each other's images."""
+        so requests pooled in one micro-batch never see each other's images. `group_ids`: each request's
+        (or None), for the experts that score groups (`uses_group_ids`)."""
         starts = [0, *itertools.accumulate(sizes)]
         parts = []
-        for a, b in zip(starts, starts[1:]):
+        for k, (a, b) in enumerate(zip(starts, starts[1:])):
             part = Scores({})
             for name, e in self._batch_level.items():
                 embeds = image_embeds[e.clip_spec][a:b] if e.clip_spec is not None else None
                 pixels = pixels_for(e.preprocess, a, b) if e.clip_spec is None and pixels_for is not None else None
                 kwargs = {"metadata": list(metadata[a:b]) if metadata is not None else [{}] * (b - a)} if e.uses_metadata else {}
+                if e.uses_group_ids:
+                    kwargs["group_ids"] = group_ids[k] if group_ids is not None else None
                 self._collect(part, name, b - a, lambda: self._timed(on_timing, name, e, pixels, list(prompts[a:b]), embeds, **kwargs))
             parts.append(part)
         return _concat(parts, sizes)
@@ -339,6 +353,7 @@ class Mixture(nn.Module):
         prompt_list = self._prompts_for(prompts, images.shape[0], limits)
         w = self.weights_for(weights)
         meta = self.check_metadata(prompt_list, metadata, limits)
+        self.check_groups(prompt_list, None)
         raw = self._tensor_scores(images, prompt_list, [len(prompt_list)], meta, on_timing)  # the tensor is one request
         return TensorScores(self.combine(raw, w), raw)
 
@@ -389,6 +404,7 @@ class Mixture(nn.Module):
         for images, prompts, weights, *meta in requests:
             self.check_tensor(images, limits)
             prompt_list = self._prompts_for(prompts, images.shape[0], limits)
+            self.check_groups(prompt_list, None)
             checked.append((images, prompt_list, self.weights_for(weights)))
             m = self.check_metadata(prompt_list, meta[0] if meta else None, limits)
             metadata += m if m is not None else [{}] * len(prompt_list)
@@ -439,7 +455,8 @@ class Mixture(nn.Module):
         metadata = None
         if any(c.metadata is not None for c in checked):
             metadata = [m for c in checked for m in (c.metadata if c.metadata is not None else [{}] * len(c))]
-        raw = self._scores(Pixels(checked, self.device), prompts, [len(c) for c in checked], metadata, on_timing)
+        raw = self._scores(Pixels(checked, self.device), prompts, [len(c) for c in checked], metadata, on_timing,
+                           group_ids=[c.group_ids for c in checked])
         results, start = [], 0
         sources = self.sources()
         for c in checked:
@@ -573,6 +590,7 @@ class Mixture(nn.Module):
             raise InvalidRequestError("explain needs a calibration file: set `calibration` in the config "
                                       "(written by `t2i-reward calibrate`)")
         self.check_group_sizes([n])
+        self.check_groups(prompt_list, group_ids)
         return Checked(prompt_list, self.weights_for(weights), group_ids=group_ids, explain=bool(explain), metadata=metadata)
 
     def check_metadata(self, prompts: Sequence[str], metadata, limits: Limits | None = None) -> list[dict] | None:
@@ -608,11 +626,14 @@ class Mixture(nn.Module):
         if sum(groups) != len(images):
             raise InvalidRequestError(f"groups add up to {sum(groups)} images, not {len(images)}")
         metadata = self.check_metadata(list(prompts), metadata) if metadata is not None else None
+        for a, b in zip([0, *itertools.accumulate(groups)], itertools.accumulate(groups)):
+            self.check_groups(list(prompts[a:b]), None)
         return self._scores(PilPixels(images, self.device), list(prompts), groups, metadata, on_timing).scores
 
     def _scores(self, pixels, prompts: list[str], groups: Sequence[int], metadata: Sequence[dict] | None,
-                on_timing: Timing | None) -> Scores:
-        """Every expert's raw scores (CPU float32), in batches of `max_batch_size` from `pixels.get(spec, a, b)`."""
+                on_timing: Timing | None, group_ids: Sequence[Sequence | None] | None = None) -> Scores:
+        """Every expert's raw scores (CPU float32), in batches of `max_batch_size` from `pixels.get(spec, a, b)`;
+        `group_ids` per request (`groups` are their sizes), for the experts that score groups."""
         self.check_group_sizes(groups)
         specs = {e.clip_spec for e in self._batch_level.values() if e.clip_spec is not None}
         embeds: dict[str, list[torch.Tensor]] = {s: [] for s in specs}
@@ -628,7 +649,7 @@ class Mixture(nn.Module):
                 for s in specs:
                     embeds[s].append(emb[s].cpu())
             grouped = self._group_scores({s: torch.cat(v) for s, v in embeds.items()}, prompts, groups, metadata, on_timing,
-                                         pixels.get)
+                                         pixels.get, group_ids)
         out = _concat(parts, sizes)
         out.scores.update(grouped.scores)
         out.extras.update(grouped.extras)
@@ -642,6 +663,16 @@ class Mixture(nn.Module):
             raise InvalidRequestError("no images to score")
         if len(images) > limits.max_images:
             raise InvalidRequestError(f"{len(images)} images; the limit is {limits.max_images} per call")
+
+
+def _groups(group_ids: Sequence | None, n: int) -> dict:
+    """The indices of each group of one request, by group id in order of first appearance (one group without ids)."""
+    if group_ids is None:
+        return {None: list(range(n))}
+    out: dict = {}
+    for i, g in enumerate(group_ids):
+        out.setdefault(g, []).append(i)
+    return out
 
 
 def _concat(parts: Sequence[Scores], sizes: Sequence[int]) -> Scores:

@@ -12,6 +12,12 @@ The yes/no probability (`yes_probability`), by `yes_no` mode:
 - `auto` (default): the first of these that the peer supports, remembered after the first call.
 In-process, P(yes) is always read from the model's next-token logits over "Yes" and "No".
 
+The judges (`rewarders/judges.py`, the experts `unified_reward`, `pairwise_judge`, `vqascore`) ask through two more
+methods: `answer(images, text, max_tokens)`, the greedy text answer to a message holding one or more images (a
+pairwise comparison shows two), and `vqa_probability(image, question, answer)`, VQAScore's P(answer) as t2v-metrics
+computes it (the full-vocabulary softmax at the first answer token, not yes / (yes + no); see `t2v_probability`).
+Every peer counts its model calls (`calls`), which the judges report per request.
+
 Errors are `MLLMError` with a `kind`: `unavailable` (refused connection, 429 or 5xx after the retries),
 `timeout`, `bad_answer` (a 4xx, a body that is not the API's JSON, or an answer without what was asked).
 429 and 5xx are retried with exponential back-off (honouring `Retry-After`); at most `max_concurrency`
@@ -95,6 +101,28 @@ def first_line(text: str, limit: int | None = None) -> str:
     return next((line.strip() for line in text.splitlines() if line.strip()), "")[:limit]
 
 
+def t2v_probability(top_logprobs: list[tuple[str, float]], answer: str = "Yes") -> float:
+    """P(`answer`) from the top log-probabilities of the first answer token, as t2v-metrics' API models read it
+    (t2v_metrics/models/vqascore_models/gpt4v_model.py, `forward_single`): the tokens are compared stripped and
+    lower-cased; the probability is exp(logprob) of the answer (the last matching entry, as there), else
+    1 - exp(logprob) of the opposite yes/no word, else there is none: MLLMError (t2v-metrics returns 0.0; a score
+    must not be made up)."""
+    target = answer.strip().lower()
+    opposite = "no" if target == "yes" else "yes"
+    hit = miss = None
+    for token, logprob in top_logprobs:
+        word = token.strip().lower()
+        if word == target:
+            hit = logprob
+        elif word == opposite:
+            miss = logprob
+    if hit is not None:
+        return math.exp(hit)
+    if miss is not None:
+        return 1.0 - math.exp(miss)
+    raise MLLMError("bad_answer", f"neither {target!r} nor {opposite!r} is among the MLLM peer's top tokens")
+
+
 class HTTPPeer:
     """An OpenAI-compatible server. Thread-safe."""
 
@@ -108,6 +136,8 @@ class HTTPPeer:
         self.slots = threading.BoundedSemaphore(cfg.max_concurrency)
         self.mode: YesNoMode = cfg.yes_no
         self.last_error: str | None = None  # the last call's error (None after a success): /readyz shows it
+        self.calls = 0  # requests sent (a retried one counts once): the judges report them per request
+        self._count = threading.Lock()
 
     def describe(self) -> dict:
         return {"url": self.url, "model": self.cfg.model, "yes_no": self.mode, "last_error": self.last_error}
@@ -117,6 +147,8 @@ class HTTPPeer:
 
     def post(self, path: str, body: dict) -> dict:
         """POST JSON, with the retries and errors of the module doc."""
+        with self._count:
+            self.calls += 1
         try:
             out = self._post(path, body)
         except MLLMError as e:
@@ -173,6 +205,47 @@ class HTTPPeer:
     def messages(image: Image.Image, question: str, max_side: int) -> list[dict]:
         return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image, max_side)}},
                                              {"type": "text", "text": question}]}]
+
+    @staticmethod
+    def multi_image_messages(images: list[Image.Image], text: str, max_side: int) -> list[dict]:
+        """One user message: the images in order (Image 1, Image 2, ...), then the text, as UnifiedReward's and
+        Pref-GRPO's clients send a comparison."""
+        return [{"role": "user", "content": [*({"type": "image_url", "image_url": {"url": data_url(im, max_side)}} for im in images),
+                                             {"type": "text", "text": text}]}]
+
+    def answer(self, images: list[Image.Image], text: str, max_tokens: int) -> str:
+        """The greedy text answer to `text` about `images` (shown in order)."""
+        return self.text(self.multi_image_messages(images, text, self.cfg.image_size), max_tokens=max_tokens)
+
+    def vqa_probability(self, image: Image.Image, question: str, answer: str = "Yes", top_logprobs: int = 2) -> float:
+        """VQAScore: P(`answer`) for `question` about `image`. `logprobs`: t2v-metrics' rule on the server's top
+        log-probabilities of the first answer token (`t2v_probability`); `systemone`: transformers serve's yes/no
+        endpoint, whose probability is normalised over "Yes" and "No" only (its own prompt around the question), so
+        it is not t2v-metrics' number; `auto`: the first of the two that the server supports."""
+        auto = self.mode == "auto"  # (a 0-10 rating is no probability: vqascore's config refuses `rating`)
+        modes = ["logprobs", "systemone"] if auto else [self.mode]
+        for mode in modes:
+            try:
+                if mode == "logprobs":
+                    out = self.chat(self.messages(image, question, self.cfg.image_size), max_tokens=1, logprobs=True,
+                                    top_logprobs=top_logprobs)
+                    try:
+                        top = [(str(t["token"]), float(t["logprob"])) for t in out["choices"][0]["logprobs"]["content"][0]["top_logprobs"]]
+                    except (KeyError, IndexError, TypeError, ValueError):
+                        raise MLLMError("bad_answer", "the MLLM peer returns no log-probabilities") from None
+                    p = t2v_probability(top, answer)
+                else:
+                    if answer.strip().lower() not in ("yes", "no"):
+                        raise MLLMError("bad_answer", f"the yes/no endpoint answers 'Yes' or 'No', not {answer!r}")
+                    p = self._yes_systemone(image, question)
+                    p = p if answer.strip().lower() == "yes" else 1.0 - p
+            except MLLMError as e:
+                if not auto or mode == modes[-1] or e.kind != "bad_answer":
+                    raise
+                continue
+            self.mode = mode  # remembered: later calls go straight there
+            return p
+        raise AssertionError("unreachable")
 
     def yes_probability(self, image: Image.Image, question: str) -> float:
         auto = self.mode == "auto"  # read once: a concurrent call may settle the mode while this one probes
@@ -254,6 +327,7 @@ class LocalPeer:
         if any(len(i) != 1 for i in ids):
             raise MLLMError("bad_answer", f"model {cfg.model!r}: 'Yes' and 'No' are not single tokens of its tokenizer")
         self.yes_no_ids = [i[0] for i in ids]
+        self.calls = 0  # model calls (forward passes or generations): the judges report them per request
 
     def describe(self) -> dict:
         return {"url": None, "model": self.cfg.model, "yes_no": "logits", "last_error": None}
@@ -272,12 +346,39 @@ class LocalPeer:
 
     def yes_probability(self, image: Image.Image, question: str) -> float:
         with self.lock, self.torch.no_grad():
+            self.calls += 1
             logits = self.model(**self._inputs(image, question + " Answer Yes or No only.")).logits[0, -1]
         return float(self.torch.softmax(logits[self.yes_no_ids].float(), dim=0)[0])
+
+    def answer_logits(self, image: Image.Image, question: str):
+        """The model's next-token logits (float32, the whole vocabulary) after `question` about `image`: where the
+        answer's first token is read."""
+        with self.lock, self.torch.no_grad():
+            self.calls += 1
+            return self.model(**self._inputs(image, question)).logits[0, -1].float()
+
+    def answer_token(self, answer: str) -> int:
+        ids = self.processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise MLLMError("bad_answer", f"model {self.cfg.model!r}: the answer {answer!r} is not one token of its tokenizer")
+        return ids[0]
+
+    def vqa_probability(self, image: Image.Image, question: str, answer: str = "Yes", top_logprobs: int = 2) -> float:
+        """VQAScore as t2v-metrics computes it for open models (clip_t5_model.py: exp(-cross-entropy) of the answer
+        token; qwen2vl_model.py: softmax(logits)[answer]): the softmax over the whole vocabulary of the logits at the
+        first answer position, read at the answer's token (one token: "Yes")."""
+        token = self.answer_token(answer)
+        return float(self.torch.softmax(self.answer_logits(image, question), dim=-1)[token])
+
+    def answer(self, images: list[Image.Image], text: str, max_tokens: int) -> str:
+        """The greedy text answer to `text` about `images` (shown in order)."""
+        content = [*({"type": "image", "image": downscaled(im, self.cfg.image_size)} for im in images), {"type": "text", "text": text}]
+        return self._generate(self._encode([{"role": "user", "content": content}]), max_tokens, None)
 
     def _generate(self, inputs, max_tokens: int, seed: int | None) -> str:
         kwargs = {"do_sample": False} if seed is None else {"do_sample": True, "temperature": 0.8}
         with self.lock, self.torch.no_grad():
+            self.calls += 1
             if seed is not None:
                 self.torch.manual_seed(seed)
             out = self.model.generate(**inputs, max_new_tokens=max_tokens, **kwargs)

@@ -53,6 +53,9 @@ BUILTIN = {
     "vlm_judge": "t2i_reward.rewarders.experts.vlm_judge:VLMJudge",
     "ocr": "t2i_reward.rewarders.experts.ocr:OCRExpert",
     "geneval": "t2i_reward.rewarders.experts.geneval:GenEvalExpert",
+    "unified_reward": "t2i_reward.rewarders.experts.unified_reward:UnifiedRewardExpert",
+    "pairwise_judge": "t2i_reward.rewarders.experts.pairwise_judge:PairwiseJudge",
+    "vqascore": "t2i_reward.rewarders.experts.vqascore:VQAScoreExpert",
 }
 
 
@@ -106,6 +109,10 @@ class Expert(nn.Module):
     uses_metadata: ClassVar[bool] = False  # True: forward gets `metadata=[one dict per image]` ({} where none came)
     metadata_fields: ClassVar[tuple[str, ...]] = ()  # fields every pair must carry for this expert (422 otherwise)
     extras: ClassVar[tuple[str, ...]] = ()  # names of the ExpertOutput.extras this expert returns, if any
+    # batch-level experts (`batch_level = True`) that score groups of a request rather than the whole request
+    # (a pairwise judge): forward gets `group_ids=[one per image]` of its request (None when it came without),
+    # and `check_group` sees every group's prompts before any model runs
+    uses_group_ids: ClassVar[bool] = False
 
     def __init__(self, preprocess: Any = None, checkpoint: str = "", random_weights: bool = False,
                  clip_spec: str | None = None):
@@ -125,6 +132,10 @@ class Expert(nn.Module):
     def check_pair(self, prompt: str, metadata: Mapping[str, Any]) -> None:
         """Refuse a pair this expert cannot score, before any model runs: raise `InvalidRequestError` naming
         the expert and what is missing or wrong. The mixture has already checked `metadata_fields`."""
+
+    def check_group(self, prompts: Sequence[str]) -> None:
+        """For experts with `uses_group_ids`: refuse a group (its pairs' prompts) this expert cannot score, before
+        any model runs, with an `InvalidRequestError` naming the expert. A request without group ids is one group."""
 
     def forward(
         self,

@@ -99,3 +99,31 @@ def _build(out: Path, shape: str = "tiny") -> None:
     LlavaProcessor(image_processor=LlavaImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size}),
                    tokenizer=tok, patch_size=patch, vision_feature_select_strategy="default", num_additional_image_tokens=1,
                    chat_template=CHAT_TEMPLATE).save_pretrained(out)
+
+
+def ensure_scripted_vlm(cache_dir: str | Path, answer: str) -> Path:
+    """The tiny VLM whose greedy answer to anything is `answer`: the same weights and files, with a
+    `generation_config.json` whose `sequence_bias` (a standard generation setting, honoured in-process and by
+    `transformers serve`) favours each token of `answer` after the ones before it, then the end of the turn. Its
+    log-probabilities and yes/no logits are the tiny VLM's (no generation settings apply there). The judges' tests
+    use it: a real model whose answers, and so whose preferences, are known."""
+    import hashlib
+    import shutil
+
+    from .tiny import build_once
+
+    def build(out: Path) -> None:
+        from transformers import AutoTokenizer, GenerationConfig
+
+        src = ensure_tiny_vlm(cache_dir)
+        shutil.copytree(src, out, dirs_exist_ok=True)
+        tok = AutoTokenizer.from_pretrained(out)
+        ids = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        config = GenerationConfig.from_pretrained(out)
+        # the k-th token after the first k-1: its bias grows with k, so the longest matching prefix always wins
+        config.sequence_bias = [[ids[: k + 1], 100.0 * (k + 1)] for k in range(len(ids))]
+        config.save_pretrained(out)
+        (out / "SCRIPTED").write_text(answer)
+
+    digest = hashlib.sha256(answer.encode()).hexdigest()[:12]
+    return build_once(Path(cache_dir) / f"scripted-vlm-v{TINY_VLM_VERSION}-{digest}", "SCRIPTED", build)
