@@ -23,6 +23,7 @@ from typing import Mapping, Optional, Protocol, Sequence
 import torch
 from t2i_reward.rewarders import Mixture
 from t2i_reward.rewarders.client import RewardClient
+from t2i_reward.rewarders.errors import InvalidRequestError
 
 Metadata = Optional[Sequence[dict]]  # one JSON object per image, or None: no metadata
 
@@ -54,7 +55,16 @@ class LocalReward:
 
     def scores(self, images: torch.Tensor, prompts: Sequence[str], metadata: Metadata = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar rewards only: the same numbers, without a graph, per pair (NaN where an expert failed on a
-        pair): the mixture's raw-tensor scoring, as the service's `/reward` runs it for `RemoteReward`."""
+        pair). The batch goes through the mixture's tensor path as one call; only when that refuses it (an
+        expert failed on a pair, which the differentiable path cannot answer) is it scored again pair by pair,
+        on the mixture's raw-tensor scoring (the service's `/reward`), which answers NaN for the failed pairs
+        and raises the same error for input it cannot score at all."""
+        with torch.no_grad():
+            try:
+                total, components = self(images.detach(), prompts, metadata)
+                return total.detach().cpu(), components
+            except InvalidRequestError:
+                pass
         x = images.detach().float().clamp(0, 1).cpu().contiguous()  # the CPU tensor the service would get
         # why the limit: the trainer's batch is one call, however many images the config lets a caller send
         limits = self.mixture.limits.model_copy(update={"max_images": max(self.mixture.limits.max_images, len(x))})
