@@ -39,11 +39,12 @@ from typing import Optional
 import torch
 from t2i_reward.rewarders.advantages import group_advantages
 
-from .artifacts import artifact_names, eval_batch, load_samples, save_checkpoint, save_images, summarise
+from .artifacts import artifact_names, eval_batch, load_samples, number, save_checkpoint, save_images, summarise
 from .context import JobCancelled, JobContext, score
 from .context import guard as _guard
 from .pipeline import save_lora
 from .prepare import training_and_held_out
+from .prompts import PromptMetadata, metadata_for
 from .rewards import Reward
 from .sampler import Sampler
 from .spec import JobSpec
@@ -61,8 +62,9 @@ def informativeness(select: str, total: torch.Tensor, components: dict[str, torc
     teach the model. `spread`: the population std of the candidates' totals. `disagreement`: each expert's
     scores z-scored within the prompt's candidates (`t2i_reward.rewarders.advantages`), then per candidate the variance
     of those z-scores across experts (0 when every expert orders the candidates alike), averaged."""
-    if select == "spread":
-        return total.detach().double().cpu().view(-1, k).std(dim=1, unbiased=False).tolist()
+    if select == "spread":  # over the candidates that got a total (NaN: fewer than two did)
+        rows = total.detach().double().cpu().view(-1, k)
+        return [float(r[~torch.isnan(r)].std(unbiased=False)) if int((~torch.isnan(r)).sum()) > 1 else math.nan for r in rows]
     need_two_experts(list(components))
     z = group_advantages(total, components, [i // k for i in range(len(total))])
     per_candidate = torch.stack([z[n] for n in components]).double().var(dim=0, unbiased=False)
@@ -90,7 +92,7 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
     metrics["processes"] = 1
     chunk = max(spec.n_images, spec.batch_size * (spec.group_size if spec.is_policy_gradient else 1))  # images per chain
     if base_eval is None:
-        base_images, total, components = sample_and_score(sampler, ctx.reward, eval_p, eval_seeds, chunk, base=True)
+        base_images, total, components = sample_and_score(sampler, ctx.reward, eval_p, eval_seeds, chunk, base=True, metadata=ctx.metadata)
         base_eval = summarise(total, components)
         _guard(ctx)
         save_images(base_images, out / "samples", "base")
@@ -115,7 +117,8 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
             seeds = [rng.randrange(2**31) for _ in candidates]
             models.denoiser.eval()
             # whole prompts per chain: at most a training step's images, or one prompt's K
-            images, total, components = sample_and_score(sampler, ctx.reward, candidates, seeds, chunk // spec.n_images * spec.n_images)
+            images, total, components = sample_and_score(sampler, ctx.reward, candidates, seeds, chunk // spec.n_images * spec.n_images,
+                                                          metadata=ctx.metadata)
             info = informativeness(spec.select, total, components, spec.n_images)
             order = sorted(range(len(drawn)), key=lambda i: -info[i] if math.isfinite(info[i]) else math.inf)  # NaN: least informative
             chosen = order[: spec.select_prompts]
@@ -142,7 +145,7 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
                 ctx.on_progress({"step": done, "total": total_steps, "eta_s": round(eta, 1), "round": r + 1})
 
         models.denoiser.eval()
-        eval_images, total, components = sample_and_score(sampler, ctx.reward, eval_p, eval_seeds, chunk)
+        eval_images, total, components = sample_and_score(sampler, ctx.reward, eval_p, eval_seeds, chunk, metadata=ctx.metadata)
         round_rewards = metrics["reward"][r * spec.steps:(r + 1) * spec.steps]
         metrics["rounds"].append({"round": r + 1, **current, "train_reward": sum(round_rewards) / max(1, len(round_rewards)),
                                   "eval": summarise(total, components)})
@@ -167,16 +170,17 @@ def run_active_learning(spec: JobSpec, ctx: JobContext) -> dict:
             "progress": {"step": total_steps, "total": total_steps, "eta_s": 0, "round": spec.rounds}}
 
 
-def sample_and_score(sampler: Sampler, reward: Optional[Reward], prompts: list[str], seeds: list[int], chunk: int, base: bool = False):
+def sample_and_score(sampler: Sampler, reward: Optional[Reward], prompts: list[str], seeds: list[int], chunk: int, base: bool = False,
+                     metadata: Optional[PromptMetadata] = None):
     """(images on the CPU, total, {expert: scores}) of `prompts`, `chunk` images per chain and reward call:
-    a round's round_prompts x n_images (up to 4096) candidates never go through at once. `reward` None:
-    the images only."""
+    a round's round_prompts x n_images (up to 4096) candidates never go through at once; each image scored
+    with its prompt's `metadata`. `reward` None: the images only."""
     images, totals, parts = [], [], []
     for i in range(0, len(prompts), chunk):
         batch = sampler.sample(prompts[i:i + chunk], seeds[i:i + chunk], base=base)
         images.append(batch.cpu())
         if reward is not None:
-            total, components = score(reward, batch, prompts[i:i + chunk])
+            total, components = score(reward, batch, prompts[i:i + chunk], metadata_for(metadata, prompts[i:i + chunk]))
             totals.append(total)
             parts.append(components)
     if reward is None:
@@ -191,7 +195,7 @@ def write_feedback(folder: Path, round_no: int, spec: JobSpec, drawn: list[str],
     save_images(images, folder, "candidate")
     k = spec.n_images
     prompts = [{"prompt": p, "informativeness": info[i], "selected": i in chosen,
-                "images": [{"file": str((folder / f"candidate-{i * k + c:03d}.png").relative_to(out)), "total": float(total[i * k + c]),
-                            "components": {n: float(v[i * k + c]) for n, v in components.items()}} for c in range(k)]}
+                "images": [{"file": str((folder / f"candidate-{i * k + c:03d}.png").relative_to(out)), "total": number(total[i * k + c]),
+                            "components": {n: number(v[i * k + c]) for n, v in components.items()}} for c in range(k)]}
                for i, p in enumerate(drawn)]
     (folder / "feedback.json").write_text(json.dumps({"round": round_no, "select": spec.select, "prompts": prompts}, indent=2))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -110,12 +111,22 @@ def resume(out: Path, denoiser, optimizer, metrics: dict, root: Optional[Path] =
 
 
 def summarise(total: torch.Tensor, components: dict[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    """Per scorer (the total and each expert): mean and standard error over the evaluation images."""
+    """Per scorer (the total and each expert): mean and standard error over the evaluation images that it
+    scored (NaN: no score), with `unscored` the count of the others when there are any."""
     out = {}
     for name, values in {"total": total, **components}.items():
         mean, se = mean_se(values)
-        out[name] = {"mean": mean, "se": se}
+        out[name] = {"mean": number(mean), "se": number(se)}  # None: no image was scored
+        missing = int(torch.isnan(values.detach().float()).sum())
+        if missing:
+            out[name]["unscored"] = missing
     return out
+
+
+def number(x) -> float | None:
+    """A score for a JSON file: a float, or None for NaN (a pair without a score)."""
+    x = float(x)
+    return None if math.isnan(x) else x
 
 
 def eval_batch(prompts: list[str], per_prompt: int) -> tuple[list[str], list[int]]:

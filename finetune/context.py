@@ -16,6 +16,7 @@ import torch
 
 from .advantages import PromptStats
 from .pipeline import Models
+from .prompts import PromptMetadata, metadata_for
 from .rewards import Reward
 from .sampler import Cond, Sampler
 from .spec import JobSpec
@@ -46,6 +47,13 @@ class JobContext:
     lora_path: Optional[Path] = None  # generate: the LoRA the base model loads
     peer: Optional[object] = None  # the MLLM peer (t2i_reward.rewarders.mllm), for generate's enhancement and reasons
     checkpoint_dir: Optional[Path] = None  # where checkpoints are read and written (default out_dir/checkpoints; a worker: its attempt's)
+    # each prompt's metadata for the reward (the spec's prompt_metadata / eval_prompt_metadata, or its prompts_file's);
+    # None: `run_job` takes the spec's table, if it has one
+    metadata: Optional[PromptMetadata] = None
+
+    def metadata_for(self, prompts: list[str]) -> Optional[list[dict]]:
+        """One metadata object per prompt (each image's prompt's), or None for a job without metadata."""
+        return metadata_for(self.metadata, prompts)
 
 
 @dataclass
@@ -61,6 +69,10 @@ class TrainState:
     pairs: list[tuple[Path, str]]  # the pre-training image-text pairs (`pretrain_data`), or none
     stats: Optional[PromptStats]  # DDPO's per-prompt statistics (saved with the checkpoints), else None
     weights: dict[str, float]  # each expert's weight (GRPO's per_expert advantages, the sentinel); {} if unused
+    metadata: Optional[PromptMetadata] = None  # each prompt's metadata for the reward (`JobContext.metadata`)
+
+    def metadata_for(self, prompts: list[str]) -> Optional[list[dict]]:
+        return metadata_for(self.metadata, prompts)
 
     def average_gradients(self) -> None:
         """Data parallel without a DDP wrapper (a step runs several forward passes: guidance, the base model,
@@ -85,7 +97,8 @@ class TrainState:
 @dataclass
 class Batch:
     """One step's inputs: its index, its prompts (one per image), their seeds and text conditioning, and the
-    step's random stream (seeded by the step alone, so a resumed job draws what the uninterrupted one did)."""
+    step's random stream (seeded by the step alone, so a resumed job draws what the uninterrupted one did), and
+    each image's prompt's metadata for the reward."""
 
     step: int
     prompts: list[str]
@@ -93,6 +106,7 @@ class Batch:
     cond: Cond
     uncond: Cond
     rng: random.Random
+    metadata: Optional[list[dict]] = None  # one object per image (its prompt's) for the reward, or None
 
 
 def guard(ctx: JobContext) -> None:
@@ -100,8 +114,18 @@ def guard(ctx: JobContext) -> None:
         ctx.guard()
 
 
-def score(reward: Reward, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The total and every expert's scores of evaluation images, without gradients."""
+def require_rewards(total: torch.Tensor, step: int) -> None:
+    """A step whose images all lack a reward (an expert failed on every pair) has nothing to learn from: the
+    job fails with the reason, and resumes from its last checkpoint when submitted again."""
+    if not bool((~torch.isnan(total)).any()):
+        raise RuntimeError(f"step {step + 1}: no image got a reward (a required expert failed on every pair); "
+                           "see the reward service's log or t2i_expert_failures in its /metrics")
+
+
+def score(reward: Reward, images: torch.Tensor, prompts: list[str],
+          metadata: Optional[list[dict]] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The total and every expert's scores of evaluation images, without gradients, per pair: NaN where a
+    pair has no score (the summaries leave it out) rather than a failed evaluation."""
     with torch.no_grad():
-        total, components = reward(images, prompts)
+        total, components = reward.scores(images, prompts, metadata)
     return total.detach().cpu(), {n: c.detach().cpu() for n, c in components.items()}

@@ -10,12 +10,13 @@ judge's one-line reason). Images come from the pipeline's own sampler, seeded wi
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from t2i_reward.rewarders.mllm import MATCH_QUESTION, question_for
 
-from .artifacts import artifact_names, save_images
+from .artifacts import artifact_names, number, save_images
 from .context import JobCancelled, score
 from .context import guard as _guard
 from .spec import JobSpec
@@ -48,14 +49,16 @@ def run_generate(spec: JobSpec, ctx) -> dict:
             images = pipe(used, num_images_per_prompt=spec.n_images, height=spec.resolution, width=spec.resolution,
                           num_inference_steps=spec.num_inference_steps, guidance_scale=spec.guidance_scale,
                           generator=torch.Generator().manual_seed(spec.seed + i), output_type="pt").images
-        total, components = score(ctx.reward, images.float().clamp(0, 1), [used] * len(images))
-        order = torch.argsort(total, descending=True).tolist()
+        # the metadata of the prompt as given (an enhanced rewrite asks for the same objects and text)
+        meta = ctx.metadata_for([prompt])
+        total, components = score(ctx.reward, images.float().clamp(0, 1), [used] * len(images), meta * len(images) if meta else None)
+        order = torch.argsort(torch.nan_to_num(total, nan=-math.inf), descending=True, stable=True).tolist()  # no reward: last
         _guard(ctx)
         save_images(images[order], out / "ranked", f"{i:03d}")
         ranked = []
         for rank, k in enumerate(order):
-            entry = {"file": f"ranked/{i:03d}-{rank:03d}.png", "rank": rank, "total": float(total[k]),
-                     "components": {n: float(c[k]) for n, c in components.items()}}
+            entry = {"file": f"ranked/{i:03d}-{rank:03d}.png", "rank": rank, "total": number(total[k]),
+                     "components": {n: number(c[k]) for n, c in components.items()}}
             if ctx.peer is not None:
                 from torchvision.transforms.functional import to_pil_image
 

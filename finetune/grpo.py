@@ -4,9 +4,12 @@ One step of a job:
 1. **sample** `group_size` images for each of the step's prompts with a stochastic sampler (eta > 0:
    DDIM for SD-1.x/2.x and SDXL, the flow-matching SDE for SD3; `Sampler.transition`), keeping every
    transition x_t -> x_prev and its log-probability under the current policy (`sample_with_logprobs`);
-2. **score** the images (scalar rewards only: in-process, or the service's raw-tensor `/reward`);
+2. **score** the images (scalar rewards only: in-process, or the service's raw-tensor `/reward`), each with
+   its prompt's metadata;
 3. **advantages** (`advantages.py`): each image's reward z-scored within its prompt's group, or with
    `per_prompt_stats` (DDPO) against the prompt's rewards of earlier steps too; clipped to +-`adv_clip_max`;
+   an image without a reward (a required expert failed on it: NaN total) gets advantage 0 and is left out
+   of the statistics;
 4. **update**, `num_inner_epochs` times: for a random subset of the chain's transitions
    (`timestep_fraction`), recompute each transition's log-probability under the LoRA policy, and minimise
    PPO's clipped surrogate, -min(r A, clip(r, 1 - eps, 1 + eps) A) with r = p_new / p_old, plus
@@ -24,7 +27,7 @@ from typing import Optional
 import torch
 
 from .advantages import advantages
-from .context import Batch, TrainState
+from .context import Batch, TrainState, require_rewards
 from .pipeline import adapters_disabled
 from .sampler import MIN_STD, Sampler, transition_kl
 
@@ -94,7 +97,9 @@ def grpo_step(state: TrainState, batch: Batch) -> GRPOStep:
     s, spec, prompts, cond, uncond = state.sampler, state.spec, batch.prompts, batch.cond, batch.uncond
     traj = sample_with_logprobs(s, prompts, batch.seeds, spec.eta, cond, uncond)
     with torch.no_grad():
-        total, components = state.reward.scores(traj.images, prompts)
+        total, components = state.reward.scores(traj.images, prompts, batch.metadata)
+    require_rewards(total, batch.step)
+    # an image without a reward (NaN total) has advantage 0: no policy-gradient term, and no part in its group's statistics
     adv = advantages(spec, prompts, total, components, state.weights, state.stats).to(s.device)
     n_train = max(1, int(round(spec.timestep_fraction * len(traj.stochastic))))
     micro = _micro_batches(len(prompts), spec.gradient_accumulation_steps)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .context import Batch, TrainState
+from .context import Batch, TrainState, require_rewards
 from .pipeline import adapters_disabled
 from .sampler import MIN_STD, Sampler, ddim_x0, transition_kl
 
@@ -70,7 +70,7 @@ def refl_step(state: TrainState, batch: Batch) -> StepLoss:
     latents = s.denoise(s.initial_latents(batch.seeds), cond, uncond, steps=stop)
     e = s.predict(latents, stop, cond, uncond)  # the one step with gradients
     x0 = ddim_x0(s.scheduler, e, latents, stop)
-    total, components = state.reward(s.decode(x0), batch.prompts)
+    total, components = state.reward(s.decode(x0), batch.prompts, batch.metadata)
     reward_term = F.relu(2 - total).mean() if spec.reward_loss == "hinge" else -total.mean()
     kl = step_kl(s, latents, stop, cond, uncond, e) if spec.kl_weight > 0 else torch.zeros((), device=s.device)
     loss = spec.reward_weight * reward_term + spec.kl_weight * kl
@@ -84,11 +84,14 @@ def reward_weighted_step(state: TrainState, batch: Batch) -> StepLoss:
     s, spec, cond = state.sampler, state.spec, batch.cond
     with torch.no_grad():
         images = s.sample(batch.prompts, batch.seeds, cond=cond, uncond=batch.uncond)
-        total, components = state.reward(images, batch.prompts)
+        total, components = state.reward.scores(images, batch.prompts, batch.metadata)
         total = total.detach().to(s.device)
+    require_rewards(total, batch.step)
     latents0 = s.encode_images(images, sample=False)
     per_image, (noisy, t, pred) = denoising_loss(s, latents0, cond, step_generator(batch.rng))
-    loss = spec.reward_weight * (torch.sigmoid(total) * per_image).mean()
+    # an image without a reward (NaN total: a required expert failed on it) weighs 0
+    weight = torch.nan_to_num(torch.sigmoid(total), nan=0.0)
+    loss = spec.reward_weight * (weight * per_image).mean()
     kl = torch.zeros((), device=s.device)
     if spec.regularizer == "kl" and spec.kl_weight > 0:
         with torch.no_grad(), adapters_disabled(s.m.denoiser, True):

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from t2i_reward.prompter import PromptIndex
+from t2i_reward.rewarders.errors import RewardError
 
 from .settings import FinetuneSettings
 from .spec import MAX_EVAL_PROMPTS, JobSpec, pretrain_folder, resolve_base_model, validate_spec, with_defaults
@@ -26,7 +27,8 @@ class PreparedJob:
 
 def prepare_job(spec: JobSpec, settings: FinetuneSettings, prompter: PromptIndex | None = None) -> PreparedJob:
     """Apply the defaults (the base model follows the rewarder's profile), check the operator's limits and
-    the confined paths, and turn `topics` into prompts with `prompter`. Raises ValueError with a message.
+    the confined paths, and turn `topics` into prompts with `prompter` and `prompts_file` into prompts and
+    their metadata (`prompts.load_prompts_file`). Raises ValueError with a message.
 
     Idempotent: a prepared spec prepares to itself, so the worker re-checks what the API accepted against
     its own directories.
@@ -34,6 +36,12 @@ def prepare_job(spec: JobSpec, settings: FinetuneSettings, prompter: PromptIndex
     profile = settings.rewarder_config().profile
     spec = with_defaults(spec, profile)
     validate_spec(spec, settings.job_limits, settings.models_dir, settings.data_dir)
+    if spec.prompts is None and spec.prompts_file is not None:  # read once, when the job is prepared, as topics are drawn
+        from .prompts import load_prompts_file
+
+        prompts, metadata = load_prompts_file(spec.prompts_file, settings.data_dir)
+        spec = JobSpec.model_validate({**spec.model_dump(), "prompts": prompts, "prompt_metadata": metadata})
+        validate_spec(spec, settings.job_limits, settings.models_dir, settings.data_dir)
     if spec.prompts is None:  # topics: drawn once, when the job is prepared, so the job is reproducible
         if prompter is None:
             raise ValueError("the spec gives topics but no prompt index is loaded; give prompts")
@@ -98,17 +106,24 @@ def check_layout(spec: JobSpec, base_model: str) -> None:
                          "pipelines; use method 'grpo' for flow-matching models")
 
 
-def check_submission(submitted: JobSpec, prepared: PreparedJob, experts: Optional[list[str]], cache_dir: Path) -> None:
+def check_submission(submitted: JobSpec, prepared: PreparedJob, experts: Optional[list[str]], cache_dir: Path,
+                     rewarder=None) -> None:
     """What the API refuses at submission (a 422) rather than let the worker fail later: `prompts` together
-    with `topics` (one of them would be ignored), `reward_weights` naming an expert the mixture does not have
-    (`experts`: the configured ones; None: unknown here), and `target_modules` that match no layer of the base
+    with `topics` or `prompts_file` (one of them would be ignored), `reward_weights` naming an expert the
+    mixture does not have (`experts`: the configured ones; None: unknown here), prompts whose metadata the
+    served mixture's experts cannot score (`rewarder`, once loaded: a GenEval record lacking its `tag`, a
+    prompt without the metadata an expert needs), and `target_modules` that match no layer of the base
     model's denoiser, where its config is at hand without a download."""
     if submitted.prompts is not None and submitted.topics is not None:
         raise ValueError("give prompts or topics, not both (the topics would be ignored)")
+    if submitted.prompts is not None and submitted.prompts_file is not None:
+        raise ValueError("give prompts or prompts_file, not both (the file would be ignored)")
     unknown = sorted(set(submitted.reward_weights or {}) - set(experts)) if experts is not None else []
     if unknown:
         raise ValueError(f"reward_weights names experts that are not configured: {', '.join(map(repr, unknown))}; "
                          f"configured: {', '.join(experts)}")
+    if rewarder is not None:
+        check_metadata_suits(prepared.spec, rewarder)
     if prepared.spec.method == "generate":  # no LoRA is trained
         return
     config = denoiser_config(prepared.base_model, cache_dir)
@@ -124,6 +139,21 @@ def check_submission(submitted: JobSpec, prepared: PreparedJob, experts: Optiona
         examples = sorted({short(n) for n in layers if "attn" in n} or {short(n) for n in layers})[:8]
         raise ValueError(f"target_modules {missing} match no Linear or Conv layer of the {config.parent.name} of "
                          f"{prepared.spec.base_model!r} (its attention layers include {', '.join(examples)})")
+
+
+def check_metadata_suits(spec: JobSpec, rewarder) -> None:
+    """ValueError when an expert of `rewarder` (a `Mixture`) cannot score a training or evaluation prompt with
+    its metadata (its `metadata_fields`, its `check_pair`), as a scoring call would refuse it."""
+    from .prompts import PromptMetadata, metadata_for
+
+    table = PromptMetadata.of_spec(spec)
+    for field, prompts in (("prompts", spec.prompts or []), ("eval_prompts", spec.eval_prompts or [])):
+        if not prompts:
+            continue
+        try:
+            rewarder.check_metadata(prompts, metadata_for(table, prompts))
+        except RewardError as e:  # its words say "image i": here the i-th prompt of the list
+            raise ValueError(f"the rewards cannot score {field} with their metadata ('image i' is {field}[i]): {e}") from None
 
 
 def denoiser_config(base_model: str, cache_dir: Path) -> Optional[Path]:

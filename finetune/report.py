@@ -29,8 +29,10 @@ def write_report(path: Path, metrics: dict, base_images: torch.Tensor, tuned_ima
     ax.set_title("reward during training")
     table_ax = fig.add_subplot(grid[0, max(n, 2) // 2 :])
     table_ax.axis("off")
-    rows = [[name, f"{base_eval[name]['mean']:.4f} ± {base_eval[name]['se']:.4f}",
-             f"{tuned_eval[name]['mean']:.4f} ± {tuned_eval[name]['se']:.4f}"] for name in base_eval]
+    def cell(e: dict) -> str:  # mean None: no evaluation image got this score
+        return "-" if e.get("mean") is None else f"{e['mean']:.4f} ± {e['se']:.4f}"
+
+    rows = [[name, cell(base_eval[name]), cell(tuned_eval.get(name, {}))] for name in base_eval]
     table = table_ax.table(cellText=rows, colLabels=["scorer", "base", "fine-tuned"], loc="center")
     table.scale(1, 1.4)
     table_ax.set_title("evaluation prompts: mean ± standard error")
@@ -77,8 +79,10 @@ def write_rounds_report(path: Path, metrics: dict, base_images: torch.Tensor, tu
     for c, name in enumerate(scorers):
         ax = fig.add_subplot(grid[1, c])
         points = [ev["base"][name]] + [rd["eval"][name] for rd in rounds]
-        ax.errorbar(x, [p["mean"] for p in points], yerr=[p["se"] for p in points], marker="o", capsize=3)
-        ax.axhline(ev["base"][name]["mean"], color="grey", lw=0.8, ls="--")
+        nan = float("nan")  # a mean of None: no held-out image got this score that round
+        ax.errorbar(x, [nan if p["mean"] is None else p["mean"] for p in points], yerr=[p["se"] or 0.0 for p in points], marker="o", capsize=3)
+        if ev["base"][name]["mean"] is not None:
+            ax.axhline(ev["base"][name]["mean"], color="grey", lw=0.8, ls="--")
         ax.set_xticks(x, ["base"] + [str(i) for i in x[1:]])
         ax.set_xlabel("round")
         ax.set_title(name)

@@ -1,32 +1,41 @@
 """Where a job's rewards come from: the mixture in this process, or the reward service.
 
 Both satisfy `Reward`, the one interface the trainer calls (a `typing.Protocol`: no base class to inherit):
-`reward(images, prompts) -> (total, components)` on [0, 1] image tensors, where `total` (B,) is
+`reward(images, prompts, metadata) -> (total, components)` on [0, 1] image tensors, where `total` (B,) is
 differentiable and `components` maps each expert to its raw scores (B,), detached; `scores` gives the same
-numbers without a graph; `expert_weights` each expert's weight in the total.
+numbers without a graph; `expert_weights` each expert's weight in the total. `metadata` is one JSON object
+per image (its prompt's: GenEval's record, an OCR target; `prompts.PromptMetadata`), or None.
 - `LocalReward`: `rewarders` in-process (the embedded default);
 - `RemoteReward`: `POST /reward/gradient`, so the worker keeps only the diffusion model on its GPU. The
   chain rule crosses the network: forward sends pixels and gets rewards, d(rewards)/d(pixels) and every
   expert's score; backward multiplies the gradient by the incoming one.
-The evaluation reuses the same call's components.
+
+`scores` (the policy-gradient methods, reward-weighted likelihood and every evaluation) answers per pair: a
+pair an expert failed on has the score NaN, and its total is NaN when the expert is required (the service's
+null; `Mixture.combine`), so one failed pair never fails the step. The differentiable call needs every score
+and raises instead.
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence
+from typing import Mapping, Optional, Protocol, Sequence
 
 import torch
 from t2i_reward.rewarders import Mixture
 from t2i_reward.rewarders.client import RewardClient
+from t2i_reward.rewarders.errors import InvalidRequestError
+
+Metadata = Optional[Sequence[dict]]  # one JSON object per image, or None: no metadata
 
 
 class Reward(Protocol):
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Metadata = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(total (B,), differentiable in `images`; {expert: raw scores (B,)}, detached) of (B, 3, H, W) images in [0, 1]."""
         ...
 
-    def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The same numbers without a graph, on the CPU (the policy-gradient methods score their samples only)."""
+    def scores(self, images: torch.Tensor, prompts: Sequence[str], metadata: Metadata = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The same numbers without a graph, on the CPU, NaN where a pair has no score (the policy-gradient
+        methods score their samples only)."""
         ...
 
     def expert_weights(self) -> dict[str, float]:
@@ -40,15 +49,32 @@ class LocalReward:
         self.mixture = mixture
         self.weights = dict(weights) if weights else None
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        scores = self.mixture(images.float(), list(prompts), self.weights)
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Metadata = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        scores = self.mixture(images.float(), list(prompts), self.weights, metadata=metadata)
         return scores.total.to(images.device), {n: s.detach().cpu() for n, s in scores.components.items()}
 
-    def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Scalar rewards only (policy-gradient methods): the same numbers, without a graph."""
+    def scores(self, images: torch.Tensor, prompts: Sequence[str], metadata: Metadata = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar rewards only: the same numbers, without a graph, per pair (NaN where an expert failed on a
+        pair). The batch goes through the mixture's tensor path as one call; only when that refuses it (an
+        expert failed on a pair, which the differentiable path cannot answer) is it scored again pair by pair,
+        on the mixture's raw-tensor scoring (the service's `/reward`), which answers NaN for the failed pairs
+        and raises the same error for input it cannot score at all."""
         with torch.no_grad():
-            total, components = self(images.detach(), prompts)
-        return total.detach().cpu(), components
+            try:
+                total, components = self(images.detach(), prompts, metadata)
+                return total.detach().cpu(), components
+            except InvalidRequestError:
+                pass
+        x = images.detach().float().clamp(0, 1).cpu().contiguous()  # the CPU tensor the service would get
+        # why the limit: the trainer's batch is one call, however many images the config lets a caller send
+        limits = self.mixture.limits.model_copy(update={"max_images": max(self.mixture.limits.max_images, len(x))})
+        checked = self.mixture.check_tensor_request(list(prompts), x, self.weights, limits, metadata=metadata)
+        result = self.mixture.score_checked([checked])[0]
+        nan = float("nan")
+        total = torch.tensor([nan if im.total is None else im.total for im in result.images])
+        components = {n: torch.tensor([nan if im.components[n] is None else im.components[n] for im in result.images])
+                      for n in self.mixture.experts}
+        return total, components
 
     def expert_weights(self) -> dict[str, float]:
         return self.mixture.weights_for(self.weights)
@@ -90,11 +116,12 @@ class RemoteReward:
         requests = -(-n // cap)
         return -(-n // requests)
 
-    def scores(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Scalar rewards only (policy-gradient methods), on `/reward`'s raw-tensor path (float32 pixels, so
-        the numbers equal the in-process ones), in as few requests as the service allows (`request_size`)."""
+    def scores(self, images: torch.Tensor, prompts: Sequence[str], metadata: Metadata = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar rewards only, on `/reward`'s raw-tensor path (float32 pixels, so the numbers equal the
+        in-process ones; null answers are NaN), in as few requests as the service allows (`request_size`)."""
         x = images.detach().float().clamp(0, 1).cpu().contiguous()
-        out = self.client.score_batch(list(prompts), x, weights=self.weights, chunk_size=self.request_size(x))
+        out = self.client.score_batch(list(prompts), x, weights=self.weights, chunk_size=self.request_size(x),
+                                      metadata=list(metadata) if metadata is not None else None)
         return out.rewards, dict(out.components)
 
     def expert_weights(self) -> dict[str, float]:
@@ -102,7 +129,8 @@ class RemoteReward:
         served = {n: float(e["weight"]) for n, e in self.client.models()["experts"].items()}
         return {**served, **(self.weights or {})}
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = self.client.reward_tensors(images.detach().float().clamp(0, 1), list(prompts), self.weights)
+    def __call__(self, images: torch.Tensor, prompts: Sequence[str], metadata: Metadata = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        out = self.client.reward_tensors(images.detach().float().clamp(0, 1), list(prompts), self.weights,
+                                         list(metadata) if metadata is not None else None)
         total = _ChainRule.apply(images, out["rewards"], out["grad"].to(images.device))
         return total, {k.removeprefix("components."): v for k, v in out.items() if k.startswith("components.")}

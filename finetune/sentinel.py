@@ -83,9 +83,13 @@ def image_stats(images: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def mean_se(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error (sample std / sqrt(n)); one value has no standard error (0). The job's
-    evaluation (`artifacts.summarise`) uses it too."""
+    """Mean and standard error (sample std / sqrt(n)) of the values that are not NaN (pairs without a
+    score); one value has no standard error (0), none has mean NaN. The job's evaluation
+    (`artifacts.summarise`) uses it too."""
     v = values.detach().to("cpu", torch.float64).flatten()
+    v = v[~torch.isnan(v)]
+    if len(v) == 0:
+        return math.nan, 0.0
     se = float(v.std(correction=1) / math.sqrt(len(v))) if len(v) > 1 else 0.0
     return float(v.mean()), se
 
@@ -111,6 +115,8 @@ class Sentinel:
         record = {}
         for name, v in values.items():
             mean, se = mean_se(v)
+            if math.isnan(mean):  # no image got this score: nothing to record (JSON has no NaN)
+                continue
             b = (base or {}).get(name)
             # a metric the baseline lacks (an expert added on resume) has nothing to drift from
             drift = 0.0 if b is None else (mean - b["mean"]) / max(math.sqrt(se ** 2 + b["se"] ** 2), _EPS)
@@ -148,7 +154,7 @@ class Sentinel:
         best = None
         for entry in self.history[1:]:
             m = entry["metrics"]
-            if self.hacking(m) is None and (best is None or m["total"]["mean"] > best[1]):
+            if "total" in m and self.hacking(m) is None and (best is None or m["total"]["mean"] > best[1]):
                 best = (entry["step"], m["total"]["mean"])
         return None if best is None else best[0]
 

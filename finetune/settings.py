@@ -27,7 +27,7 @@ class FinetuneSettings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the job queue and job state.")
     jobs_dir: Path = Field(Path("jobs"), description="Where each job writes its checkpoints and artifacts (shared by API and workers).")
     models_dir: Path = Field(Path("models"), description="Local base models a job may name (besides hub ids and 'tiny').")
-    data_dir: Path = Field(Path("data"), description="Folders a job may use as pretrain_data.")
+    data_dir: Path = Field(Path("data"), description="Where a job may take pretrain_data (a folder) and prompts_file (a file) from.")
     job_limits: JobLimits = Field(default_factory=JobLimits, description="Limits of a job spec (T2I_SERVICE_JOB_LIMITS__MAX_STEPS=...).")
     reward_service_url: Optional[str] = Field(None, description="Worker: take rewards from this reward service (none: in-process).")
     reward_service_api_key: Optional[str] = Field(None, description="Worker: API key for the reward service.")

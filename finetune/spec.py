@@ -8,7 +8,7 @@ ints are strict (no `true` for 1), and text must be valid Unicode without NUL (a
 cannot even be written back as UTF-8).
 
 Paths are confined: `base_model` is 'tiny', a hub id, or a pipeline directory under the configured models
-directory, and `pretrain_data` a folder under the configured data directory; the job writes only under its
+directory, and `pretrain_data` a folder and `prompts_file` a file under the configured data directory; the job writes only under its
 own directory. Hub ids are never looked up relative to the working directory (`pipeline.load_pipeline`
 resolves them through the hub cache).
 """
@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
+from t2i_reward.rewarders.errors import InvalidRequestError
 from t2i_reward.rewarders.limits import Limits
+from t2i_reward.rewarders.metadata import check_metadata
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-sd3")  # tiny random pipelines (SD-1.x, SDXL, SD3 layouts), built on first use
 
 # Hard bounds of every spec (docs/finetuning.md, docs/configuration.md). Shared with the /prompts endpoint.
 MAX_TEXT_CHARS = Limits().max_prompt_chars  # a prompt or topic: the library's prompt limit (rewarders/limits.py)
+METADATA_LIMITS = Limits()  # a prompt's metadata: the library's bounds (size, depth), as every scoring call's
 MAX_NAME_CHARS = 256  # base_model, pretrain_data
 MAX_TOPICS = 16
 MAX_N_PROMPTS = 100  # per topic
@@ -104,7 +107,13 @@ class JobSpec(BaseModel):
         "best-of-n images per prompt, ranked by the rewards (no training), or active_learning: rounds of generate, score, select "
         "the most informative prompts, fine-tune on them with `learner`, evaluate on held-out prompts.")
     base_model: Optional[PathName] = Field(None, description="Hub id (org/name), a pipeline directory under the models directory, or 'tiny' / 'tiny-sdxl' / 'tiny-sd3' (tiny random SD-1.x / SDXL / SD3 pipelines); default: Stable Diffusion 1.5, or 'tiny' under the tiny profile.")
-    prompts: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_PROMPTS, description="Training prompts (cycled); or give topics + n_prompts.")
+    prompts: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_PROMPTS, description="Training prompts (cycled); or give topics + n_prompts, or prompts_file.")
+    prompt_metadata: Optional[list[dict[str, Any]]] = Field(None, min_length=1, max_length=MAX_PROMPTS, description="One JSON object per "
+        "training prompt, in order, handed to the rewards with each of its images (GenEval records, an OCR `text`); at most "
+        "max_metadata_bytes and max_metadata_depth each (the library's limits). A prompt given twice carries the same object.")
+    prompts_file: Optional[PathName] = Field(None, description="A file of training prompts under the data directory, read when the job "
+        "is submitted: .jsonl (one JSON object a line with a 'prompt'; the whole object is that prompt's metadata, as GenEval's "
+        "and Flow-GRPO's metadata files) or .txt (one prompt a line, no metadata).")
     topics: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_TOPICS, description="Topics whose prompts the prompter supplies.")
     n_prompts: int = _int(8, 1, MAX_N_PROMPTS, "Prompts drawn per topic when topics are given.")
     steps: int = _int(100, 1, MAX_STEPS, "Optimiser steps (active_learning: per round); the operator's limit (on all rounds' steps) may be lower.")
@@ -129,6 +138,9 @@ class JobSpec(BaseModel):
     seed: int = _int(0, 0, MAX_SEED, "Seed of the noise, the prompt order and the step draws.")
     checkpoint_every: int = _int(50, 1, MAX_STEPS, "Save LoRA and optimiser state every N steps (resume point; active_learning: also at the end of each round).")
     eval_prompts: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_EVAL_PROMPTS, description="Prompts of the before/after evaluation (default: the first 4 training prompts; active_learning: held out of training, default every 4th prompt, at most 16).")
+    eval_prompt_metadata: Optional[list[dict[str, Any]]] = Field(None, min_length=1, max_length=MAX_EVAL_PROMPTS, description="One JSON "
+        "object per evaluation prompt, as prompt_metadata (default: an evaluation prompt that is a training prompt carries its metadata, "
+        "another none).")
     eval_images_per_prompt: int = _int(2, 1, 16, "Images per evaluation prompt, for the base and the fine-tuned model.")
     # ---- GRPO / DDPO (defaults: DDPO's and Flow-GRPO's published settings where they agree)
     group_size: int = _int(4, 1, MAX_GROUP_SIZE, "GRPO: images sampled per prompt and step; the advantages are relative to the group (at least 2; ddpo: 1).")
@@ -163,8 +175,11 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "JobSpec":
-        if not self.prompts and not self.topics:
-            raise ValueError("give prompts, or topics and n_prompts")
+        if not self.prompts and not self.topics and not self.prompts_file:
+            raise ValueError("give prompts, topics and n_prompts, or prompts_file")
+        if self.topics and self.prompts_file:
+            raise ValueError("give topics or prompts_file, not both")
+        self._check_metadata()
         a, b = self.refl_step_range
         if self.training_method == "refl" and not 0 <= a < b <= self.num_inference_steps:
             raise ValueError(f"refl_step_range must satisfy 0 <= a < b <= num_inference_steps, got ({a}, {b})")
@@ -185,6 +200,19 @@ class JobSpec(BaseModel):
             if self.total_steps > MAX_STEPS:
                 raise ValueError(f"rounds * steps is {self.total_steps}; the limit is {MAX_STEPS}")
         return self
+
+    def _check_metadata(self) -> None:
+        """Each list of metadata: one JSON object per prompt of its list, within the library's bounds, and one
+        object per prompt text across both lists."""
+        pairs = []
+        for field, prompts_field, metadata, prompts in (("prompt_metadata", "prompts", self.prompt_metadata, self.prompts),
+                                                        ("eval_prompt_metadata", "eval_prompts", self.eval_prompt_metadata, self.eval_prompts)):
+            if metadata is None:
+                continue
+            if prompts is None:
+                raise ValueError(f"{field} needs {prompts_field}: one JSON object per prompt")
+            pairs += list(zip(prompts, checked_metadata(metadata, len(prompts), field)))
+        check_prompt_metadata(pairs)
 
     @model_validator(mode="before")
     @classmethod
@@ -236,6 +264,30 @@ def validate_spec(spec: JobSpec, limits: JobLimits, models_dir: Path, data_dir: 
     resolve_base_model(spec.base_model or SD15, models_dir)
     if spec.pretrain_data is not None:
         pretrain_folder(spec.pretrain_data, data_dir)
+
+
+def checked_metadata(metadata: Sequence[Any], n: int, field: str) -> list[dict]:
+    """`metadata` (one JSON object per prompt of n) checked against the library's bounds (rewarders/metadata.py);
+    ValueError naming `field`."""
+    try:
+        return check_metadata(list(metadata), n, METADATA_LIMITS) or []
+    except InvalidRequestError as e:
+        message = str(e)
+        if message.startswith("metadata["):  # the library names a pair's metadata; a spec names its field
+            message = field + message.removeprefix("metadata")
+        elif message.startswith(f"{len(metadata)} metadata objects"):
+            message = f"{len(metadata)} {field} objects for {n} prompts: give one JSON object per prompt"
+        raise ValueError(message) from None
+
+
+def check_prompt_metadata(pairs: Sequence[tuple[str, dict]]) -> None:
+    """ValueError when one prompt text carries two different metadata objects: a job looks each sampled prompt's
+    metadata up by its text (finetune/prompts.py)."""
+    seen: dict[str, dict] = {}
+    for prompt, meta in pairs:
+        if seen.setdefault(prompt, meta) != meta:
+            raise ValueError(f"prompt {prompt[:80]!r} is given twice with different metadata; all the samples of a prompt "
+                             "are scored with one metadata object")
 
 
 def confined(path: str, root: Path, name: str) -> Path:

@@ -52,7 +52,7 @@ def setup_training(spec: JobSpec, ctx) -> tuple[TrainState, int, Optional[dict],
     weights = ctx.reward.expert_weights() if spec.is_policy_gradient or spec.eval_every else {}
     state = TrainState(spec, accelerator, models, sampler, ctx.reward, ctx.metrics, pairs,
                        stats=PromptStats.for_spec(spec, extra.get("prompt_stats")),  # DDPO's, as the checkpoint left them
-                       weights=weights)
+                       weights=weights, metadata=ctx.metadata)
     return state, start, base_eval, extra
 
 
@@ -66,7 +66,8 @@ def train_step(state: TrainState, prompts: list[str], step: int, rng: random.Ran
     seeds = [rng.randrange(2**31) for _ in prompts]
     cond, uncond = state.sampler.conditions(prompts)
     state.models.denoiser.train()
-    result = STEPS[spec.training_method](state, Batch(step, prompts, seeds, cond, uncond, rng))
+    batch = Batch(step, prompts, seeds, cond, uncond, rng, state.metadata_for(prompts))  # each image its prompt's metadata
+    result = STEPS[spec.training_method](state, batch)
     record(state, result)
     step_loss, step_reward = state.metrics["loss"][-1], state.metrics["reward"][-1]  # averaged over processes: all stop together
     if not (math.isfinite(step_loss) and math.isfinite(step_reward)):
@@ -76,14 +77,21 @@ def train_step(state: TrainState, prompts: list[str], step: int, rng: random.Ran
 
 
 def record(state: TrainState, result: StepResult) -> None:
-    """Append the step's reward, loss and KL (averaged over processes) and each expert's mean score."""
+    """Append the step's reward (the mean over the images that got one), loss and KL (averaged over processes),
+    how many images got no reward (`unscored`: a required expert failed on them; summed over processes) and
+    each expert's mean score (over the images it scored; null when it scored none)."""
     metrics, accelerator = state.metrics, state.accelerator
-    values = [result.reward.mean(), result.loss.detach(), result.kl]
+    reward = result.reward.detach().float()
+    values = [reward.nanmean(), result.loss.detach(), result.kl]
+    unscored = torch.isnan(reward).sum()
     if accelerator.num_processes > 1:
         values = [accelerator.reduce(v.detach().float(), reduction="mean") for v in values]
+        unscored = accelerator.reduce(unscored.to(reward.device), reduction="sum")
     for key, v in zip(("reward", "loss", "kl"), values):
         metrics[key].append(float(v))
+    metrics.setdefault("unscored", []).append(int(unscored))
     for name, v in result.components.items():
-        metrics.setdefault("components", {}).setdefault(name, []).append(float(v.float().mean()))
+        mean = float(v.float().nanmean())
+        metrics.setdefault("components", {}).setdefault(name, []).append(mean if math.isfinite(mean) else None)
     if isinstance(result, GRPOStep):  # how much of the batch the clip held back
         metrics.setdefault("clip_fraction", []).append(float(result.clip_fraction))

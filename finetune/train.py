@@ -36,6 +36,7 @@ from .context import JobCancelled, JobContext, TrainState, score
 from .context import guard as _guard
 from .generate import run_generate
 from .pipeline import LORA_FILE, save_lora
+from .prompts import PromptMetadata
 from .rewards import Reward
 from .sentinel import Sentinel
 from .spec import JobSpec
@@ -47,7 +48,10 @@ __all__ = ["JobCancelled", "JobContext", "LORA_FILE", "artifact_names", "run_job
 
 
 def run_job(spec: JobSpec, ctx: JobContext) -> dict:
-    """Run (or resume) the job; returns {"status", "metrics", "artifacts", "main_process"}. Raises JobCancelled."""
+    """Run (or resume) the job; returns {"status", "metrics", "artifacts", "main_process"}. Raises JobCancelled.
+    A context without a metadata table takes the spec's (`prompt_metadata`, `eval_prompt_metadata`)."""
+    if ctx.metadata is None:
+        ctx.metadata = PromptMetadata.of_spec(spec)
     return METHODS[spec.method](spec, ctx)
 
 
@@ -76,7 +80,7 @@ def run_training(spec: JobSpec, ctx: JobContext) -> dict:
     eval_p, eval_seeds = eval_batch(eval_prompts, spec.eval_images_per_prompt)
     if base_eval is None and main:
         base_images = sampler.sample(eval_p, eval_seeds, base=True)
-        total, components = score(ctx.reward, base_images, eval_p)
+        total, components = score(ctx.reward, base_images, eval_p, ctx.metadata_for(eval_p))
         base_eval = summarise(total, components)
         if sentinel is not None:
             sentinel.observe(0, total, components, base_images)  # the baseline the drifts are measured from
@@ -126,7 +130,7 @@ def watch(state: TrainState, ctx: JobContext, sentinel: Sentinel, out: Path, ste
     their drift from the base model; the LoRA of the best step so far is kept in `best/`. Returns why the
     job must stop (reward hacking, with `stop_on_hacking`), else None."""
     images = state.sampler.sample(eval_p, eval_seeds)
-    total, components = score(state.reward, images, eval_p)
+    total, components = score(state.reward, images, eval_p, state.metadata_for(eval_p))
     record = sentinel.observe(step, total, components, images)
     ctx.metrics["sentinel"] = sentinel.to_dict()["history"]
     _guard(ctx)
@@ -144,7 +148,7 @@ def finish(state: TrainState, ctx: JobContext, out: Path, eval_prompts: list[str
 
     state.models.denoiser.eval()
     tuned_images = state.sampler.sample(eval_p, eval_seeds)
-    tuned_eval = evaluate(state.reward, tuned_images, eval_p)
+    tuned_eval = evaluate(state.reward, tuned_images, eval_p, state.metadata_for(eval_p))
     _guard(ctx)
     save_images(tuned_images, out / "samples", "tuned")
     best = out / "best" / LORA_FILE
@@ -164,9 +168,10 @@ def finish(state: TrainState, ctx: JobContext, out: Path, eval_prompts: list[str
     return result
 
 
-def evaluate(reward: Reward, images: torch.Tensor, prompts: list[str]) -> dict[str, dict[str, float]]:
+def evaluate(reward: Reward, images: torch.Tensor, prompts: list[str],
+             metadata: Optional[list[dict]] = None) -> dict[str, dict[str, float]]:
     """Every scorer's mean and standard error on the evaluation images, from one reward call."""
-    return summarise(*score(reward, images, prompts))
+    return summarise(*score(reward, images, prompts, metadata))
 
 
 # method (`JobSpec.method`, which admits these names only) -> the function that runs its job

@@ -97,7 +97,7 @@ class JobRunner:
 
     def context(self, spec: JobSpec, out_dir: Path, **callbacks) -> tuple[JobSpec, JobContext]:
         """`prepare_job` under this worker's settings, then everything `run_job` needs."""
-        prepared = prepare_job(spec, self.settings, self.prompter() if spec.prompts is None else None)
+        prepared = prepare_job(spec, self.settings, self.prompter() if spec.prompts is None and spec.topics else None)
         peer = self.peer() if prepared.spec.method == "generate" and self.settings.mllm is not None else None
         ctx = JobContext(out_dir=out_dir, reward=self.reward(prepared.spec), prompts=list(prepared.spec.prompts),
                          base_model=prepared.base_model, cache_dir=self.cache_dir, pretrain_dir=prepared.pretrain_dir,

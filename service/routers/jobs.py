@@ -118,11 +118,12 @@ def _job(store: JobStore, job_id: str) -> dict:
 @router.post("", status_code=202, response_model=Submitted, responses=ERRORS, summary="Submit a fine-tuning job")
 async def submit(spec: JobSpec, request: Request, store: StoreDep, settings: SettingsDep, prompter: OptionalPrompterDep,
                  state: StateDep) -> Submitted:
-    if spec.prompts is None and prompter is None:
+    if spec.prompts is None and spec.topics is not None and prompter is None:
         raise Unavailable("the prompt index is not loaded yet; retry, or give prompts", retry_after=5)
     try:  # defaults, limits, paths, and topics turned into prompts now, so the job is reproducible
         prepared = await asyncio.to_thread(prepare_job, spec, settings, prompter)
-        await asyncio.to_thread(check_submission, spec, prepared, _experts(state), settings.rewarder_config().cache_dir)
+        rewarder = state.batcher.rewarder if state.batcher is not None else None  # the served mixture, once loaded
+        await asyncio.to_thread(check_submission, spec, prepared, _experts(state), settings.rewarder_config().cache_dir, rewarder)
     except ValueError as e:  # the spec cannot run here: a 422, whatever kind of ValueError said so
         raise InvalidRequestError(str(e)) from None
     size = len(prepared.spec.model_dump_json())
