@@ -332,3 +332,32 @@ def test_a_grpo_job_with_a_prompts_file_through_the_service_and_a_worker(tmp_pat
         records = {p: {"prompt": p, **m} for p, m in zip(PROMPTS, META)}
         assert len(seen) >= 3 + 12 and all(meta == records[p] for p, meta in seen)  # every pair scored by the service
         http.close()
+
+
+# ---- the verifiable rewards themselves: geneval (tiny detector) and ocr (real PP-OCR weights) in GRPO jobs
+
+@pytest.mark.parametrize("expert, folder, file", [
+    ("geneval", "geneval", "evaluation_metadata.jsonl"),  # GenEval's records, each the metadata of its prompt
+    ("ocr", "ocr", "flow_grpo_test.txt"),                 # Flow-GRPO's OCR prompts: the target in the quotes
+])
+def test_a_grpo_job_with_a_verifiable_reward_from_the_shared_prompt_files(tmp_path, cache_dir, expert, folder, file):
+    """The prompts file read from the shared data folder as it is, GRPO sampling, the reward scoring each
+    pair with its record (learning is not expected from random weights: the plumbing is)."""
+    shared(f"{folder}/{file}")
+    experts = {"geneval": {"detector": "tiny", "clip": "tiny", "image_size": 64}, "ocr": {"size": 64}}
+    rewarder = create_rewarder(profile="tiny", cache_dir=cache_dir, device="cpu",
+                               experts={"imagereward": None, "aesthetic": None, "mlp": None, expert: experts[expert]})
+    spec = JobSpec(**{**FAST, "method": "grpo", "prompts_file": file, "steps": 1, "batch_size": 2, "group_size": 2,
+                      "eval_prompts": None})
+    prepared = prepare_job(spec, settings(SHARED / folder, tmp_path))
+    assert prepared.spec.prompts
+    if expert == "geneval":
+        assert len(prepared.spec.prompts) == len(prepared.spec.prompt_metadata) == 553
+        assert prepared.spec.prompt_metadata[0]["tag"] == "single_object"
+    else:  # a .txt file: prompts only, the target between each prompt's quotes
+        assert prepared.spec.prompt_metadata is None and '"' in prepared.spec.prompts[0]
+    out = run(tmp_path, cache_dir, rewarder, prepared.spec)
+    assert out["status"] == "succeeded", out
+    m = out["metrics"]
+    assert m["unscored"] == [0] and 0.0 <= m["components"][expert][0] <= 1.0
+    assert set(m["eval"]["tuned"]) >= {expert}
