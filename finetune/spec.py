@@ -23,7 +23,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 
 from t2i_reward.rewarders.errors import InvalidRequestError
 from t2i_reward.rewarders.limits import Limits
-from t2i_reward.rewarders.metadata import check_metadata
+from t2i_reward.rewarders.metadata import MetadataObject, check_metadata
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 TINY_MODELS = ("tiny", "tiny-sdxl", "tiny-sd3")  # tiny random pipelines (SD-1.x, SDXL, SD3 layouts), built on first use
@@ -108,7 +108,7 @@ class JobSpec(BaseModel):
         "the most informative prompts, fine-tune on them with `learner`, evaluate on held-out prompts.")
     base_model: Optional[PathName] = Field(None, description="Hub id (org/name), a pipeline directory under the models directory, or 'tiny' / 'tiny-sdxl' / 'tiny-sd3' (tiny random SD-1.x / SDXL / SD3 pipelines); default: Stable Diffusion 1.5, or 'tiny' under the tiny profile.")
     prompts: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_PROMPTS, description="Training prompts (cycled); or give topics + n_prompts, or prompts_file.")
-    prompt_metadata: Optional[list[dict[str, Any]]] = Field(None, min_length=1, max_length=MAX_PROMPTS, description="One JSON object per "
+    prompt_metadata: Optional[list[MetadataObject]] = Field(None, min_length=1, max_length=MAX_PROMPTS, description="One JSON object per "
         "training prompt, in order, handed to the rewards with each of its images (GenEval records, an OCR `text`); at most "
         "max_metadata_bytes and max_metadata_depth each (the library's limits). A prompt given twice carries the same object.")
     prompts_file: Optional[PathName] = Field(None, description="A file of training prompts under the data directory, read when the job "
@@ -138,7 +138,7 @@ class JobSpec(BaseModel):
     seed: int = _int(0, 0, MAX_SEED, "Seed of the noise, the prompt order and the step draws.")
     checkpoint_every: int = _int(50, 1, MAX_STEPS, "Save LoRA and optimiser state every N steps (resume point; active_learning: also at the end of each round).")
     eval_prompts: Optional[list[Text]] = Field(None, min_length=1, max_length=MAX_EVAL_PROMPTS, description="Prompts of the before/after evaluation (default: the first 4 training prompts; active_learning: held out of training, default every 4th prompt, at most 16).")
-    eval_prompt_metadata: Optional[list[dict[str, Any]]] = Field(None, min_length=1, max_length=MAX_EVAL_PROMPTS, description="One JSON "
+    eval_prompt_metadata: Optional[list[MetadataObject]] = Field(None, min_length=1, max_length=MAX_EVAL_PROMPTS, description="One JSON "
         "object per evaluation prompt, as prompt_metadata (default: an evaluation prompt that is a training prompt carries its metadata, "
         "another none).")
     eval_images_per_prompt: int = _int(2, 1, 16, "Images per evaluation prompt, for the base and the fine-tuned model.")

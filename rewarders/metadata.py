@@ -16,12 +16,23 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping, Optional, Sequence
+from typing import Annotated, Any, Mapping, Optional, Sequence
+
+from pydantic import WithJsonSchema
 
 from .errors import InvalidRequestError
 from .limits import Limits
 
 Metadata = dict[str, Any]
+
+MAX_KEYS = 256  # keys of one object in a schema; what bounds a pair's metadata is `check_metadata`'s size and depth
+# One pair's metadata as a field of a request or job schema: a JSON object, which the schema can only bound by its
+# number of keys; its size and depth are bounded by `check_metadata` (max_metadata_bytes, max_metadata_depth)
+MetadataObject = Annotated[dict[str, Any], WithJsonSchema({
+    "type": "object", "maxProperties": MAX_KEYS,
+    "additionalProperties": {"description": "any JSON value; the whole object is at most max_metadata_bytes as "
+                                            "compact JSON and max_metadata_depth levels deep"},
+    "description": "one (prompt, image) pair's metadata: a JSON object"})]
 
 
 def check_metadata(metadata: Any, n: int, limits: Limits) -> Optional[list[Metadata]]:

@@ -43,6 +43,7 @@ from safetensors.torch import save as save_safetensors
 
 from .errors import InvalidBodyError, InvalidImageError, InvalidRequestError, MalformedBodyError, UnsupportedMediaTypeError
 from .limits import Limits
+from .metadata import MetadataObject
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
@@ -73,7 +74,7 @@ class RewardRequest(BaseModel):
                                                "prompt's index in a GRPO batch): the answer's `advantages` are the "
                                                "scores z-scored within each group.")
     explain: bool = Field(False, description="Add each image's percentile per expert, from the configured calibration file.")
-    metadata: Optional[Union[list[Optional[dict[str, Any]]], dict[str, Any]]] = Field(
+    metadata: Optional[Union[Annotated[list[Optional[MetadataObject]], Field(max_length=MAX_BATCH)], MetadataObject]] = Field(
         None, description="Per-pair metadata for the experts that read it (geneval's record, ocr's `text`): one JSON object "
                           "per image, in the order of `images` (null for none), or one object for every image.",
         examples=[[{"text": "OPEN"}]])

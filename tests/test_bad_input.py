@@ -217,8 +217,8 @@ def test_non_finite_loss_fails_the_job(tiny, cache_dir, tmp_path):
     from t2i_reward.finetune.rewards import LocalReward
 
     class NanReward(LocalReward):  # what an exploding guidance or learning rate ends in
-        def __call__(self, images, prompts):
-            total, components = super().__call__(images, prompts)
+        def __call__(self, images, prompts, metadata=None):
+            total, components = super().__call__(images, prompts, metadata)
             return total * NAN, components
 
     spec = JobSpec(**{**SPEC, "steps": 3, "num_inference_steps": 4, "refl_step_range": (2, 4)})

@@ -12,7 +12,8 @@ from t2i_reward.rewarders import (
 def test_registries():
     assert list(list_profiles()) == ["default", "light", "tiny", "random-full", "ig-rewarding"]
     # the built-ins first, in order (tests may register their own experts after them)
-    assert list_experts()[:8] == ["imagereward", "aesthetic", "mlp", "blip_score", "diversity", "pickscore", "hpsv2", "clip_score"]
+    assert list_experts()[:15] == ["imagereward", "aesthetic", "mlp", "blip_score", "diversity", "pickscore", "hpsv2", "clip_score",
+                                   "vlm_judge", "ocr", "geneval", "hpsv3", "unified_reward", "pairwise_judge", "vqascore"]
 
 
 def test_default_profile_names_the_published_checkpoints():
