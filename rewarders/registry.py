@@ -106,6 +106,9 @@ class Expert(nn.Module):
     uses_metadata: ClassVar[bool] = False  # True: forward gets `metadata=[one dict per image]` ({} where none came)
     metadata_fields: ClassVar[tuple[str, ...]] = ()  # fields every pair must carry for this expert (422 otherwise)
     extras: ClassVar[tuple[str, ...]] = ()  # names of the ExpertOutput.extras this expert returns, if any
+    # the Ray Serve pool this expert joins by default (rewarders/pools.py): experts naming the same pool share its
+    # replicas and so their backbone pass ("clip": the shared-CLIP family); None: a pool of its own
+    pool: ClassVar[Optional[str]] = None
 
     def __init__(self, preprocess: Any = None, checkpoint: str = "", random_weights: bool = False,
                  clip_spec: str | None = None):
