@@ -17,7 +17,7 @@ pools and, with `experts`, regroups them. Nothing here imports Ray: the deployme
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -81,6 +81,8 @@ class RayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     app_name: str = Field("t2i-reward", min_length=1, description="The Serve application's name on the cluster.")
+    proxy_location: Literal["EveryNode", "HeadOnly"] = Field("EveryNode", description="Where Serve runs its HTTP "
+                                                              "proxies (on `--port`): every node, or the head only.")
     pools: dict[str, PoolConfig] = Field(default_factory=dict, description="Pools by name (see `PoolConfig`); a pool "
                                          "not listed gets `default_pool`'s settings.")
     default_pool: PoolConfig = Field(default_factory=PoolConfig, description="The settings of every pool that `pools` "

@@ -39,7 +39,7 @@ from .errors import NotServed
 
 log = logging.getLogger(__name__)
 
-GRADIENT_NOT_SERVED = ("/reward/gradient is not served on Ray: a gradient needs every expert's backward pass on the "
+GRADIENT_NOT_SERVED = ("gradients are not served on Ray: one needs every expert's backward pass on the "
                        "same tensor, and the experts run in separate pools; use the single-process service "
                        "(`t2i-reward serve`) for gradients")
 
