@@ -56,6 +56,10 @@ class PoolDeployment:
     async def info(self) -> dict:
         return self.pool.info()
 
+    async def where(self) -> dict:
+        """This replica's process and node (operators, and the tests that kill one)."""
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+
     async def check(self, prompts, metadata, limits) -> None:
         import asyncio
 

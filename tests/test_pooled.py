@@ -109,3 +109,19 @@ def test_the_service_on_pools_answers_as_one_process_and_refuses_gradients(pair)
         assert client.get("/models").json()["experts"] == single.describe()
         next(make, None)
     assert_close(answers[0], answers[1])
+
+
+def test_the_single_process_service_does_not_import_ray():
+    import subprocess
+    import sys
+
+    # what `t2i-reward serve` imports and builds (without --ray), in a fresh interpreter
+    code = ("import sys, t2i_reward.cli\n"
+            "from t2i_reward.service.app import create_app\n"
+            "from t2i_reward.service.server import serve\n"
+            "from t2i_reward.service.settings import Settings\n"
+            "create_app(Settings(profile='tiny'))\n"
+            "assert 'ray' not in sys.modules, 'ray was imported'\n"
+            "assert 't2i_reward.service.ray_serve' not in sys.modules\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
