@@ -125,3 +125,24 @@ def test_the_single_process_service_does_not_import_ray():
             "assert 't2i_reward.service.ray_serve' not in sys.modules\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_the_kuberay_manifest_names_the_builder_and_a_valid_config(tmp_path):
+    import importlib
+    from pathlib import Path
+
+    from t2i_reward.service.settings import Settings
+
+    root = Path(__file__).resolve().parent.parent
+    configmap, service = yaml.safe_load_all((root / "deploy" / "kuberay-rayservice.yaml").read_text())
+    app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    module, _, name = app["import_path"].partition(":")
+    assert module == "t2i_reward.service.ray_serve" and name == "app_builder"
+    assert importlib.util.find_spec(module) is not None  # (importing it needs Ray)
+    Settings(**{k: v for k, v in app["args"].items() if k != "reward_config"})  # every arg is a service setting
+    path = tmp_path / "reward.yaml"
+    path.write_text(configmap["data"]["reward.yaml"])
+    config = load_config(path)
+    assert plan_pools(list(config.experts), config.ray) == {
+        "imagereward": ["imagereward"], "pickscore": ["pickscore"], "hpsv2": ["hpsv2"], "clip": ["clip_score", "aesthetic"]}
+    assert sum(config.ray.pools[p].num_gpus for p in config.ray.pools) == 1.0  # the four pools share each GPU
