@@ -79,6 +79,9 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=8)
     ap.add_argument("--max-batch", type=int, default=32)
     args = ap.parse_args()
+    # 32 clients on one address: room for all their uploads at once in both services (the limits' defaults are 16 / 32)
+    os.environ.setdefault("T2I_SERVICE_MAX_CLIENT_UPLOADS", "64")
+    os.environ.setdefault("T2I_SERVICE_MAX_CONCURRENT_UPLOADS", "64")
     images = [png(i) for i in range(16)]
     single = measure(start_server, args.profile, args.clients, args.requests_per_client, args.max_batch, images)
     on_ray = measure(start_ray, args.profile, args.clients, args.requests_per_client, args.max_batch, images)
