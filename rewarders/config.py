@@ -31,6 +31,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from .errors import InvalidRequestError
 from .limits import limit_field
+from .pools import RayConfig
 from .registry import ExpertConfig, get_expert_class
 
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "t2i-reward"
@@ -60,6 +61,9 @@ class RewardConfig(BaseSettings):
         None, description="Path to a calibration JSON written by `t2i-reward calibrate`, or 'tiny' (the packaged "
                           "one of the tiny profile): answers can then give each score's percentile ('explain').",
     )
+    ray: RayConfig = Field(default_factory=RayConfig, description="The service on Ray Serve (`t2i-reward serve "
+                           "--ray`): which experts share a pool, each pool's replicas and resources (see `RayConfig`); "
+                           "the single-process service ignores it.")
     experts: dict[str, SerializeAsAny[ExpertConfig]] = Field(
         default_factory=lambda: _default()["experts"], validate_default=True,
         description="The enabled experts by name, each with its own config (see the expert's Config).",

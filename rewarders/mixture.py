@@ -89,10 +89,26 @@ class Scores:
     scores: dict[str, torch.Tensor]
     extras: dict[str, torch.Tensor] = field(default_factory=dict)
     errors: dict[str, dict[int, str]] = field(default_factory=dict)
+    # per request of the run (the `groups` it was scored in), each expert's request-level summary (`Expert.summarize`)
+    summaries: list[dict[str, dict]] = field(default_factory=list)
 
     def part(self, a: int, b: int) -> "Scores":
         return Scores({n: s[a:b] for n, s in self.scores.items()}, {n: s[a:b] for n, s in self.extras.items()},
                       {n: {i - a: m for i, m in e.items() if a <= i < b} for n, e in self.errors.items()})
+
+    @staticmethod
+    def merge(parts: Sequence["Scores"], order: Sequence[str]) -> "Scores":
+        """The scores of disjoint sets of experts on the same run of pairs (each pool's, service/pooled.py) as
+        one, the experts in `order`; each request's summaries joined."""
+        out = Scores({})
+        for p in parts:
+            out.scores.update(p.scores)
+            out.extras.update(p.extras)
+            out.errors.update(p.errors)
+        out.scores = {n: out.scores[n] for n in order}
+        n = max((len(p.summaries) for p in parts), default=0)
+        out.summaries = [{k: v for p in parts if i < len(p.summaries) for k, v in p.summaries[i].items()} for i in range(n)]
+        return out
 
 
 def _nan_to_none(x: float) -> Optional[float]:
@@ -108,6 +124,8 @@ class TensorScores:
 
 
 class Mixture(nn.Module):
+    differentiable = True  # False: a mixture whose experts run elsewhere (the Ray ingress's, service/pooled.py)
+
     def __init__(self, config: RewardConfig, experts: Mapping[str, Expert], clips: Sequence[nn.Module],
                  device: torch.device, dtype: torch.dtype):
         super().__init__()
@@ -457,29 +475,43 @@ class Mixture(nn.Module):
             metadata = [m for c in checked for m in (c.metadata if c.metadata is not None else [{}] * len(c))]
         raw = self._scores(Pixels(checked, self.device), prompts, [len(c) for c in checked], metadata, on_timing,
                            group_ids=[c.group_ids for c in checked])
+        return self.results(checked, raw)
+
+    def results(self, checked: Sequence[Checked], raw: Scores) -> list[RewardResult]:
+        """Each request's answer from the scores of the run that pooled them (`_scores` here, or every pool's
+        gathered by the Ray ingress: service/pooled.py), one summary per request in `raw.summaries`."""
         results, start = [], 0
         sources = self.sources()
-        for c in checked:
+        for k, c in enumerate(checked):
             got = raw.part(start, start + len(c))
             start += len(c)
-            results.append(self._result(c, got, sources))
+            results.append(self._result(c, got, sources, raw.summaries[k] if k < len(raw.summaries) else {}))
         return results
 
-    def _result(self, c: Checked, got: Scores, sources: dict) -> RewardResult:
-        """One request's answer from its experts' scores: totals, means, percentiles, advantages, summaries
-        (NaN, an expert's failure on a pair, becomes None)."""
+    def _summaries(self, got: Scores, groups: Sequence[int], metadata: Sequence[dict] | None) -> list[dict[str, dict]]:
+        """Per request of the run (`groups`: their sizes), each expert's request-level summary, where it has one."""
+        starts = [0, *itertools.accumulate(groups)]
+        out = []
+        for a, b in zip(starts, starts[1:]):
+            part, summaries = got.part(a, b), {}
+            meta = list(metadata[a:b]) if metadata is not None else [{}] * (b - a)
+            for name, e in self.experts.items():
+                extras = {k.split(".", 1)[1]: v for k, v in part.extras.items() if k.split(".", 1)[0] == name}
+                summary = e.summarize(part.scores[name], extras, meta)
+                if summary is not None:
+                    summaries[name] = summary
+            out.append(summaries)
+        return out
+
+    def _result(self, c: Checked, got: Scores, sources: dict, summaries: dict[str, dict]) -> RewardResult:
+        """One request's answer from its experts' scores: totals, means, percentiles, advantages, and its
+        experts' `summaries` (NaN, an expert's failure on a pair, becomes None)."""
         part = got.scores
         total = self.combine(part, c.weights)
         pct = self.calibration.percentiles(part) if c.explain else None
         advantages = None
         if c.group_ids is not None:
             advantages = {k: [_nan_to_none(x) for x in v.tolist()] for k, v in group_advantages(total, part, c.group_ids).items()}
-        summaries = {}
-        for name, e in self.experts.items():
-            extras = {k.split(".", 1)[1]: v for k, v in got.extras.items() if k.split(".", 1)[0] == name}
-            summary = e.summarize(part[name], extras, c.metadata if c.metadata is not None else [{}] * len(c))
-            if summary is not None:
-                summaries[name] = summary
 
         def image(i: int) -> ImageScore:
             components = {n: _nan_to_none(float(s[i])) for n, s in part.items()}
@@ -654,7 +686,9 @@ class Mixture(nn.Module):
         out.scores.update(grouped.scores)
         out.extras.update(grouped.extras)
         out.errors.update(grouped.errors)
-        return Scores({n: out.scores[n] for n in self.experts}, out.extras, out.errors)
+        out = Scores({n: out.scores[n] for n in self.experts}, out.extras, out.errors)
+        out.summaries = self._summaries(out, groups, metadata)
+        return out
 
     def _check_image_list(self, images, limits: Limits) -> None:
         if isinstance(images, (str, bytes, bytearray)) or not isinstance(images, Sequence):

@@ -113,6 +113,9 @@ class Expert(nn.Module):
     # (a pairwise judge): forward gets `group_ids=[one per image]` of its request (None when it came without),
     # and `check_group` sees every group's prompts before any model runs
     uses_group_ids: ClassVar[bool] = False
+    # the Ray Serve pool this expert joins by default (rewarders/pools.py): experts naming the same pool share its
+    # replicas and so their backbone pass ("clip": the shared-CLIP family); None: a pool of its own
+    pool: ClassVar[Optional[str]] = None
 
     def __init__(self, preprocess: Any = None, checkpoint: str = "", random_weights: bool = False,
                  clip_spec: str | None = None):

@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 venv=${T2I_REWARD_VENV:-.venv}
 if [ ! -x "$venv/bin/python" ]; then python3 -m venv "$venv"; fi
 "$venv/bin/python" -m pip install -q --upgrade pip
-"$venv/bin/python" -m pip install -q -e ".[test,docs]"
+"$venv/bin/python" -m pip install -q -e ".[test,docs,ray]"  # ray: tests/test_ray.py's two-node cluster
 export HF_HUB_OFFLINE=1  # tests never download: a hub id must fail fast with our error
 # The parity tests' reference environments (docs/parity.md), built once per machine. With them required, a
 # parity test whose reference is missing fails instead of skipping; T2I_REQUIRE_REFERENCES=0 neither builds

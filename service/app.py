@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import asynccontextmanager
+from typing import Callable
 
 from fastapi import FastAPI
 from t2i_reward.finetune.jobs import JobStore
@@ -35,8 +36,13 @@ def load_rewarder(settings: Settings) -> Mixture:
     return create_rewarder(settings.rewarder_config(**settings.rewarder_overrides()))
 
 
-def create_app(settings: Settings | None = None, rewarder: Mixture | None = None, prompter: PromptIndex | None = None) -> FastAPI:
-    """Build the app. Pass `rewarder` / `prompter` to serve already-loaded ones (tests, embedding)."""
+def create_app(settings: Settings | None = None, rewarder: Mixture | None = None, prompter: PromptIndex | None = None,
+               *, loader: Callable[[Settings], Mixture] | None = None, max_inflight_batches: int = 1) -> FastAPI:
+    """Build the app. Pass `rewarder` / `prompter` to serve already-loaded ones (tests, embedding).
+
+    `loader(settings)`, run on the model thread at start-up, gives the rewarder instead of `load_rewarder`, and
+    `max_inflight_batches` micro-batches are scored at once, on that many model threads: the Ray ingress
+    (service/ray_serve.py) loads a `PooledMixture` whose models run in the pools."""
     settings = settings or Settings()
     metrics = Metrics()
     state = AppState(settings, metrics)  # what the dependencies read (deps.py)
@@ -49,9 +55,9 @@ def create_app(settings: Settings | None = None, rewarder: Mixture | None = None
         # asyncio.to_thread's threads (prompts, the MLLM judge, jobs) get no OpenMP teams: the model thread's is the only one
         asyncio.get_running_loop().set_default_executor(side_executor())
         state.job_store = JobStore(settings.redis_url)  # connects on first use: Redis may start later
-        loader = asyncio.create_task(_load(state, rewarder, prompter))
+        loading = asyncio.create_task(_load(state, rewarder, prompter, loader or load_rewarder, max_inflight_batches))
         yield
-        loader.cancel()
+        loading.cancel()
         if state.batcher is not None:
             await state.batcher.stop()
         state.job_store.close()
@@ -75,13 +81,14 @@ def create_app(settings: Settings | None = None, rewarder: Mixture | None = None
     return app
 
 
-async def _load(state: AppState, rewarder: Mixture | None, prompter: PromptIndex | None) -> None:
+async def _load(state: AppState, rewarder: Mixture | None, prompter: PromptIndex | None,
+                loader: Callable[[Settings], Mixture], max_inflight_batches: int) -> None:
     settings = state.settings
     try:
         # loaded on the model thread that will run them: its OpenMP team is then the process's only one
-        model_thread = model_thread_executor()
+        model_thread = model_thread_executor(max_inflight_batches)
         mixture = rewarder if rewarder is not None else await asyncio.get_running_loop().run_in_executor(
-            model_thread, load_rewarder, settings)
+            model_thread, loader, settings)
     except Exception as e:  # reported by /readyz; the process stays up to say why
         log.error("loading the models failed: %s", e)
         state.load_error = str(e)
@@ -90,7 +97,7 @@ async def _load(state: AppState, rewarder: Mixture | None, prompter: PromptIndex
     batcher = MicroBatcher(mixture, settings.limits(), settings.max_batch_images, settings.max_wait_ms / 1000,
                            settings.max_queue_images, settings.max_queue_wait_s, state.metrics, settings.prepare_workers,
                            model_thread, max_prepare_s=settings.max_prepare_s, max_prepare_pixels=settings.max_prepare_pixels,
-                           max_queue_bytes=settings.max_queue_bytes)
+                           max_queue_bytes=settings.max_queue_bytes, max_inflight_batches=max_inflight_batches)
     batcher.start()
     state.batcher = batcher
     if mixture.random_weights:

@@ -139,9 +139,10 @@ class Ticket:
 MIN_IMAGES_PER_PART = 2  # a request's images are prepared in parts of at least this many (one part per pool thread)
 
 
-def model_thread_executor() -> ThreadPoolExecutor:
-    """The single model thread. The service loads the models on it too, so that its OpenMP team is the only one."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2i-model")
+def model_thread_executor(threads: int = 1) -> ThreadPoolExecutor:
+    """The single model thread. The service loads the models on it too, so that its OpenMP team is the only one.
+    (The Ray ingress, whose models run in the pools, has `threads` of them: one per micro-batch out at once.)"""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="t2i-model")
 
 
 def side_executor() -> ThreadPoolExecutor:
@@ -180,9 +181,10 @@ class MicroBatcher:
     def __init__(self, rewarder: Mixture, limits: Limits, max_batch_images: int, max_wait_s: float,
                  max_queue_images: int, max_queue_wait_s: float, metrics: Metrics, prepare_workers: int | None = None,
                  model_thread: ThreadPoolExecutor | None = None, *, max_prepare_s: float = 30.0,
-                 max_prepare_pixels: int = 80_000_000, max_queue_bytes: int = 1 << 30):
+                 max_prepare_pixels: int = 80_000_000, max_queue_bytes: int = 1 << 30, max_inflight_batches: int = 1):
         prepare_workers = prepare_workers or os.cpu_count() or 1
-        if max_batch_images < 1 or max_queue_images < 1 or max_wait_s < 0 or max_queue_wait_s <= 0 or prepare_workers < 1:
+        if max_batch_images < 1 or max_queue_images < 1 or max_wait_s < 0 or max_queue_wait_s <= 0 or prepare_workers < 1 \
+                or max_inflight_batches < 1:
             raise ValueError("batcher limits must be positive")
         self.rewarder = rewarder
         self.limits = limits
@@ -193,6 +195,10 @@ class MicroBatcher:
         self.metrics = metrics
         self.max_prepare_s = max_prepare_s
         self.max_queue_bytes = max_queue_bytes
+        # micro-batches being scored at once: one on the one model thread; more where the models run elsewhere (the
+        # Ray ingress, whose `executor` has that many threads waiting on the pools), so pools work while others wait
+        self.max_inflight_batches = max_inflight_batches
+        self._inflight: set[asyncio.Task] = set()
         self.pixel_budget = PixelBudget(max_prepare_pixels)
         # the one thread that runs the models (pass the one that loaded them: it already holds their OpenMP team)
         self.executor = model_thread or model_thread_executor()
@@ -211,6 +217,8 @@ class MicroBatcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="t2i-micro-batcher")
 
     async def stop(self) -> None:
+        for task in list(self._inflight):
+            task.cancel()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -411,7 +419,9 @@ class MicroBatcher:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        slots = asyncio.Semaphore(self.max_inflight_batches)
         while True:
+            await slots.acquire()
             first = await self._next()
             batch, count, cap = [first], first.n_images, self._cap(first)
             deadline = loop.time() + self.max_wait_s
@@ -435,7 +445,15 @@ class MicroBatcher:
                     break
             self.metrics.batch_images.observe(count)
             self.metrics.batch_requests.observe(len(batch))
-            await self._run_batch(batch)
+            if self.max_inflight_batches == 1:
+                try:
+                    await self._run_batch(batch)
+                finally:
+                    slots.release()
+                continue
+            task = loop.create_task(self._run_batch(batch))
+            self._inflight.add(task)  # held until done: the loop keeps only weak references to tasks
+            task.add_done_callback(lambda t: (self._inflight.discard(t), slots.release()))
 
     def _model_call(self, batch: list[_Item]) -> Callable[[], list]:
         if batch[0].gradient is not None:

@@ -69,9 +69,13 @@ class BadFraming(RuntimeError):
     """A request whose body framing the service does not take: a Transfer-Encoding other than chunked (400)."""
 
 
+class NotServed(RuntimeError):
+    """An endpoint this deployment of the service does not serve, and why (501): `/reward/gradient` on Ray."""
+
+
 # errors `http_error` answers; anything else is a bug: a 500
 SERVICE_ERRORS = (RewardError, QueueFullError, QueueTimeoutError, Unavailable, BodyTooLarge, BodyTooSlow, TooManyUploads,
-                  BadFraming, ClientGone)
+                  BadFraming, ClientGone, NotServed)
 RETRY_AFTER_S = {429: 1, 504: 1}  # busy or slow now: worth a retry in a second
 
 
@@ -79,6 +83,8 @@ def error_status(e: Exception) -> int:
     """The HTTP status of an error of `SERVICE_ERRORS`."""
     if isinstance(e, Unavailable):
         return 503
+    if isinstance(e, NotServed):
+        return 501
     if isinstance(e, ClientGone):  # nobody reads it: nginx's "client closed request", for the metrics and logs
         return 499
     if isinstance(e, MLLMError):  # the MLLM peer (vlm_judge) is down, slow, or answered garbage: not the caller's fault

@@ -10,6 +10,7 @@ import pytest
 from t2i_reward.finetune.spec import JobLimits, JobSpec
 from t2i_reward.rewarders.config import RewardConfig
 from t2i_reward.rewarders.mllm import MLLMConfig
+from t2i_reward.rewarders.pools import IngressConfig, PoolConfig, RayConfig
 from importlib.metadata import entry_points
 
 from t2i_reward.rewarders.registry import BUILTIN, ENTRY_POINT_GROUP, get_expert_class, list_experts
@@ -29,7 +30,7 @@ def site(tmp_path_factory) -> Path:
 
 def test_the_site_builds_in_strict_mode(site):
     for page in ("quickstart", "service", "experts", "configuration", "finetuning", "clients", "scale-out",
-                 "reliability", "benchmarks", "architecture", "scores", "parity"):
+                 "reliability", "ray", "benchmarks", "architecture", "scores", "parity"):
         assert (site / page / "index.html").is_file(), page
     assert (site / "index.html").is_file()
 
@@ -37,7 +38,8 @@ def test_the_site_builds_in_strict_mode(site):
 def reference_sections() -> dict[str, type]:
     """Heading id on the configuration page -> the model whose fields its table must list."""
     sections = {"service-settings": Settings, "job-limits": JobLimits, "mllm-settings": MLLMConfig,
-                "reward-config": RewardConfig, "job-spec": JobSpec}
+                "reward-config": RewardConfig, "job-spec": JobSpec, "ray-config": RayConfig, "ray-pool": PoolConfig,
+                "ray-ingress": IngressConfig}
     # the experts the docs build sees: the built-in ones and installed plugins, not classes that a test
     # registered at run time in this process
     sections.update({f"expert-{name}": get_expert_class(name).Config for name in list_experts()

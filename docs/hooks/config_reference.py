@@ -23,6 +23,7 @@ from t2i_reward.finetune.settings import FinetuneSettings
 from t2i_reward.finetune.spec import JobLimits, JobSpec
 from t2i_reward.rewarders.config import RewardConfig
 from t2i_reward.rewarders.mllm import MLLMConfig
+from t2i_reward.rewarders.pools import IngressConfig, PoolConfig, RayConfig
 from t2i_reward.rewarders.registry import get_expert_class, list_experts
 from t2i_reward.service.settings import Settings
 
@@ -137,11 +138,20 @@ def experts_reference() -> str:
         for name in list_experts())
 
 
+def ray_reference() -> str:
+    return "\n".join([
+        section("Ray Serve (`RayConfig`, the config's `ray:`)", "ray-config", table(RayConfig)),
+        section("A pool (`PoolConfig`)", "ray-pool", table(PoolConfig), level=4),
+        section("The ingress (`IngressConfig`)", "ray-ingress", table(IngressConfig), level=4),
+    ])
+
+
 def job_reference() -> str:
     return section("The job spec (`JobSpec`)", "job-spec", table(JobSpec))
 
 
-TABLES = {"settings": settings_reference, "reward": reward_reference, "experts": experts_reference, "job-spec": job_reference}
+TABLES = {"settings": settings_reference, "reward": reward_reference, "experts": experts_reference, "ray": ray_reference,
+          "job-spec": job_reference}
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:

@@ -77,6 +77,7 @@ class AestheticExpert(Expert):
     """Predicted AVA-style rating (about 1..10). Default normalisation: the AVA mean-score distribution."""
 
     name = "aesthetic"
+    pool = "clip"  # runs beside the other experts on the shared CLIP (one image pass): one Ray Serve pool
     Config = AestheticConfig
     default_mean = 5.4
     default_std = 0.74

@@ -27,6 +27,7 @@ class ClipScoreExpert(Expert):
     """cos(image, text) in [-1, 1]; about 0.2..0.35 for OpenAI ViT-L/14 on matching images."""
 
     name = "clip_score"
+    pool = "clip"  # runs beside the other experts on the shared CLIP (one image pass): one Ray Serve pool
     Config = ClipScoreConfig
     needs_text_embeds = True
     # CLIPScore (Hessel et al. 2021) rescales this cosine by w = 2.5 "to stretch the range" of typical

@@ -44,6 +44,7 @@ class DiversityExpert(Expert):
     """Cosine distances between the CLIP image embeddings of one request's images."""
 
     name = "diversity"
+    pool = "clip"  # runs beside the other experts on the shared CLIP (one image pass): one Ray Serve pool
     Config = DiversityConfig
     batch_level = True  # the mixture calls forward once per request
     min_images = 2  # requests with fewer images are refused

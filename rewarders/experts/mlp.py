@@ -98,6 +98,7 @@ class MLPExpert(Expert):
     """The thesis MLP; default normalisation: the score statistics stored in its checkpoint."""
 
     name = "mlp"
+    pool = "clip"  # runs beside the other experts on the shared CLIP (one image pass): one Ray Serve pool
     Config = MLPConfig
     needs_text_embeds = True
     build_tiny = staticmethod(build_tiny)

@@ -21,6 +21,8 @@ from t2i_reward.rewarders.errors import MalformedBodyError
 
 from ..batcher import MicroBatcher, Ticket
 from ..deps import AuthDep, BatcherDep
+from ..errors import NotServed
+from ..pooled import GRADIENT_NOT_SERVED
 from ..schemas import error_responses
 
 router = APIRouter(prefix="/reward", tags=["reward"], dependencies=[AuthDep])
@@ -132,7 +134,8 @@ def server_timing(phases: dict[str, float]) -> str:
 
 @router.post(
     "/gradient",
-    responses={**ERRORS, 200: {"content": {wire.OCTET: {}}, "description": "safetensors: rewards, grad, components.*"}},
+    responses={**ERRORS, **error_responses(501),
+               200: {"content": {wire.OCTET: {}}, "description": "safetensors: rewards, grad, components.*"}},
     summary="Rewards and d(total)/d(pixels) for image tensors",
     openapi_extra={
         "requestBody": {
@@ -149,6 +152,8 @@ async def reward_gradient(request: Request, batcher: BatcherDep) -> Response:
     The answer is safetensors with `rewards` (B,), `grad` (B, 3, H, W) = d(sum of totals)/d(images),
     and `components.<expert>` (B,). On the worker: `images.backward(-grad)` to maximise the reward.
     """
+    if not batcher.rewarder.differentiable:  # the Ray deployment (service/pooled.py): 501, before the body is read
+        raise NotServed(GRADIENT_NOT_SERVED)
     wire.check_gradient_media_type(wire.media_type(request.headers.get("content-type")))
     batcher.check_admission()
     data = await read_body(request)

@@ -2,7 +2,7 @@
 
     t2i-reward score [--config FILE | --profile NAME] --prompt TEXT IMAGE... [--json]
     t2i-reward bench [--config FILE | --profile NAME] --images N --batch-size B [--json]
-    t2i-reward serve [--config FILE | --profile NAME] [--host H] [--port P] [--prompts-index DIR]
+    t2i-reward serve [--config FILE | --profile NAME] [--host H] [--port P] [--prompts-index DIR] [--ray]
     t2i-reward prompts build --source SRC --out DIR [--model NAME] [--text-field F]
     t2i-reward prompts search --index DIR TOPIC... [-n N] [--diversity D]
     t2i-reward prompts generate TOPIC... [-n N] [--seed S] [--model M] [--expansion E] [--max-new-tokens T]
@@ -109,6 +109,14 @@ def cmd_serve(args) -> int:
                  "prompts_index": args.prompts_index}
     overrides = {k: v for k, v in overrides.items() if v is not None}
     settings = Settings(**overrides)
+    if args.ray:  # the same API as a Ray Serve application, each pool of experts its own deployment
+        try:
+            from t2i_reward.service.ray_serve import run
+        except ImportError as e:
+            print(f"t2i-reward serve --ray needs Ray Serve: pip install '.[ray]' ({e})", file=sys.stderr)
+            return 2
+        run(settings)
+        return 0
     serve(create_app(settings), settings)  # uvicorn with the connection limits (service/server.py)
     return 0
 
@@ -394,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", help="address to bind (default 127.0.0.1, or T2I_SERVICE_HOST)")
     p.add_argument("--port", type=_positive, help="port (default 8000, or T2I_SERVICE_PORT)")
     p.add_argument("--prompts-index", help="prompt index directory for /prompts (default: the built-in corpus)")
+    p.add_argument("--ray", action="store_true", help="run on Ray Serve (pip install .[ray]): the cluster at RAY_ADDRESS, "
+                   "or a local one; each pool of experts its own deployment (the config's ray: section)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("prompts", help="build or query a prompt index, or generate prompts")

@@ -1,0 +1,148 @@
+"""The mixture across pools without Ray (service/pooled.py): each pool's `Pool` in this process, the ingress's
+`PooledMixture` over them. Its answers equal one mixture's; the pools follow the config's `ray:` section;
+the service on a pooled mixture refuses `/reward/gradient` with 501. (tests/test_ray.py runs the same on a
+real two-node Ray cluster.)"""
+
+import io
+import math
+
+import pytest
+import yaml
+from t2i_reward.rewarders import create_rewarder
+from t2i_reward.rewarders.config import load_config
+from t2i_reward.rewarders.errors import InvalidRequestError
+from t2i_reward.rewarders.pools import plan_pools
+
+from .conftest import LIMITS, client_maker, smooth_image
+
+
+def tiny_config(cache_dir, **over):
+    # the tiny profile and diversity, a batch-level expert on the shared tiny CLIP: two pools
+    return load_config(profile="tiny", cache_dir=cache_dir, experts={"diversity": {"clip": "tiny"}}, **over)
+
+
+@pytest.fixture(scope="module")
+def pair(cache_dir):
+    from t2i_reward.service.pooled import local_pools, pooled_over_local
+
+    config = tiny_config(cache_dir)
+    return create_rewarder(config), pooled_over_local(config, local_pools(config))
+
+
+def assert_close(a, b, path="result"):
+    """Two answers equal: the same keys, lists and None, numbers within 1e-5."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and list(a) == list(b), f"{path}: {a} != {b}"
+        for k in a:
+            assert_close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{path}: {a} != {b}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert math.isclose(a, b, rel_tol=0, abs_tol=1e-5), f"{path}: {a} != {b}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def test_the_default_pools_keep_the_clip_family_together(cache_dir):
+    config = tiny_config(cache_dir)
+    assert plan_pools(list(config.experts), config.ray) == {"imagereward": ["imagereward"], "clip": ["aesthetic", "mlp", "diversity"]}
+    default = load_config(profile="default")
+    assert plan_pools(list(default.experts), default.ray) == {
+        "imagereward": ["imagereward"], "pickscore": ["pickscore"], "hpsv2": ["hpsv2"], "clip": ["clip_score", "aesthetic"]}
+
+
+def test_the_ray_section_regroups_and_sizes_pools(cache_dir, tmp_path):
+    path = tmp_path / "reward.yaml"
+    path.write_text(yaml.safe_dump({"profile": "tiny", "ray": {
+        "pools": {"heads": {"experts": ["aesthetic", "imagereward"], "num_gpus": 0.25, "replicas": 1, "max_replicas": 3},
+                  "clip": {"num_cpus": 0.1, "resources": {"small": 1}}},
+        "default_pool": {"num_cpus": 0.2}}}))
+    config = load_config(path, cache_dir=cache_dir)
+    assert plan_pools(list(config.experts), config.ray) == {"heads": ["imagereward", "aesthetic"], "clip": ["mlp"]}
+    assert config.ray.pools["heads"].num_gpus == 0.25 and config.ray.pools["clip"].resources == {"small": 1}
+    with pytest.raises(InvalidRequestError, match="two pools"):
+        plan_pools(["aesthetic", "mlp"], load_config(profile="tiny", ray={"pools": {
+            "a": {"experts": ["aesthetic"]}, "b": {"experts": ["aesthetic"]}}}).ray)
+    with pytest.raises(InvalidRequestError, match="does not enable"):
+        plan_pools(["mlp"], load_config(profile="tiny", ray={"pools": {"a": {"experts": ["pickscore"]}}}).ray)
+    with pytest.raises(InvalidRequestError, match="max_replicas"):
+        load_config(profile="tiny", ray={"default_pool": {"replicas": 3, "max_replicas": 2}})
+
+
+def test_pooled_answers_equal_one_mixture(pair):
+    single, pooled = pair
+    assert list(pooled.experts) == list(single.experts)
+    imgs = [smooth_image(i, 64 + 8 * i, 80) for i in range(5)]
+    requests = [("a red apple", imgs[:3], {"mlp": 0.5}), (["a blue car", "a cat"], imgs[3:], None)]
+    for s, p in zip(single.score_many(requests), pooled.score_many(requests)):
+        assert_close(s.to_dict(), p.to_dict())
+    # groups' advantages and percentiles (the tiny profile's calibration), computed in the ingress
+    kw = dict(group_ids=[0, 0, 1, 1, 1], explain=True)
+    s = single.score_checked([single.check_request("a dog", imgs, **kw)])[0]
+    p = pooled.score_checked([pooled.check_request("a dog", imgs, **kw)])[0]
+    assert s.advantages is not None and s.images[0].percentiles is not None
+    assert_close(s.to_dict(), p.to_dict())
+    assert pooled.describe() == single.describe()
+    # a batch-level expert's limit is checked in the ingress, before any pool runs
+    with pytest.raises(InvalidRequestError, match="at least 2 images"):
+        pooled.check_request("a dog", imgs[:1])
+
+
+def test_the_service_on_pools_answers_as_one_process_and_refuses_gradients(pair):
+    single, pooled = pair
+    buf = io.BytesIO()
+    smooth_image(3, 96, 120).save(buf, format="PNG")
+    files = [("images", ("a.png", buf.getvalue(), "image/png"))] * 2
+    answers = []
+    for rewarder in (single, pooled):
+        make = client_maker(rewarder, LIMITS)
+        client = next(make)(max_wait_ms=0)
+        r = client.post("/reward", data={"prompt": "a red apple"}, files=files)
+        assert r.status_code == 200, r.text
+        answers.append(r.json())
+        g = client.post("/reward/gradient", content=b"x", headers={"content-type": "application/octet-stream"})
+        assert g.status_code == (501 if rewarder is pooled else 400), g.text
+        if rewarder is pooled:
+            assert "not served on Ray" in g.json()["detail"]
+        assert client.get("/models").json()["experts"] == single.describe()
+        next(make, None)
+    assert_close(answers[0], answers[1])
+
+
+def test_the_single_process_service_does_not_import_ray():
+    import subprocess
+    import sys
+
+    # what `t2i-reward serve` imports and builds (without --ray), in a fresh interpreter
+    code = ("import sys, t2i_reward.cli\n"
+            "from t2i_reward.service.app import create_app\n"
+            "from t2i_reward.service.server import serve\n"
+            "from t2i_reward.service.settings import Settings\n"
+            "create_app(Settings(profile='tiny'))\n"
+            "assert 'ray' not in sys.modules, 'ray was imported'\n"
+            "assert 't2i_reward.service.ray_serve' not in sys.modules\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_the_kuberay_manifest_names_the_builder_and_a_valid_config(tmp_path):
+    import importlib
+    from pathlib import Path
+
+    from t2i_reward.service.settings import Settings
+
+    root = Path(__file__).resolve().parent.parent
+    configmap, service = yaml.safe_load_all((root / "deploy" / "kuberay-rayservice.yaml").read_text())
+    app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    module, _, name = app["import_path"].partition(":")
+    assert module == "t2i_reward.service.ray_serve" and name == "app_builder"
+    assert importlib.util.find_spec(module) is not None  # (importing it needs Ray)
+    Settings(**{k: v for k, v in app["args"].items() if k != "reward_config"})  # every arg is a service setting
+    path = tmp_path / "reward.yaml"
+    path.write_text(configmap["data"]["reward.yaml"])
+    config = load_config(path)
+    assert plan_pools(list(config.experts), config.ray) == {
+        "imagereward": ["imagereward"], "pickscore": ["pickscore"], "hpsv2": ["hpsv2"], "clip": ["clip_score", "aesthetic"]}
+    assert sum(config.ray.pools[p].num_gpus for p in config.ray.pools) == 1.0  # the four pools share each GPU
