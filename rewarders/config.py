@@ -46,6 +46,11 @@ class RewardConfig(BaseSettings):
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="'auto': bfloat16 on GPU, float32 on CPU.")
     max_batch_size: int = Field(16, ge=1, description="Most images per forward pass of a backbone.")
+    batch_invariant: bool = Field(
+        False, description="Score every pair bit-identically whatever it is batched with: each forward pass runs at "
+                           "exactly max_batch_size pairs (the last padded) and each text pass at a fixed shape "
+                           "(rewarders/invariance.py). Costs the padding (docs: Scores, Batch invariance).",
+    )
     normalize: bool = Field(True, description="Normalise each expert by its mean/std before weighting (False: raw weighted sum).")
     # the request limits (limits.py declares their defaults and bounds)
     max_image_pixels: int = limit_field("max_image_pixels")

@@ -25,6 +25,7 @@ from .checkpoints import TinySource
 from .clip import ClipBackbone
 from .config import RewardConfig, load_config
 from .errors import InvalidRequestError
+from .invariance import deterministic_device
 from .mixture import Mixture
 from .registry import Expert, get_expert_class
 
@@ -68,6 +69,8 @@ class LoadContext:
 def load_experts(config: RewardConfig) -> tuple[dict[str, Expert], list[ClipBackbone], torch.device, torch.dtype]:
     """Every configured expert, loaded, and the CLIP backbones they share."""
     device = resolve_device(config.device)
+    if config.batch_invariant:
+        deterministic_device(device)  # before any model reaches the device: cuBLAS reads its workspace setting once
     dtype = resolve_dtype(config.dtype, device)
     ctx = LoadContext(device, dtype, config.cache_dir, config.seed)
     experts = {name: get_expert_class(name).from_config(cfg, ctx) for name, cfg in config.experts.items()}

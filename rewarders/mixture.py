@@ -45,6 +45,7 @@ from .config import RewardConfig
 from .errors import InvalidImageError, InvalidPromptError, InvalidRequestError, public_message
 from .images import ImageLike, Preprocess, check_size, decode_budget, open_image
 from .inputs import Checked, PilPixels, Pixels, check_image_tensor, prepare_pil, prepare_tensor
+from .invariance import pad_list, pad_rows
 from .limits import Limits
 from .metadata import check_metadata
 from .registry import Expert, ExpertOutput
@@ -136,6 +137,9 @@ class Mixture(nn.Module):
         self.dtype = dtype
         self.limits = Limits.of(config)
         self.experts = nn.ModuleDict(dict(experts))
+        self.batch_invariant = config.batch_invariant
+        for e in experts.values():  # each keeps its own internal passes at fixed shapes too (invariance.py)
+            e.batch_invariant = config.batch_invariant
         self.clips = nn.ModuleDict({f"clip{i}": c for i, c in enumerate(clips)})
         self._clip_by_spec = {c.spec: c for c in clips}
         self.weights = {n: config.experts[n].weight for n in experts}
@@ -215,11 +219,39 @@ class Mixture(nn.Module):
         on_timing(name, time.perf_counter() - t)
         return out
 
+    def _passes(self, pixels_for: Callable[[Preprocess, int, int], torch.Tensor], prompts: list[str],
+                metadata: Sequence[dict] | None, on_timing: Timing | None,
+                size: int | None) -> tuple[list[Scores], list[int], dict[str, torch.Tensor]]:
+        """The per-image experts over consecutive passes of `size` pairs (None: one pass), `pixels_for(spec, a, b)`
+        giving pairs a..b prepared for `spec`: each pass's Scores, its number of pairs, and the CLIP image
+        embeddings of all pairs by spec (on the device). In the batch-invariant mode every pass has exactly
+        `max_batch_size` pairs, the last one padded with copies of its last pair, whose scores are dropped."""
+        n = len(prompts)
+        if self.batch_invariant:
+            size = self.config.max_batch_size
+        size = size or n
+        parts, sizes, embeds = [], [], {}
+        for a in range(0, n, size):
+            b = min(a + size, n)
+            get = lambda spec, a=a, b=b: pixels_for(spec, a, b)  # noqa: E731
+            p, m = prompts[a:b], (metadata[a:b] if metadata is not None else None)
+            if self.batch_invariant and b - a < size:
+                get = lambda spec, g=get: pad_rows(g(spec), size)  # noqa: E731
+                p, m = pad_list(p, size), (pad_list(m, size) if m is not None else None)
+            raw, emb = self._raw_scores(get, p, m, on_timing, real=b - a)
+            parts.append(raw.part(0, b - a) if b - a < len(p) else raw)
+            sizes.append(b - a)
+            for spec, e in emb.items():
+                embeds.setdefault(spec, []).append(e[: b - a])
+        return parts, sizes, {spec: torch.cat(v) for spec, v in embeds.items()}
+
     def _raw_scores(self, pixels_for: Callable[[Preprocess], torch.Tensor], prompts: list[str],
-                    metadata: Sequence[dict] | None, on_timing: Timing | None) -> tuple[Scores, dict[str, torch.Tensor]]:
+                    metadata: Sequence[dict] | None, on_timing: Timing | None,
+                    real: int | None = None) -> tuple[Scores, dict[str, torch.Tensor]]:
         """Each per-image expert's raw score for one batch, and the CLIP image embeddings by spec (which
         the batch-level experts read once all batches have run); `pixels_for(spec)` gives the batch
-        preprocessed for `spec`; `metadata` one object per pair (None: none came)."""
+        preprocessed for `spec`; `metadata` one object per pair (None: none came). `real`: the pairs before
+        the batch-invariant mode's padding (the `per_pair` experts score only those)."""
         pixels: dict[Preprocess, torch.Tensor] = {}
 
         def get(spec: Preprocess) -> torch.Tensor:
@@ -236,17 +268,22 @@ class Mixture(nn.Module):
             image_embeds[e.clip_spec] = self._timed(on_timing, f"clip:{e.clip_spec}", clip.encode_images, get(clip.preprocess))
         for e in self.experts.values():
             if e.needs_text_embeds and e.clip_spec not in text_embeds:
-                unique = list(dict.fromkeys(prompts))  # one text pass per distinct prompt
+                # one text pass per distinct prompt; in the batch-invariant mode one per pair, a fixed shape
+                unique = list(prompts) if self.batch_invariant else list(dict.fromkeys(prompts))
                 emb = self._timed(on_timing, f"clip-text:{e.clip_spec}", self._clip_by_spec[e.clip_spec].encode_texts, unique)
-                index = torch.tensor([unique.index(p) for p in prompts], device=emb.device)
-                text_embeds[e.clip_spec] = emb[index]
+                if not self.batch_invariant:
+                    emb = emb[torch.tensor([unique.index(p) for p in prompts], device=emb.device)]
+                text_embeds[e.clip_spec] = emb
         out = Scores({})
         for name, e in self.experts.items():
             if name in self._batch_level:
                 continue
-            kwargs = {"metadata": list(metadata) if metadata is not None else [{}] * len(prompts)} if e.uses_metadata else {}
-            self._collect(out, name, len(prompts), lambda: self._timed(
-                on_timing, name, e, get(e.preprocess), prompts, image_embeds.get(e.clip_spec), text_embeds.get(e.clip_spec), **kwargs))
+            n = real if self.batch_invariant and e.per_pair and real is not None else len(prompts)
+            kwargs = {"metadata": list(metadata[:n]) if metadata is not None else [{}] * n} if e.uses_metadata else {}
+            emb, txt = image_embeds.get(e.clip_spec), text_embeds.get(e.clip_spec)
+            self._collect(out, name, n, lambda: self._timed(
+                on_timing, name, e, get(e.preprocess)[:n], prompts[:n], emb[:n] if emb is not None else None,
+                txt[:n] if txt is not None else None, **kwargs))
         return out, image_embeds
 
     def _collect(self, out: Scores, name: str, n: int, run: Callable[[], torch.Tensor | ExpertOutput]) -> None:
@@ -383,7 +420,12 @@ class Mixture(nn.Module):
         A pair an expert failed on is an error here: a gradient needs every term."""
         self.check_group_sizes(sizes)
         images = images.to(self.device, torch.float32)
-        raw, embeds = self._raw_scores(lambda spec: spec.tensor(images), prompts, metadata, on_timing)
+        # one pass over the tensor (in the batch-invariant mode: fixed-size passes, on the device, differentiable)
+        parts, part_sizes, embeds = self._passes(lambda spec, a, b: spec.tensor(images[a:b]), prompts, metadata, on_timing, None)
+        raw = Scores({n: torch.cat([p.scores[n] for p in parts]) for n in parts[0].scores})
+        for p, a in zip(parts, itertools.accumulate([0, *part_sizes])):
+            for name, errors in p.errors.items():
+                raw.errors.setdefault(name, {}).update({a + i: m for i, m in errors.items()})
         grouped = self._group_scores(embeds, prompts, sizes, metadata, on_timing, lambda spec, a, b: spec.tensor(images[a:b]))
         raw.scores.update(grouped.scores)
         for name, errors in {**raw.errors, **grouped.errors}.items():
@@ -668,19 +710,9 @@ class Mixture(nn.Module):
         `group_ids` per request (`groups` are their sizes), for the experts that score groups."""
         self.check_group_sizes(groups)
         specs = {e.clip_spec for e in self._batch_level.values() if e.clip_spec is not None}
-        embeds: dict[str, list[torch.Tensor]] = {s: [] for s in specs}
-        bs = self.config.max_batch_size
-        parts, sizes = [], []
         with torch.inference_mode():
-            for i in range(0, len(prompts), bs):
-                j = min(i + bs, len(prompts))
-                raw, emb = self._raw_scores(lambda spec: pixels.get(spec, i, j), prompts[i:j],
-                                            metadata[i:j] if metadata is not None else None, on_timing)
-                parts.append(raw)
-                sizes.append(j - i)
-                for s in specs:
-                    embeds[s].append(emb[s].cpu())
-            grouped = self._group_scores({s: torch.cat(v) for s, v in embeds.items()}, prompts, groups, metadata, on_timing,
+            parts, sizes, embeds = self._passes(pixels.get, prompts, metadata, on_timing, self.config.max_batch_size)
+            grouped = self._group_scores({s: embeds[s].cpu() for s in specs}, prompts, groups, metadata, on_timing,
                                          pixels.get, group_ids)
         out = _concat(parts, sizes)
         out.scores.update(grouped.scores)

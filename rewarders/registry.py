@@ -116,6 +116,11 @@ class Expert(nn.Module):
     # the Ray Serve pool this expert joins by default (rewarders/pools.py): experts naming the same pool share its
     # replicas and so their backbone pass ("clip": the shared-CLIP family); None: a pool of its own
     pool: ClassVar[Optional[str]] = None
+    # the batch-invariant mode (rewarders/invariance.py): `batch_invariant` is set on each expert by the mixture
+    # (True: keep every internal pass at a fixed shape); `per_pair = True`: in that mode forward scores each
+    # pair on its own, so the mixture gives it the real pairs only, without the padding
+    per_pair: ClassVar[bool] = False
+    batch_invariant: bool = False
 
     def __init__(self, preprocess: Any = None, checkpoint: str = "", random_weights: bool = False,
                  clip_spec: str | None = None):

@@ -168,10 +168,12 @@ class BlipScoreExpert(Expert):
         return cls(model, tokenizer, cfg.checkpoint, ckpt.random_weights)
 
     def forward(self, pixels, prompts, image_embeds=None, text_embeds=None) -> torch.Tensor:
-        unique = list(dict.fromkeys(prompts))  # one text pass per distinct prompt
+        # one text pass per distinct prompt; in the batch-invariant mode one per pair, a fixed shape
+        unique = list(prompts) if self.batch_invariant else list(dict.fromkeys(prompts))
         tokens = self.tokenizer(unique, padding="max_length", truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
         device = pixels.device
         text = self.model.text_features(tokens.input_ids.to(device), tokens.attention_mask.to(device))
-        text = text[torch.tensor([unique.index(p) for p in prompts], device=device)]
+        if not self.batch_invariant:
+            text = text[torch.tensor([unique.index(p) for p in prompts], device=device)]
         image = self.model.image_features(pixels.to(self.model.vision_proj.weight.dtype))
         return (image * text).sum(-1)

@@ -37,6 +37,7 @@ from .. import geneval_rules as rules
 from ..checkpoints import TINY
 from ..errors import InvalidRequestError, ModelLoadError
 from ..images import Preprocess
+from ..invariance import fixed_passes
 from ..registry import Expert, ExpertConfig, ExpertOutput, register_expert
 from .pickscore import resolve_folder
 
@@ -235,8 +236,11 @@ class GenEvalExpert(Expert):
         todo = [(b, cls, objects[b][cls][i]) for b, rec in enumerate(records) for cls, i in rules.colour_requests(rec, objects[b])]
         if not todo:
             return
-        crops = torch.cat([self.crops(pixels[b], [d]) for b, _, d in todo])
-        emb = self.clip.encode_images(crops.to(pixels.device))
+        crops = torch.cat([self.crops(pixels[b], [d]) for b, _, d in todo]).to(pixels.device)
+        if self.batch_invariant:  # the number of crops follows the batch's images: passes of a fixed size
+            emb = fixed_passes(self.clip.encode_images, crops, len(pixels))
+        else:
+            emb = self.clip.encode_images(crops)
         for (b, cls, det), e in zip(todo, emb):
             det.color = rules.COLORS[int((self.colour_classifier(cls) @ e).argmax())]
 
@@ -257,7 +261,11 @@ class GenEvalExpert(Expert):
         if ok:
             recs = [metadata[i] for i in ok]
             thresholds = [rules.threshold_for(r, self.cfg.threshold, self.cfg.counting_threshold) for r in recs]
-            objects = self.detect(pixels[ok], thresholds)
+            if self.batch_invariant and len(ok) < n:  # the detector at the batch's fixed shape: pad with a valid pair
+                pad = ok + [ok[-1]] * (n - len(ok))
+                objects = self.detect(pixels[pad], thresholds + [thresholds[-1]] * (n - len(ok)))[: len(ok)]
+            else:
+                objects = self.detect(pixels[ok], thresholds)
             self.classify_colours(pixels[ok], recs, objects)
             for i, rec, objs in zip(ok, recs, objects):
                 j = rules.judge(rec, objs, self.cfg.position_margin)

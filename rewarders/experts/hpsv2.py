@@ -173,7 +173,9 @@ class HPSv2Expert(Expert):
     def forward(self, pixels, prompts, image_embeds=None, text_embeds=None) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
         img = self.model.encode_image(pixels.to(dtype))
-        unique = list(dict.fromkeys(prompts))  # one text pass per distinct prompt
+        # one text pass per distinct prompt; in the batch-invariant mode one per pair, a fixed shape
+        unique = list(prompts) if self.batch_invariant else list(dict.fromkeys(prompts))
         txt = self.model.encode_text(self.tokenizer(unique).to(pixels.device))
-        txt = txt[torch.tensor([unique.index(p) for p in prompts], device=txt.device)]
+        if not self.batch_invariant:
+            txt = txt[torch.tensor([unique.index(p) for p in prompts], device=txt.device)]
         return (F.normalize(img.float(), dim=-1) * F.normalize(txt.float(), dim=-1)).sum(-1)

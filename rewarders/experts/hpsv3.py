@@ -433,6 +433,9 @@ class HPSv3Expert(Expert):
     default_std = 2.0
     build_tiny = staticmethod(build_tiny)
     extras = ("sigma",)
+    # the batch-invariant mode: a batch's sequences are right-padded to its longest (their length follows the
+    # image's aspect and the prompt) and its images' patches run as one sequence, so there each pair runs alone
+    per_pair = True
 
     def __init__(self, model: HPSv3Model, tokenizer, chat_template: str, preprocess: HPSv3Preprocess,
                  checkpoint: str, random_weights: bool):
@@ -531,7 +534,10 @@ class HPSv3Expert(Expert):
         return self._ids[key]
 
     def forward(self, pixels, prompts, image_embeds=None, text_embeds=None, **kwargs) -> ExpertOutput:
-        mu, log_sigma = self.predict(pixels, prompts)
+        if self.batch_invariant:  # one pair at a time: its shapes are its own (`per_pair`)
+            mu, log_sigma = (torch.cat(t) for t in zip(*(self.predict(pixels[i : i + 1], prompts[i : i + 1]) for i in range(len(prompts)))))
+        else:
+            mu, log_sigma = self.predict(pixels, prompts)
         return ExpertOutput(mu, extras={"sigma": log_sigma.exp()})
 
     def predict(self, pixels: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -142,6 +142,7 @@ class OCRExpert(Expert):
     default_mean = 0.5  # a fraction of the target read right
     default_std = 0.25
     uses_metadata = True
+    per_pair = True  # one image at a time through onnxruntime: already batch-invariant, so never padded
 
     def __init__(self, engine, cfg: OCRConfig, device: torch.device, use_cuda: bool, checkpoint: str):
         super().__init__(Preprocess(cfg.size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), checkpoint, False)

@@ -196,9 +196,13 @@ class PickScoreExpert(Expert):
     def forward(self, pixels, prompts, image_embeds=None, text_embeds=None) -> torch.Tensor:
         dtype = self.model.dtype
         img = self.model.visual_projection(self.model.vision_model(pixel_values=pixels.to(dtype)).pooler_output)
-        unique = list(dict.fromkeys(prompts))  # one text pass per distinct prompt
-        tok = self.tokenizer(unique, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt").to(pixels.device)
+        # one text pass per distinct prompt, padded to the longest; in the batch-invariant mode one per pair,
+        # padded to MAX_TOKENS: a shape the neighbours cannot change (rewarders/invariance.py)
+        unique = list(prompts) if self.batch_invariant else list(dict.fromkeys(prompts))
+        padding = "max_length" if self.batch_invariant else True
+        tok = self.tokenizer(unique, padding=padding, truncation=True, max_length=MAX_TOKENS, return_tensors="pt").to(pixels.device)
         txt = self.model.text_projection(self.model.text_model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).pooler_output)
-        txt = txt[torch.tensor([unique.index(p) for p in prompts], device=txt.device)]
+        if not self.batch_invariant:
+            txt = txt[torch.tensor([unique.index(p) for p in prompts], device=txt.device)]
         img, txt = F.normalize(img.float(), dim=-1), F.normalize(txt.float(), dim=-1)
         return self.logit_scale * (img * txt).sum(-1)

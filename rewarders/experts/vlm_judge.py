@@ -34,6 +34,7 @@ class VLMJudge(Expert):
     Config = VLMJudgeConfig
     default_mean = 0.5  # a probability: centred on "can't tell"
     default_std = 0.25
+    per_pair = True  # one question per pair: never padded in the batch-invariant mode (the peer's own batching is its own)
 
     def __init__(self, peer, cfg: VLMJudgeConfig):
         # the pixels stay in [0, 1] at the size sent to the peer (square, as every expert's input)
