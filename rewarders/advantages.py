@@ -18,6 +18,7 @@ raw score):
 
 from __future__ import annotations
 
+import math
 from typing import Hashable, Mapping, Sequence
 
 import torch
@@ -32,24 +33,24 @@ def group_index(group_ids: Sequence[Hashable]) -> torch.Tensor:
 
 
 def zscore_in_groups(values: torch.Tensor, groups: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """(values - group mean) / (group population std + eps), per element; float64 inside for accuracy.
-    NaN values are left out of the statistics and stay NaN."""
+    """(values - group mean) / (group population std + eps), per element, in float64.
+    NaN values are left out of the statistics and stay NaN.
+
+    The sums are exact (`math.fsum`, correctly rounded), so a group's statistics do not depend on the order
+    of its members nor on the other groups of the request: the same scores give the same advantages, bit
+    for bit (the batch-invariant mode's promise, docs/scores.md)."""
     v = values.detach().double().cpu()
-    n_groups = int(groups.max()) + 1
-    scored = ~torch.isnan(v)
-    if not bool(scored.all()):  # (kept apart so that the common case computes exactly as it always has)
-        w = scored.double()
-        v0 = torch.where(scored, v, torch.zeros_like(v))
-        count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, w)
-        mean = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, v0) / count.clamp_min(1)
-        centred = torch.where(scored, v - mean[groups], torch.zeros_like(v))
-        var = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, centred**2) / count.clamp_min(1)
-        return torch.where(scored, centred / (var.sqrt()[groups] + eps), torch.full_like(v, float("nan"))).float()
-    count = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, torch.ones_like(v))
-    mean = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, v) / count
-    centred = v - mean[groups]
-    var = torch.zeros(n_groups, dtype=torch.float64).index_add_(0, groups, centred**2) / count
-    return (centred / (var.sqrt()[groups] + eps)).float()
+    members: dict[int, list[float]] = {}
+    for x, g in zip(v.tolist(), groups.tolist()):
+        if not math.isnan(x):
+            members.setdefault(g, []).append(x)
+    stats = {}
+    for g, xs in members.items():
+        mean = math.fsum(xs) / len(xs)
+        stats[g] = (mean, math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / len(xs)) + eps)
+    mean = torch.tensor([stats.get(g, (0.0, 1.0))[0] for g in groups.tolist()], dtype=torch.float64)
+    scale = torch.tensor([stats.get(g, (0.0, 1.0))[1] for g in groups.tolist()], dtype=torch.float64)
+    return ((v - mean) / scale).float()  # NaN stays NaN
 
 
 def group_advantages(total: torch.Tensor, components: Mapping[str, torch.Tensor], group_ids: Sequence[Hashable],

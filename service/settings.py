@@ -57,6 +57,10 @@ class Settings(FinetuneSettings):
                                           "JSON; larger gets 422.")
     max_metadata_depth: int = limit_field("max_metadata_depth", "Deepest nesting in one pair's metadata; deeper gets 422.")
     max_batch_images: int = Field(64, ge=1, description="Most images pooled into one micro-batch (run in forward passes of the rewarder's max_batch_size).")
+    batch_invariant: Optional[bool] = Field(None, description="true: every pair's scores are bit-identical whatever it is "
+                                            "micro-batched with (the rewarder's `batch_invariant`: forward passes of exactly "
+                                            "max_batch_images pairs, the last padded; set max_batch_images near your trainers' "
+                                            "batch size to bound the padding); none: the reward config decides (docs: Scores).")
     prepare_workers: Optional[int] = Field(None, ge=1, le=256, description="Threads that decode and preprocess images "
                                            "beside the model thread; default: the number of cores.")
     max_wait_ms: float = Field(0.0, ge=0, description="Extra wait for more requests before a batch runs (0: run as soon as the model is free, batching what queued meanwhile).")
@@ -85,4 +89,7 @@ class Settings(FinetuneSettings):
 
     def rewarder_overrides(self) -> dict:
         """The rewarder loaded by the service gets the same limits and batch size."""
-        return {**self.limits().model_dump(), "max_batch_size": self.max_batch_images}
+        out = {**self.limits().model_dump(), "max_batch_size": self.max_batch_images}
+        if self.batch_invariant is not None:
+            out["batch_invariant"] = self.batch_invariant
+        return out
