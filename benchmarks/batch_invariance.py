@@ -11,8 +11,10 @@ extra, and the total), how many pairs' values differ in any bit from the same pa
 `--invariant` sets `batch_invariant: true`.
 
 `cost`: images/s of `score_checked` on random 512x512 uint8 tensors (the service's raw path, prepared
-beforehand as the service's pool does) sent as requests of each `--request-sizes`, pooled like a
-micro-batch of `--images`, with the mode off and on, interleaved rounds; prints one JSON object.
+beforehand as the service's pool does) in requests of each `--request-sizes`, about `--images` images in
+all: "pooled", all requests in one call (a busy service's micro-batch), and "alone", one call per request
+(an idle service); with the mode off and on (`--batch-size` is max_batch_size, the mode's pass size),
+interleaved rounds, medians; prints one JSON object.
 """
 
 from __future__ import annotations
@@ -141,18 +143,23 @@ def cost(args) -> None:
         n = max(1, args.images // size)
         reqs = [(PROMPTS[:1] * size, torch.from_numpy(g.integers(0, 256, (size, 512, 512, 3), dtype=np.uint8))) for _ in range(n)]
         checked = {m: [r.check_tensor_request(p, t) for p, t in reqs] for m, r in rs.items()}
-        times = {False: [], True: []}
         for m in (False, True):  # warm-up
             rs[m].score_checked(checked[m][:1])
-        for _ in range(args.rounds):
-            for m in (False, True):
-                t = time.perf_counter()
-                rs[m].score_checked(checked[m])
-                times[m].append(time.perf_counter() - t)
-        ips = {m: n * size / statistics.median(v) for m, v in times.items()}
-        out["sizes"][size] = {"images_per_s_off": round(ips[False], 3), "images_per_s_on": round(ips[True], 3),
-                              "cost": f"{100 * (1 - ips[True] / ips[False]):.1f}%"}
-        print(json.dumps(out["sizes"][size]), file=sys.stderr)
+        for how in ("pooled", "alone"):
+            times = {False: [], True: []}
+            for _ in range(args.rounds):
+                for m in (False, True):
+                    t = time.perf_counter()
+                    if how == "pooled":
+                        rs[m].score_checked(checked[m])
+                    else:
+                        for c in checked[m]:
+                            rs[m].score_checked([c])
+                    times[m].append(time.perf_counter() - t)
+            ips = {m: n * size / statistics.median(v) for m, v in times.items()}
+            out["sizes"][f"{size} {how}"] = row = {"images_per_s_off": round(ips[False], 3), "images_per_s_on": round(ips[True], 3),
+                                                   "cost": f"{100 * (1 - ips[True] / ips[False]):.1f}%"}
+            print(size, how, json.dumps(row), file=sys.stderr)
     print(json.dumps(out, indent=1))
 
 
