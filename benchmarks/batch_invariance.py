@@ -2,7 +2,7 @@
 
     python benchmarks/batch_invariance.py bits --experts all-tiny [--invariant]
     python benchmarks/batch_invariance.py cost --profile tiny --images 32 --request-sizes 1 3 8
-    python benchmarks/batch_invariance.py cost --profile random-full --images 16 --request-sizes 4 8
+    python benchmarks/batch_invariance.py cost --profile random-full --images 4 --batch-size 4 --request-sizes 4 1
 
 `bits`: requests of 2 to 7 pairs (diversity needs two images per request) scored alone, all pooled in one
 call and in random shuffled mixtures with strangers' requests (one rewarder, `max_batch_size` 8, so pooled
@@ -96,7 +96,7 @@ def score(r, reqs, path: str):
 
 def bits(args) -> None:
     experts = ALL_TINY if args.experts == "all-tiny" else {**NO_TINY, **{n: ALL_TINY[n] for n in args.experts.split(",")}}
-    kw = dict(profile="tiny", device="cpu", calibration=None, experts=experts)
+    kw = dict(profile="tiny", device=args.device, calibration=None, experts=experts)
     if args.invariant:
         kw["batch_invariant"] = True
     r = create_rewarder(max_batch_size=8, **kw)
@@ -135,8 +135,9 @@ def bits(args) -> None:
 
 
 def cost(args) -> None:
-    out = {"profile": args.profile, "images": args.images, "torch_threads": torch.get_num_threads(), "sizes": {}}
-    rs = {mode: create_rewarder(profile=args.profile, device="cpu", max_batch_size=args.batch_size, batch_invariant=mode)
+    out = {"profile": args.profile, "device": args.device, "images": args.images, "batch_size": args.batch_size,
+           "torch_threads": torch.get_num_threads(), "sizes": {}}
+    rs = {mode: create_rewarder(profile=args.profile, device=args.device, max_batch_size=args.batch_size, batch_invariant=mode)
           for mode in (False, True)}
     g = np.random.default_rng(0)
     for size in args.request_sizes:
@@ -177,6 +178,8 @@ def main() -> None:
     c.add_argument("--batch-size", type=int, default=16)
     c.add_argument("--request-sizes", type=int, nargs="+", default=[1, 3, 8])
     c.add_argument("--rounds", type=int, default=3)
+    for s in (b, c):
+        s.add_argument("--device", default="cpu", help="cpu, cuda, ... (on CUDA the mode also turns deterministic algorithms on, process-wide)")
     a = p.parse_args()
     bits(a) if a.mode == "bits" else cost(a)
 

@@ -171,7 +171,8 @@ def test_service_concurrent_clients_bit_identical(cache_dir, tmp_path, monkeypat
     monkeypatch.setenv("T2I_SERVICE_BATCH_INVARIANT", "true")
     settings = Settings(reward_config=config, max_batch_images=8, max_wait_ms=300, max_images=8,
                         redis_url=os.environ.get("T2I_TEST_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    assert settings.batch_invariant is True
+    assert settings.rewarder_config(**settings.rewarder_overrides()).batch_invariant is True
+    assert "batch_invariant" not in Settings(reward_config=config, batch_invariant=None).rewarder_overrides()  # the config decides
     reqs = requests(6, 4)
     with running_server(create_app(settings)) as url, RewardClient(url) as client:
         assert client.models()  # loaded
