@@ -15,7 +15,7 @@ So the mode runs every forward pass at one fixed shape:
   with copies of its last pair (`pad_rows`), and drops the padding's scores;
 - text passes encode every pair's prompt at that fixed shape (not the distinct prompts), PickScore pads
   prompts to its maximum length, the GenEval colour crops run in passes of the batch's size (`fixed_passes`);
-- experts whose work is per pair anyway (ocr, a judge through a peer) or that run their pairs one at a
+- experts whose work is per pair anyway (ocr, the pointwise judges through a peer) or that run their pairs one at a
   time in this mode (hpsv3, whose sequences vary in length with the image) set `per_pair = True` and get
   the real pairs only, unpadded;
 - on a GPU, `deterministic_device` turns off cuDNN's autotuner and asks for deterministic algorithms.

@@ -50,6 +50,7 @@ class UnifiedRewardExpert(Expert):
     default_mean = 0.5  # a score in [0, 1]: its middle
     default_std = 0.25
     extras = DIMENSIONS  # with 1.0-acs and 2.0: each dimension in [0, 1]
+    per_pair = True  # one question per pair: never padded in the batch-invariant mode
 
     def __init__(self, peer, cfg: UnifiedRewardConfig):
         # the pixels stay in [0, 1] at the size sent to the peer (square, as every expert's input)

@@ -48,6 +48,7 @@ class VQAScoreExpert(Expert):
     Config = VQAScoreConfig
     default_mean = 0.5
     default_std = 0.25
+    per_pair = True  # one question per pair: never padded in the batch-invariant mode
 
     def __init__(self, peer, cfg: VQAScoreConfig):
         super().__init__(Preprocess(cfg.image_size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), cfg.url or cfg.model, cfg.model == "tiny")
