@@ -63,7 +63,8 @@ class TrainState:
     spec: JobSpec
     accelerator: Accelerator  # the device and mixed precision; the other processes under accelerate launch / torchrun
     models: Models  # the frozen pipeline, the denoiser with its LoRA, the LoRA parameters and their optimiser
-    sampler: Sampler
+    sampler: Sampler  # the evaluation chain (`num_inference_steps`): evaluations, the sentinel, active learning's candidates
+    train_sampler: Sampler  # the training chain (`train_inference_steps`): what the step functions sample with
     reward: Reward
     metrics: dict  # the job's curves (`ctx.metrics`): each step appends to them
     pairs: list[tuple[Path, str]]  # the pre-training image-text pairs (`pretrain_data`), or none

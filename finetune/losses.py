@@ -65,7 +65,7 @@ def denoising_loss(s: Sampler, latents: torch.Tensor, cond: torch.Tensor, genera
 
 
 def refl_step(state: TrainState, batch: Batch) -> StepLoss:
-    s, spec, cond, uncond = state.sampler, state.spec, batch.cond, batch.uncond
+    s, spec, cond, uncond = state.train_sampler, state.spec, batch.cond, batch.uncond
     stop = batch.rng.randrange(*spec.refl_step_range)
     latents = s.denoise(s.initial_latents(batch.seeds), cond, uncond, steps=stop)
     e = s.predict(latents, stop, cond, uncond)  # the one step with gradients
@@ -81,7 +81,7 @@ def refl_step(state: TrainState, batch: Batch) -> StepLoss:
 
 
 def reward_weighted_step(state: TrainState, batch: Batch) -> StepLoss:
-    s, spec, cond = state.sampler, state.spec, batch.cond
+    s, spec, cond = state.train_sampler, state.spec, batch.cond
     with torch.no_grad():
         images = s.sample(batch.prompts, batch.seeds, cond=cond, uncond=batch.uncond)
         total, components = state.reward.scores(images, batch.prompts, batch.metadata)
@@ -107,7 +107,7 @@ def reward_weighted_step(state: TrainState, batch: Batch) -> StepLoss:
 def pretrain_loss(state: TrainState, batch: Batch) -> torch.Tensor:
     """The pre-training denoising loss on the pairs of this step (cycled); the VAE's posterior sample, the
     noise and the timesteps drawn from the step's `rng`."""
-    s, pairs, n = state.sampler, state.pairs, state.spec.batch_size
+    s, pairs, n = state.train_sampler, state.pairs, state.spec.batch_size
     chosen = [pairs[(batch.step * n + k) % len(pairs)] for k in range(n)]
     images = torch.stack([image_tensor(p, state.spec.resolution) for p, _ in chosen]).to(s.device)
     generator = step_generator(batch.rng)

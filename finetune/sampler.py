@@ -94,17 +94,31 @@ def transition_kl(mean: torch.Tensor, base_mean: torch.Tensor, std: torch.Tensor
 
 
 class Sampler:
-    def __init__(self, models: Models, guidance_scale: float, device: torch.device, autocast: Callable[[], AbstractContextManager]):
+    """The job's models with one chain: the evaluation chain (`num_inference_steps`, the models' scheduler) or,
+    from `with_steps`, the training chain (`train_inference_steps`). `forward_passes` counts the images the
+    denoiser has run on (classifier-free guidance's two branches count two): the steps' exact cost."""
+
+    def __init__(self, models: Models, guidance_scale: float, device: torch.device, autocast: Callable[[], AbstractContextManager],
+                 scheduler=None):
         self.m = models
         self.layout = models.layout
         self.guidance_scale = guidance_scale
         self.device = device
         self.autocast = autocast  # accelerator.autocast: mixed precision on a GPU, a no-op otherwise
         self.resolution = models.latent_shape[-1] * models.pipe.vae_scale_factor  # image side in pixels
+        self.scheduler = scheduler if scheduler is not None else models.scheduler
+        self.forward_passes = 0
 
-    @property
-    def scheduler(self):
-        return self.m.scheduler
+    def with_steps(self, steps: int) -> "Sampler":
+        """This sampler with a chain of `steps` steps (the same noise schedule, its own timesteps); itself when
+        its chain has that many already."""
+        if steps == self.num_steps:
+            return self
+        import copy
+
+        scheduler = copy.deepcopy(self.scheduler)
+        scheduler.set_timesteps(steps, device=self.device)
+        return Sampler(self.m, self.guidance_scale, self.device, self.autocast, scheduler)
 
     @property
     def num_steps(self) -> int:
@@ -137,6 +151,7 @@ class Sampler:
         """One denoiser forward at timestep(s) `t`, in float32 whatever the weight dtype: noise for SD/SDXL,
         velocity for SD3."""
         net = self.m.denoiser
+        self.forward_passes += latents.shape[0]
         with self.autocast():
             if self.layout == "sd3":
                 t = torch.as_tensor(t, device=self.device).expand(latents.shape[0])

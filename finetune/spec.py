@@ -123,7 +123,11 @@ class JobSpec(BaseModel):
     target_modules: list[ModuleName] = Field(["to_q", "to_k", "to_v", "to_out.0"], min_length=1, max_length=32, description="UNet attention projections that get LoRA adapters.")
     batch_size: int = _int(1, 1, MAX_BATCH_SIZE, "Prompts per step (the operator's limit may be lower).")
     resolution: int = Field(512, ge=MIN_RESOLUTION, le=MAX_RESOLUTION, multiple_of=8, strict=True, description="Image side in pixels, a multiple of 8 (the VAE's scale factor); the operator's limit may be lower.")
-    num_inference_steps: int = _int(40, 2, MAX_INFERENCE_STEPS, "DDIM steps of the sampling chain.")
+    num_inference_steps: int = _int(40, 2, MAX_INFERENCE_STEPS, "Steps of the evaluation chain (the before/after evaluation, the "
+                                    "sentinel, reports) and, unless train_inference_steps is given, of the chain sampled for training.")
+    train_inference_steps: Optional[int] = Field(None, ge=2, le=MAX_INFERENCE_STEPS, strict=True, description="Steps of the chain "
+        "sampled for training (every method; GRPO's trajectories, ReFL's refl_step_range counts in it); default: num_inference_steps. "
+        "Flow-GRPO trains with 10 and evaluates with 40.")
     refl_step_range: tuple[StepIndex, StepIndex] = Field((30, 40), description="ReFL: the step index with gradients is drawn from [a, b).")
     guidance_scale: float = _float(7.5, 1.0, 30.0, "Classifier-free guidance scale while sampling (1: off).")
     reward_weight: float = _float(1.0, 0, MAX_WEIGHT, "alpha: weight of the reward term.")
@@ -148,7 +152,26 @@ class JobSpec(BaseModel):
     clip_range: float = _float(1e-4, 0.0, 1.0, "GRPO: PPO's clip range of the probability ratio (DDPO and Flow-GRPO: 1e-4).", gt=True)
     adv_clip_max: float = _float(5.0, 0.0, 100.0, "GRPO: advantages are clipped to +-this (DDPO and Flow-GRPO: 5).", gt=True)
     num_inner_epochs: int = _int(1, 1, 16, "GRPO: optimiser passes over each batch of samples (DDPO: 1).")
-    timestep_fraction: float = _float(1.0, 0.0, 1.0, "GRPO: share of the chain's transitions trained on per pass, drawn at random (DDPO: 1.0).", gt=True)
+    timestep_fraction: float = _float(1.0, 0.0, 1.0, "GRPO: share of the SDE window's transitions trained on per pass, drawn at random "
+                                      "(DDPO: 1.0; Flow-GRPO: 0.99).", gt=True)
+    sde_window: Optional[tuple[StepIndex, StepIndex]] = Field(None, description="GRPO: [first, last) transitions of the training chain "
+        "that are stochastic and trained on; the others are deterministic (eta 0) and never trained on. Its length is the window's size "
+        "under every schedule; its position is where a 'fixed' or 'sliding' window starts. Default: the whole chain.")
+    sde_window_schedule: Literal["fixed", "sliding", "random"] = Field("fixed", description="GRPO: where the window is at each step: "
+        "'fixed' (sde_window), 'sliding' (MixGRPO: it moves sde_window_stride transitions every sde_window_shift_every steps, back to the "
+        "start of sde_window_range when it would leave it), or 'random' (Flow-GRPO-Fast: drawn at each step, uniformly within sde_window_range).")
+    sde_window_range: Optional[tuple[StepIndex, StepIndex]] = Field(None, description="GRPO: [first, last) transitions a 'sliding' or "
+        "'random' window stays within (Flow-GRPO-Fast: (0, train_inference_steps // 2)); default: the whole training chain.")
+    sde_window_stride: int = _int(1, 1, MAX_INFERENCE_STEPS, "GRPO, sliding window: transitions the window moves at each shift.")
+    sde_window_shift_every: int = _int(1, 1, MAX_STEPS, "GRPO, sliding window: optimiser steps between two shifts.")
+    group_initial_noise: bool = Field(False, description="GRPO: the images of a group start from the same noise (their SDE steps differ), "
+        "and the deterministic steps before the window are run once per group instead of once per image (Flow-GRPO-Fast's branching; "
+        "Flow-GRPO's same_latent).")
+    sampling_micro_batches: int = _int(1, 1, MAX_BATCH_SIZE * MAX_GROUP_SIZE, "GRPO: the step's images are sampled in this many "
+        "micro-batches (memory; with stream_rewards, the unit of overlap).")
+    stream_rewards: bool = Field(False, description="GRPO: send each sampling micro-batch's images to the reward as soon as it is "
+        "sampled, while the next one is sampled (verl-omni's streaming); the advantages wait for the whole group. The same numbers as "
+        "scoring after sampling, except for a batch-level expert (diversity), which then sees one micro-batch at a time.")
     gradient_accumulation_steps: int = _int(1, 1, MAX_BATCH_SIZE * MAX_GROUP_SIZE, "GRPO: micro-batches a step's images are split into (memory), their gradients summed before the optimiser step.")
     advantage_normalization: Literal["total", "per_expert"] = Field("total", description="GRPO: z-score the weighted total within each group, or z-score each expert within the group and then weight them (multi-reward).")
     per_prompt_stats: bool = Field(False, description="GRPO: normalise each prompt's rewards by its last stat_buffer_size rewards across steps (DDPO's per-prompt statistics) instead of its group.")
@@ -181,8 +204,9 @@ class JobSpec(BaseModel):
             raise ValueError("give topics or prompts_file, not both")
         self._check_metadata()
         a, b = self.refl_step_range
-        if self.training_method == "refl" and not 0 <= a < b <= self.num_inference_steps:
-            raise ValueError(f"refl_step_range must satisfy 0 <= a < b <= num_inference_steps, got ({a}, {b})")
+        if self.training_method == "refl" and not 0 <= a < b <= self.train_steps:
+            raise ValueError(f"refl_step_range must satisfy 0 <= a < b <= train_inference_steps ({self.train_steps}), got ({a}, {b})")
+        self._check_window()
         if self.training_method == "grpo" and self.group_size < 2 and not self.per_prompt_stats:
             raise ValueError("GRPO needs group_size >= 2 (advantages are relative to the group); use method 'ddpo' "
                              "or per_prompt_stats for groups of one")
@@ -200,6 +224,36 @@ class JobSpec(BaseModel):
             if self.total_steps > MAX_STEPS:
                 raise ValueError(f"rounds * steps is {self.total_steps}; the limit is {MAX_STEPS}")
         return self
+
+    def _check_window(self) -> None:
+        """The SDE window and its range lie in the training chain; the window fits in its range."""
+        chosen = [f for f in ("sde_window", "sde_window_range", "group_initial_noise", "stream_rewards") if getattr(self, f)]
+        chosen += [f for f, default in (("sde_window_schedule", "fixed"), ("sampling_micro_batches", 1)) if getattr(self, f) != default]
+        if chosen and not self.is_policy_gradient:
+            raise ValueError(f"{', '.join(chosen)} apply to GRPO and DDPO only (method {self.training_method!r})")
+        n = self.train_steps
+        for name, (a, b) in (("sde_window", self.window), ("sde_window_range", self.window_range)):
+            if not 0 <= a < b <= n:
+                raise ValueError(f"{name} must satisfy 0 <= first < last <= train_inference_steps ({n}), got ({a}, {b})")
+        (a, b), (lo, hi) = self.window, self.window_range
+        if self.sde_window_schedule != "fixed" and b - a > hi - lo:
+            raise ValueError(f"sde_window ({a}, {b}) is longer than sde_window_range ({lo}, {hi})")
+        if self.sde_window_schedule == "sliding" and not lo <= a <= hi - (b - a):
+            raise ValueError(f"a sliding sde_window starts inside sde_window_range: ({a}, {b}) is not within ({lo}, {hi})")
+
+    @property
+    def train_steps(self) -> int:
+        """Steps of the chain sampled for training."""
+        return self.train_inference_steps if self.train_inference_steps is not None else self.num_inference_steps
+
+    @property
+    def window(self) -> tuple[int, int]:
+        """The SDE window as given (default: the whole training chain)."""
+        return tuple(self.sde_window) if self.sde_window is not None else (0, self.train_steps)
+
+    @property
+    def window_range(self) -> tuple[int, int]:
+        return tuple(self.sde_window_range) if self.sde_window_range is not None else (0, self.train_steps)
 
     def _check_metadata(self) -> None:
         """Each list of metadata: one JSON object per prompt of its list, within the library's bounds, and one

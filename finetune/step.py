@@ -50,7 +50,7 @@ def setup_training(spec: JobSpec, ctx) -> tuple[TrainState, int, Optional[dict],
     start, base_eval, extra = resume(Path(ctx.out_dir), models.denoiser, models.optimizer, ctx.metrics, root=ctx.checkpoint_dir)
     # why only when used: a remote reward asks the service for them (GET /models)
     weights = ctx.reward.expert_weights() if spec.is_policy_gradient or spec.eval_every else {}
-    state = TrainState(spec, accelerator, models, sampler, ctx.reward, ctx.metrics, pairs,
+    state = TrainState(spec, accelerator, models, sampler, sampler.with_steps(spec.train_steps), ctx.reward, ctx.metrics, pairs,
                        stats=PromptStats.for_spec(spec, extra.get("prompt_stats")),  # DDPO's, as the checkpoint left them
                        weights=weights, metadata=ctx.metadata)
     return state, start, base_eval, extra
@@ -64,11 +64,12 @@ def train_step(state: TrainState, prompts: list[str], step: int, rng: random.Ran
     if spec.is_policy_gradient:  # each prompt group_size times: one group per prompt
         prompts = [p for p in prompts for _ in range(spec.group_size)]
     seeds = [rng.randrange(2**31) for _ in prompts]
-    cond, uncond = state.sampler.conditions(prompts)
+    cond, uncond = state.train_sampler.conditions(prompts)
     state.models.denoiser.train()
     batch = Batch(step, prompts, seeds, cond, uncond, rng, state.metadata_for(prompts))  # each image its prompt's metadata
+    passes = state.train_sampler.forward_passes
     result = STEPS[spec.training_method](state, batch)
-    record(state, result)
+    record(state, result, state.train_sampler.forward_passes - passes)
     step_loss, step_reward = state.metrics["loss"][-1], state.metrics["reward"][-1]  # averaged over processes: all stop together
     if not (math.isfinite(step_loss) and math.isfinite(step_reward)):
         raise FloatingPointError(f"step {step + 1}: the loss ({step_loss}) or the reward ({step_reward}) is not finite; "
@@ -76,22 +77,26 @@ def train_step(state: TrainState, prompts: list[str], step: int, rng: random.Ran
     return result
 
 
-def record(state: TrainState, result: StepResult) -> None:
+def record(state: TrainState, result: StepResult, forward_passes: int = 0) -> None:
     """Append the step's reward (the mean over the images that got one), loss and KL (averaged over processes),
-    how many images got no reward (`unscored`: a required expert failed on them; summed over processes) and
-    each expert's mean score (over the images it scored; null when it scored none)."""
+    how many images got no reward (`unscored`: a required expert failed on them), the denoiser's forward passes
+    (`forward_passes`: images through the denoiser while sampling and training, guidance's two branches counted
+    as two; both summed over processes) and each expert's mean score (over the images it scored; null when it
+    scored none); GRPO adds the share of clipped ratios and the step's SDE window."""
     metrics, accelerator = state.metrics, state.accelerator
     reward = result.reward.detach().float()
     values = [reward.nanmean(), result.loss.detach(), result.kl]
-    unscored = torch.isnan(reward).sum()
+    counts = torch.tensor([int(torch.isnan(reward).sum()), forward_passes], device=reward.device)
     if accelerator.num_processes > 1:
         values = [accelerator.reduce(v.detach().float(), reduction="mean") for v in values]
-        unscored = accelerator.reduce(unscored.to(reward.device), reduction="sum")
+        counts = accelerator.reduce(counts, reduction="sum")
     for key, v in zip(("reward", "loss", "kl"), values):
         metrics[key].append(float(v))
-    metrics.setdefault("unscored", []).append(int(unscored))
+    metrics.setdefault("unscored", []).append(int(counts[0]))
+    metrics.setdefault("forward_passes", []).append(int(counts[1]))
     for name, v in result.components.items():
         mean = float(v.float().nanmean())
         metrics.setdefault("components", {}).setdefault(name, []).append(mean if math.isfinite(mean) else None)
     if isinstance(result, GRPOStep):  # how much of the batch the clip held back
         metrics.setdefault("clip_fraction", []).append(float(result.clip_fraction))
+        metrics.setdefault("sde_window", []).append(list(result.window))
