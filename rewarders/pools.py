@@ -89,9 +89,16 @@ class RayConfig(BaseModel):
                                      "does not list.")
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="The ingress deployment (see `IngressConfig`).")
     pool_timeout_s: float = Field(60.0, gt=0, description="Longest the ingress waits for a pool's answer (a pool "
-                                  "with no replica placed, a replica stuck); then 503 with Retry-After.")
+                                  "with no replica placed, a replica stuck); then the pool is down until it answers "
+                                  "again: its experts fail their pairs (optional ones), or 503 with Retry-After (a "
+                                  "request that needs a required one).")
+    pool_start_timeout_s: float = Field(600.0, gt=0, description="Longest start-up waits for the pools that some alive "
+                                        "node can hold (loading their models) before the ingress is ready without "
+                                        "them; pools no node can hold (a node missing) are not waited for. Either "
+                                        "kind is picked up when it answers.")
     pool_retries: int = Field(2, ge=0, description="Times the ingress sends a call again when the replica that had "
-                                                   "it died (Serve restarts it); then 503 with Retry-After.")
+                                                   "it died (Serve restarts it); then the pool is down, as after "
+                                                   "`pool_timeout_s`.")
 
 
 def plan_pools(experts: list[str], ray: RayConfig) -> dict[str, list[str]]:
