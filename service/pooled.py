@@ -35,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from t2i_reward.rewarders import Limits, Mixture
 from t2i_reward.rewarders.calibration import load_calibration
@@ -65,14 +66,23 @@ def pool_config(config: RewardConfig, experts: Sequence[str]) -> RewardConfig:
 
 
 class PreparedPixels:
-    """`Pixels` for inputs the ingress prepared: a tensor per spec for the whole run, sliced per batch."""
+    """`Pixels` for inputs the ingress prepared: an array per spec for the whole run (`to_wire`), sliced per batch."""
 
-    def __init__(self, pixels: Mapping[Preprocess, torch.Tensor], device: torch.device):
-        self.pixels = pixels
+    def __init__(self, pixels: Mapping[Preprocess, np.ndarray], device: torch.device):
+        # a copy each: Ray hands the arrays over read-only, from its object store
+        self.pixels = {spec: torch.from_numpy(np.array(a)) for spec, a in pixels.items()}
         self.device = device
 
     def get(self, spec: Preprocess, start: int, stop: int) -> torch.Tensor:
         return self.pixels[spec][start:stop].to(self.device, non_blocking=True)
+
+
+def to_wire(pixels: torch.Tensor) -> np.ndarray:
+    """Prepared pixels as the ingress sends them to a pool: a numpy array. Why: Ray pickles a torch tensor
+    in-band, its bytes copied into the pickle and out again (32 images at 224 px: about 0.25 s to pickle and
+    0.1 s to unpickle with Ray's cloudpickle on the shared 2-core VM); a numpy array's buffer goes
+    out-of-band, through the object store, in well under a millisecond."""
+    return pixels.contiguous().numpy()
 
 
 class Pool:
@@ -103,7 +113,7 @@ class Pool:
         """Its experts' checks of each pair (`check_pair`, metadata fields): InvalidRequestError names the first problem."""
         self.mixture.check_metadata(prompts, metadata, limits)
 
-    def score(self, pixels: Mapping[Preprocess, torch.Tensor], prompts: list[str], groups: Sequence[int],
+    def score(self, pixels: Mapping[Preprocess, np.ndarray], prompts: list[str], groups: Sequence[int],
               metadata: Sequence[dict] | None, group_ids: Sequence | None = None) -> tuple[Scores, list[tuple[str, float]]]:
         """Its experts' raw scores of a run of requests (`groups`: their sizes) and the seconds of each
         backbone and expert pass (the ingress's metrics). Call it on `executor`, the model thread."""
@@ -275,7 +285,7 @@ class PooledMixture(Mixture):
             if pool in down:
                 continue
             try:
-                inputs = {spec: pixels.get(spec, 0, n) for spec in pools[pool]["input_specs"]}
+                inputs = {spec: to_wire(pixels.get(spec, 0, n)) for spec in pools[pool]["input_specs"]}
             except KeyError:  # it came up after these requests were prepared, without its inputs
                 down[pool] = "it is starting"
                 continue
