@@ -8,7 +8,8 @@ Each service runs alone, one after the other (single-process first), in its own 
 started, loaded and stopped by service_throughput.py's functions (`start_server`, `levels`: one 512x512 PNG
 per request from N client threads at once, after one warm-up request). On Ray the pools and the ingress
 reserve 0.1 CPU each (`--ray-cpus`), so that every pool of random-full has a place on a small machine; a
-pool's torch threads are then 1 (Ray sets OMP_NUM_THREADS to a replica's whole CPUs, at least 1). Prints one
+pool's torch threads are then 1 (Ray sets OMP_NUM_THREADS to a replica's whole CPUs, at least 1) unless
+`--pool-threads` sets them (the pools' `threads`). Prints one
 JSON object: both services' levels and the Ray/single throughput ratio per level.
 """
 
@@ -31,13 +32,14 @@ from service_throughput import free_port, levels, png, start_server, stop_server
 REQUESTS_PER_CLIENT = {"tiny": 8, "random-full": 1}  # random-full: 32 full-size requests take minutes on a CPU
 
 
-def measure(profile: str, clients: list[int], per_client: int, max_batch: int, images: list[bytes], ray_cpus: float | None) -> list[dict]:
+def measure(profile: str, clients: list[int], per_client: int, max_batch: int, images: list[bytes], ray_cpus: float | None,
+            pool_threads: int | None = None) -> list[dict]:
     """One service's levels: single-process (`ray_cpus` None) or on a local Ray cluster of its own."""
     args, env, config = (), None, None
     if ray_cpus is not None:
         fd, config = tempfile.mkstemp(suffix=".yaml")
         with os.fdopen(fd, "w") as f:
-            yaml.safe_dump({"profile": profile, "ray": {"default_pool": {"num_cpus": ray_cpus},
+            yaml.safe_dump({"profile": profile, "ray": {"default_pool": {"num_cpus": ray_cpus, "threads": pool_threads},
                                                         "ingress": {"num_cpus": ray_cpus}}}, f)
         args, env = ("--ray",), {"RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_port()
@@ -58,6 +60,7 @@ def main() -> None:
     ap.add_argument("--requests-per-client", type=int, default=None, help="default: 8 (tiny), 1 (random-full and others)")
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--ray-cpus", type=float, default=0.1, help="CPUs each pool replica and the ingress reserve on Ray")
+    ap.add_argument("--pool-threads", type=int, default=None, help="torch threads per pool replica (default: Ray's, 1 here)")
     args = ap.parse_args()
     per_client = args.requests_per_client or REQUESTS_PER_CLIENT.get(args.profile, 1)
     # 32 clients on one address: room for all their uploads at once in both services (the limits' defaults are 16 / 32)
@@ -65,10 +68,10 @@ def main() -> None:
     os.environ.setdefault("T2I_SERVICE_MAX_CONCURRENT_UPLOADS", "64")
     images = [png(i) for i in range(16)]
     single = measure(args.profile, args.clients, per_client, args.max_batch, images, None)
-    on_ray = measure(args.profile, args.clients, per_client, args.max_batch, images, args.ray_cpus)
+    on_ray = measure(args.profile, args.clients, per_client, args.max_batch, images, args.ray_cpus, args.pool_threads)
     print(json.dumps({
         "profile": args.profile, "machine": f"{os.cpu_count()} cores", "max_batch_images": args.max_batch,
-        "requests_per_client": per_client, "single": single, "ray": on_ray,
+        "requests_per_client": per_client, "pool_threads": args.pool_threads, "single": single, "ray": on_ray,
         "ratio": [{"clients": s["clients"], "images_per_s": r["images_per_s"] / s["images_per_s"]} for s, r in zip(single, on_ray)],
     }, indent=1))
 

@@ -49,6 +49,9 @@ class PoolConfig(BaseModel):
                                       "cluster has GPUs, 0 when it has none.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each replica needs "
                                         "(pins a pool to nodes started with `ray start --resources`).")
+    threads: Optional[int] = Field(None, ge=1, description="Torch threads of a replica on a CPU (None: Ray's default, "
+                                   "`floor(num_cpus)` and at least 1). More threads than reserved CPUs lets a pool "
+                                   "that sets the pace use idle cores without reserving them.")
     max_ongoing_requests: int = Field(8, ge=1, description="Calls a replica takes at once; more wait at the caller. "
                                       "A replica runs one call at a time on its model thread, the others queue there.")
 

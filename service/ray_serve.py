@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import ray
+import torch
 import yaml
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
@@ -54,14 +55,17 @@ class PoolDeployment:
     """A pool replica: the `Pool`'s methods, its scoring on its model thread."""
 
     def __init__(self, name: str, config: RewardConfig, experts: list[str]):
+        threads = pool_config(name, config.ray).threads
+        if threads is not None:  # before the models load: Ray set OMP_NUM_THREADS from the reserved CPUs
+            torch.set_num_threads(threads)
         self.pool = Pool(name, config, experts)
 
     async def info(self) -> dict:
         return self.pool.info()
 
     async def where(self) -> dict:
-        """This replica's process and node (operators, and the tests that kill one)."""
-        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
+        """This replica's process, node and torch threads (operators, and the tests that kill one)."""
+        return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "threads": torch.get_num_threads()}
 
     async def check(self, prompts, metadata, limits) -> None:
         import asyncio

@@ -93,7 +93,7 @@ def cluster(tmp_path_factory, cache_dir):
                 "imagereward": {**pool, "resources": {"node_a": 1}, "replicas": 1, "max_replicas": 2,
                                 "target_ongoing_requests": 1, "upscale_delay_s": 0.5, "downscale_delay_s": 10,
                                 "look_back_period_s": 1},
-                "clip": {**pool, "resources": {"node_b": 1}},
+                "clip": {**pool, "resources": {"node_b": 1}, "threads": 2},
                 "spare": {**pool, "experts": ["mlp"], "resources": {"node_c": 1}},
                 "late": {**pool, "experts": ["aesthetic"], "resources": {"node_c": 1}},
             }}}))
@@ -220,8 +220,10 @@ def test_pools_on_both_nodes_answer_as_one_process(cluster):
     wait_for(lambda: "available" not in httpx.get(f"{url}/models", timeout=60).json()["experts"]["aesthetic"], 240,
              "the pools on node_c")
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-    for deployment, resource in (("pool-imagereward", "node_a"), ("pool-clip", "node_b")):
-        assert resource in nodes[replica(deployment)["node_id"]], deployment
+    for deployment, resource, threads in (("pool-imagereward", "node_a", 1), ("pool-clip", "node_b", 2)):
+        where = replica(deployment)
+        assert resource in nodes[where["node_id"]], deployment
+        assert where["threads"] == threads, deployment  # Ray's default for 0.1 CPU, or the pool's `threads`
     single = create_rewarder(load_config(config))
     images = [png(i, 64 + 16 * i, 96) for i in range(4)]
     body = {"prompts": ["a red apple", "a red apple", "a blue car", "a blue car"],
