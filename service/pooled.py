@@ -79,9 +79,9 @@ class PreparedPixels:
 
 def to_wire(pixels: torch.Tensor) -> np.ndarray:
     """Prepared pixels as the ingress sends them to a pool: a numpy array. Why: Ray pickles a torch tensor
-    in-band, its bytes copied into the pickle and out again (32 images at 224 px: about 0.25 s to pickle and
-    0.1 s to unpickle with Ray's cloudpickle on the shared 2-core VM); a numpy array's buffer goes
-    out-of-band, through the object store, in well under a millisecond."""
+    in-band, its bytes copied into the pickle and out again; a numpy array's buffer goes out-of-band, through
+    the object store (32 images at 224 px: 68 ms per call as a tensor, 16 ms as an array on the 2-core VM,
+    benchmarks/ray_transfer.py, docs/benchmarks.md)."""
     return pixels.contiguous().numpy()
 
 
