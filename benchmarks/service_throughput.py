@@ -46,18 +46,40 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def start_server(profile: str, port: int, max_batch: int) -> subprocess.Popen:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(profile: str, port: int, max_batch: int, args: tuple[str, ...] = (), env: dict | None = None) -> subprocess.Popen:
+    """`t2i-reward serve` (with `args`, e.g. `--ray`) on loopback, in its own process session, once ready.
+    `profile` may be a reward config file (`--config`) instead of a profile's name."""
     exe = Path(sys.executable).parent / "t2i-reward"
     env = {**os.environ, "T2I_SERVICE_MAX_BATCH_IMAGES": str(max_batch), "T2I_SERVICE_MAX_WAIT_MS": os.environ.get("T2I_SERVICE_MAX_WAIT_MS", "0"),
-           "T2I_SERVICE_MAX_QUEUE_IMAGES": "4096"}
-    proc = subprocess.Popen([str(exe), "serve", "--profile", profile, "--port", str(port)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+           "T2I_SERVICE_MAX_QUEUE_IMAGES": "4096", **(env or {})}
+    which = ["--config", profile] if profile.endswith((".yaml", ".yml")) else ["--profile", profile]
+    proc = subprocess.Popen([str(exe), "serve", *which, "--port", str(port), *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         RewardClient(f"http://127.0.0.1:{port}").wait_ready(600)
     except TimeoutError:
-        proc.kill()
+        stop_server(proc)
         raise
     return proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM (`serve --ray` then shuts its local cluster down), then whatever is left of its session."""
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(proc.pid, 9)
+    except ProcessLookupError:
+        pass
 
 
 def load(url: str, clients: int, per_client: int, images: list[bytes]) -> dict:
@@ -80,6 +102,12 @@ def load(url: str, clients: int, per_client: int, images: list[bytes]) -> dict:
             "p50_ms": 1000 * percentile(latencies, 50), "p99_ms": 1000 * percentile(latencies, 99)}
 
 
+def levels(url: str, clients: list[int], per_client: int, images: list[bytes]) -> list[dict]:
+    """One warm-up request, then `load` at each number of clients."""
+    load(url, 1, 1, images)
+    return [load(url, c, per_client, images) for c in clients]
+
+
 def overhead(profile: str, image: bytes, n: int) -> dict:
     """Same process, same rewarder object, interleaved calls: median in-process time vs median HTTP time."""
     import threading
@@ -90,9 +118,7 @@ def overhead(profile: str, image: bytes, n: int) -> dict:
     from t2i_reward.service.settings import Settings
 
     rewarder = create_rewarder(profile=profile)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(Settings(), rewarder=rewarder), port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -124,19 +150,14 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--overhead-requests", type=int, default=30)
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     images = [png(i) for i in range(16)]
     proc = start_server(args.profile, port, args.max_batch)
-    url = f"http://127.0.0.1:{port}"
     try:
-        load(url, 1, 1, images)  # warm-up
         result = {"profile": args.profile, "machine": f"{os.cpu_count()} cores", "max_batch_images": args.max_batch,
-                  "levels": [load(url, c, args.requests_per_client, images) for c in args.clients]}
+                  "levels": levels(f"http://127.0.0.1:{port}", args.clients, args.requests_per_client, images)}
     finally:
-        proc.terminate()
-        proc.wait(30)
+        stop_server(proc)
     if args.overhead_requests:
         result["overhead_512px_png"] = overhead(args.profile, images[0], args.overhead_requests)
     print(json.dumps(result))

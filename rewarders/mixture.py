@@ -144,17 +144,19 @@ class Mixture(nn.Module):
         self._clip_by_spec = {c.spec: c for c in clips}
         self.weights = {n: config.experts[n].weight for n in experts}
         self.required = {n: config.experts[n].required for n in experts}
-        self.norm = {}
-        for n, e in experts.items():
-            cfg = config.experts[n]
-            mean = cfg.mean if cfg.mean is not None else e.default_mean
-            std = cfg.std if cfg.std is not None else e.default_std
-            self.norm[n] = (mean, std) if config.normalize else (0.0, 1.0)
+        self.norm = {n: self._norm(n, e) for n, e in experts.items()}
         # per-expert score quantiles (rewarders/calibration.py), set by the factory when the config names a
         # calibration file: answers can then place each score as a percentile (`explain`)
         self.calibration = None
         if self.random_weights:
             log.warning("profile %s: at least one expert has RANDOM weights; scores are for testing only", config.profile)
+
+    def _norm(self, name: str, e: Expert) -> tuple[float, float]:
+        """An expert's (mean, std): the config's, else the expert's defaults; (0, 1) without `normalize`."""
+        cfg = self.config.experts[name]
+        mean = cfg.mean if cfg.mean is not None else e.default_mean
+        std = cfg.std if cfg.std is not None else e.default_std
+        return (mean, std) if self.config.normalize else (0.0, 1.0)
 
     # ------------------------------------------------------------------------------------------
     @property
@@ -363,12 +365,15 @@ class Mixture(nn.Module):
             parts.append(part)
         return _concat(parts, sizes)
 
-    def combine(self, raw: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    def combine(self, raw: Mapping[str, torch.Tensor], weights: Mapping[str, float],
+                required: Mapping[str, bool] | None = None) -> torch.Tensor:
         """The total per image from raw expert scores: sum of weight * (score - mean) / std.
 
         A NaN score is an expert that failed on that pair: the pair's total is NaN if the expert is
         `required`, else the sum over the experts that answered, scaled by sum |w| / sum of their |w| (the
-        weights renormalised to the same total weight). Without NaN this is the plain sum, unchanged."""
+        weights renormalised to the same total weight). Without NaN this is the plain sum, unchanged.
+        `required`: per expert, in place of the config's (the Ray ingress's, for a pool that is down)."""
+        required = self.required if required is None else required
         terms = {}
         for name, s in raw.items():
             mean, std = self.norm[name]
@@ -385,7 +390,7 @@ class Mixture(nn.Module):
         if w_all > 0:  # (all weights 0: the total is 0 whoever answered)
             total = torch.where(w_answered > 0, total * (w_all / w_answered.clamp_min(1e-30)), torch.full_like(total, math.nan))
         for n, f in failed.items():
-            if self.required[n]:
+            if required[n]:
                 total = torch.where(f, torch.full_like(total, math.nan), total)
         return total
 
@@ -519,15 +524,16 @@ class Mixture(nn.Module):
                            group_ids=[c.group_ids for c in checked])
         return self.results(checked, raw)
 
-    def results(self, checked: Sequence[Checked], raw: Scores) -> list[RewardResult]:
+    def results(self, checked: Sequence[Checked], raw: Scores, required: Mapping[str, bool] | None = None) -> list[RewardResult]:
         """Each request's answer from the scores of the run that pooled them (`_scores` here, or every pool's
-        gathered by the Ray ingress: service/pooled.py), one summary per request in `raw.summaries`."""
+        gathered by the Ray ingress: service/pooled.py), one summary per request in `raw.summaries`;
+        `required` as in `combine`."""
         results, start = [], 0
         sources = self.sources()
         for k, c in enumerate(checked):
             got = raw.part(start, start + len(c))
             start += len(c)
-            results.append(self._result(c, got, sources, raw.summaries[k] if k < len(raw.summaries) else {}))
+            results.append(self._result(c, got, sources, raw.summaries[k] if k < len(raw.summaries) else {}, required))
         return results
 
     def _summaries(self, got: Scores, groups: Sequence[int], metadata: Sequence[dict] | None) -> list[dict[str, dict]]:
@@ -545,11 +551,12 @@ class Mixture(nn.Module):
             out.append(summaries)
         return out
 
-    def _result(self, c: Checked, got: Scores, sources: dict, summaries: dict[str, dict]) -> RewardResult:
+    def _result(self, c: Checked, got: Scores, sources: dict, summaries: dict[str, dict],
+                required: Mapping[str, bool] | None = None) -> RewardResult:
         """One request's answer from its experts' scores: totals, means, percentiles, advantages, and its
         experts' `summaries` (NaN, an expert's failure on a pair, becomes None)."""
         part = got.scores
-        total = self.combine(part, c.weights)
+        total = self.combine(part, c.weights, required)
         pct = self.calibration.percentiles(part) if c.explain else None
         advantages = None
         if c.group_ids is not None:

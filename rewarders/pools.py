@@ -49,6 +49,9 @@ class PoolConfig(BaseModel):
                                       "cluster has GPUs, 0 when it has none.")
     resources: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources each replica needs "
                                         "(pins a pool to nodes started with `ray start --resources`).")
+    threads: Optional[int] = Field(None, ge=1, description="Torch threads of a replica on a CPU (None: Ray's default, "
+                                   "`floor(num_cpus)` and at least 1). More threads than reserved CPUs lets a pool "
+                                   "that sets the pace use idle cores without reserving them.")
     max_ongoing_requests: int = Field(8, ge=1, description="Calls a replica takes at once; more wait at the caller. "
                                       "A replica runs one call at a time on its model thread, the others queue there.")
 
@@ -89,9 +92,16 @@ class RayConfig(BaseModel):
                                      "does not list.")
     ingress: IngressConfig = Field(default_factory=IngressConfig, description="The ingress deployment (see `IngressConfig`).")
     pool_timeout_s: float = Field(60.0, gt=0, description="Longest the ingress waits for a pool's answer (a pool "
-                                  "with no replica placed, a replica stuck); then 503 with Retry-After.")
+                                  "with no replica placed, a replica stuck); then the pool is down until it answers "
+                                  "again: its experts fail their pairs (optional ones), or 503 with Retry-After (a "
+                                  "request that needs a required one).")
+    pool_start_timeout_s: float = Field(600.0, gt=0, description="Longest start-up waits for the pools that some alive "
+                                        "node can hold (loading their models) before the ingress is ready without "
+                                        "them; pools no node can hold (a node missing) are not waited for. Either "
+                                        "kind is picked up when it answers.")
     pool_retries: int = Field(2, ge=0, description="Times the ingress sends a call again when the replica that had "
-                                                   "it died (Serve restarts it); then 503 with Retry-After.")
+                                                   "it died (Serve restarts it); then the pool is down, as after "
+                                                   "`pool_timeout_s`.")
 
 
 def plan_pools(experts: list[str], ray: RayConfig) -> dict[str, list[str]]:

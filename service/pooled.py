@@ -13,6 +13,14 @@ in one process.
   after the pools answered, the totals, means, advantages, percentiles and summaries (`Mixture.results`).
   Only `_scores` differs: the run goes to every pool at once (`call`), and their `Scores` are merged.
 
+A pool can be down (no replica placed: its node is missing; or its replicas stopped answering): the mixture
+still knows its experts from the config (`plan_pools`), so the answers keep their form. Its experts fail
+their pairs as an expert that raised does in one process (`ExpertOutput` errors, null components, the total
+renormalised) when they are optional or weighted 0 by the request; a request that needs a required expert
+of a pool that is down is answered 503 with Retry-After (`Unavailable`), before any pool works on it. The
+caller marks pools up (`pool_up`, with their `info()`) and sees which are down (`down`); a call that fails
+marks its pool down, so later requests do not wait on it.
+
 The differentiable path is not served: a gradient runs every expert's backward pass on one tensor, so the
 pools' processes (and machines) would have to send activations' gradients back and forth; the pooled
 mixture answers 501 (`NotServed`) and the single-process service serves `/reward/gradient`.
@@ -21,23 +29,30 @@ mixture answers 501 (`NotServed`) and the single-process service serves `/reward
 from __future__ import annotations
 
 import logging
+import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 from t2i_reward.rewarders import Limits, Mixture
 from t2i_reward.rewarders.calibration import load_calibration
 from t2i_reward.rewarders.config import RewardConfig
 from t2i_reward.rewarders.factory import create_rewarder
 from t2i_reward.rewarders.images import Preprocess
-from t2i_reward.rewarders.mixture import Scores
+from t2i_reward.rewarders.inputs import Checked
+from t2i_reward.rewarders.mixture import RewardResult, Scores
 from t2i_reward.rewarders.pools import plan_pools
-from t2i_reward.rewarders.registry import Expert
+from t2i_reward.rewarders.registry import Expert, get_expert_class
 
 from .batcher import model_thread_executor
-from .errors import NotServed
+from .errors import NotServed, Unavailable
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 5  # a pool's replica restarted or placed again takes seconds (the tiny models); a model of several GB longer
 
 GRADIENT_NOT_SERVED = ("gradients are not served on Ray: one needs every expert's backward pass on the "
                        "same tensor, and the experts run in separate pools; use the single-process service "
@@ -51,14 +66,23 @@ def pool_config(config: RewardConfig, experts: Sequence[str]) -> RewardConfig:
 
 
 class PreparedPixels:
-    """`Pixels` for inputs the ingress prepared: a tensor per spec for the whole run, sliced per batch."""
+    """`Pixels` for inputs the ingress prepared: an array per spec for the whole run (`to_wire`), sliced per batch."""
 
-    def __init__(self, pixels: Mapping[Preprocess, torch.Tensor], device: torch.device):
-        self.pixels = pixels
+    def __init__(self, pixels: Mapping[Preprocess, np.ndarray], device: torch.device):
+        # a copy each: Ray hands the arrays over read-only, from its object store
+        self.pixels = {spec: torch.from_numpy(np.array(a)) for spec, a in pixels.items()}
         self.device = device
 
     def get(self, spec: Preprocess, start: int, stop: int) -> torch.Tensor:
         return self.pixels[spec][start:stop].to(self.device, non_blocking=True)
+
+
+def to_wire(pixels: torch.Tensor) -> np.ndarray:
+    """Prepared pixels as the ingress sends them to a pool: a numpy array. Why: Ray pickles a torch tensor
+    in-band, its bytes copied into the pickle and out again; a numpy array's buffer goes out-of-band, through
+    the object store (32 images at 224 px: 68 ms per call as a tensor, 16 ms as an array on the 2-core VM,
+    benchmarks/ray_transfer.py, docs/benchmarks.md)."""
+    return pixels.contiguous().numpy()
 
 
 class Pool:
@@ -89,7 +113,7 @@ class Pool:
         """Its experts' checks of each pair (`check_pair`, metadata fields): InvalidRequestError names the first problem."""
         self.mixture.check_metadata(prompts, metadata, limits)
 
-    def score(self, pixels: Mapping[Preprocess, torch.Tensor], prompts: list[str], groups: Sequence[int],
+    def score(self, pixels: Mapping[Preprocess, np.ndarray], prompts: list[str], groups: Sequence[int],
               metadata: Sequence[dict] | None, group_ids: Sequence | None = None) -> tuple[Scores, list[tuple[str, float]]]:
         """Its experts' raw scores of a run of requests (`groups`: their sizes) and the seconds of each
         backbone and expert pass (the ingress's metrics). Call it on `executor`, the model thread."""
@@ -114,11 +138,31 @@ class PooledExpert(Expert):
         self.checks_pairs = info["checks_pairs"]
         self._describe = info["describe"]
 
+    @classmethod
+    def unreached(cls, name: str, pool: str) -> "PooledExpert":
+        """The stand-in of an expert whose pool has not answered yet: what its class says of it (its checks,
+        its normalisation); its checkpoint and input are known once the pool answers (`PooledMixture.pool_up`)."""
+        c = get_expert_class(name)
+        return cls(name, pool, {
+            "preprocess": None, "checkpoint": "", "random_weights": False, "clip_spec": None,
+            "describe": {"checkpoint": "", "random_weights": False, "pool": pool, "available": False},
+            "default_mean": c.default_mean, "default_std": c.default_std,
+            "batch_level": bool(getattr(c, "batch_level", False)), "min_images": getattr(c, "min_images", 1),
+            "uses_metadata": c.uses_metadata, "metadata_fields": tuple(c.metadata_fields),
+            "checks_pairs": c.check_pair is not Expert.check_pair})
+
     def describe(self) -> dict:
         return dict(self._describe)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError(f"expert {self.name!r} runs in pool {self.pool!r}, not here")
+
+
+@dataclass
+class PooledScores(Scores):
+    """A run's scores gathered from the pools, with the pools that could not score it and why."""
+
+    down: dict[str, str] = field(default_factory=dict)
 
 
 # call(pool, method, *args) -> the pool's answer, raising what the pool raised (a RewardError as itself)
@@ -128,64 +172,143 @@ PoolCall = Callable[..., Any]
 class PooledMixture(Mixture):
     """The ingress's mixture: `Mixture`'s checks, preparation and results over experts that run in pools.
 
-    `infos`: each pool's `Pool.info()`; `call(pool, method, *args)` runs a `Pool` method there; `executor`
-    runs the calls to several pools at once (the gather waits on all)."""
+    `infos`: `Pool.info()` of each pool that answered (the others start down); `call(pool, method, *args)` runs
+    a `Pool` method there, raising `Unavailable` when the pool does not answer; `executor` runs the calls to
+    several pools at once (the gather waits on all)."""
 
     differentiable = False
 
-    def __init__(self, config: RewardConfig, infos: Mapping[str, dict], call: PoolCall, executor: ThreadPoolExecutor | None = None):
-        experts = {}
+    def __init__(self, config: RewardConfig, infos: Mapping[str, dict], call: PoolCall, executor: ThreadPoolExecutor | None = None,
+                 retry_after: int = RETRY_AFTER_S):
+        self.plan = plan_pools(list(config.experts), config.ray)  # pool -> its experts: known without the pools
         for pool, info in infos.items():
-            for name, e in info["experts"].items():
-                experts[name] = PooledExpert(name, pool, e)
-        missing = [n for n in config.experts if n not in experts]
-        if missing:
-            raise RuntimeError(f"no pool holds {', '.join(missing)}")
+            if pool not in self.plan or sorted(info["experts"]) != sorted(self.plan[pool]):
+                raise RuntimeError(f"pool {pool!r} holds {', '.join(info['experts'])}; the config puts "
+                                   f"{', '.join(self.plan.get(pool, [])) or 'no such pool'} there")
+        experts = {}
+        for pool, names in self.plan.items():
+            for name in names:
+                experts[name] = (PooledExpert(name, pool, infos[pool]["experts"][name]) if pool in infos
+                                 else PooledExpert.unreached(name, pool))
         experts = {n: experts[n] for n in config.experts}  # the config's order: the answers' order
         # no backbones here: the inputs to prepare are the pools' (`input_specs`), the models run there
         super().__init__(config, experts, [], torch.device("cpu"), torch.float32)
-        self.pools = {pool: info for pool, info in infos.items()}
-        self._specs = list(dict.fromkeys(s for info in infos.values() for s in info["input_specs"]))
+        self.pools = {pool: info for pool, info in infos.items()}  # the pools that answered `info` once
+        self.down = {pool: "no replica has answered yet" for pool in self.plan if pool not in infos}  # pool -> why
+        self._lock = threading.Lock()
+        self._specs = self._input_specs()
         self._call = call
-        self._fan = executor or ThreadPoolExecutor(max_workers=max(1, len(infos)), thread_name_prefix="t2i-pools")
+        self._fan = executor or ThreadPoolExecutor(max_workers=max(1, len(self.plan)), thread_name_prefix="t2i-pools")
+        self.retry_after = retry_after
         if config.calibration:
             self.calibration = load_calibration(config.calibration, config.cache_dir)
 
+    def _input_specs(self) -> list[Preprocess]:
+        return list(dict.fromkeys(s for info in self.pools.values() for s in info["input_specs"]))
+
     @property
     def input_specs(self) -> list[Preprocess]:
-        """Every input any pool reads, each prepared once per image by the ingress."""
+        """Every input any pool that answered reads, each prepared once per image by the ingress."""
         return self._specs
+
+    def pool_up(self, pool: str, info: dict) -> None:
+        """Pool `pool` answered (`info`: its `Pool.info()`): its experts are scored again, from the next request on."""
+        with self._lock:
+            if pool not in self.pools:  # first answer: its experts' stand-ins, normalisation and inputs
+                for name, e in info["experts"].items():
+                    self.experts[name] = PooledExpert(name, pool, e)
+                    self.norm[name] = self._norm(name, self.experts[name])
+                self.pools = {**self.pools, pool: info}
+                self._specs = self._input_specs()
+            if self.down.pop(pool, None) is not None:
+                log.warning("pool %s is up", pool)
+
+    def pool_down(self, pool: str, why: str) -> None:
+        """Pool `pool` failed a call: until it answers again (`pool_up`), its experts fail without a call."""
+        with self._lock:
+            if pool not in self.down:
+                log.warning("pool %s is down: %s", pool, why)
+            self.down[pool] = why
+
+    def _needs(self, checked: Sequence[Checked], down: Mapping[str, str]) -> None:
+        """Unavailable (503) when a request gives a required expert of a pool that is down a weight: its total
+        cannot be computed. An optional expert, or one the request weights 0, fails its pairs instead."""
+        for pool, why in down.items():
+            for c in checked:
+                need = [n for n in self.plan[pool] if self.required[n] and c.weights[n] != 0]
+                if need:
+                    raise Unavailable(f"pool {pool!r}, which holds the required expert(s) {', '.join(need)}, is "
+                                      f"unavailable: {why}", retry_after=self.retry_after)
+
+    def score_checked(self, checked: Sequence[Checked], *, on_timing=None) -> list[RewardResult]:
+        self._needs(checked, dict(self.down))  # before any pool works on a request that cannot be answered
+        return super().score_checked(checked, on_timing=on_timing)
+
+    def results(self, checked: Sequence[Checked], raw: Scores, required: Mapping[str, bool] | None = None) -> list[RewardResult]:
+        """`Mixture.results`; the experts of the pools that could not score the run are not required (they
+        failed every pair, and `_needs` refused the requests that weighted a required one)."""
+        down = getattr(raw, "down", {})
+        self._needs(checked, down)
+        missing = {n for pool in down for n in self.plan[pool]}
+        return super().results(checked, raw, {n: r and n not in missing for n, r in (required or self.required).items()})
 
     def check_metadata(self, prompts: Sequence[str], metadata, limits: Limits | None = None) -> list[dict] | None:
         """The mixture's checks here (the metadata's form, each expert's fields), then those of the pools whose
-        experts check pairs themselves (`check_pair`), concurrently, before any model runs."""
+        experts check pairs themselves (`check_pair`), concurrently, before any model runs. A pool that is
+        down checks nothing: its experts will not run on these pairs."""
         checked = super().check_metadata(prompts, metadata, limits)
-        pools = list(dict.fromkeys(e.pool for e in self.experts.values() if e.checks_pairs))
+        pools = [p for p in dict.fromkeys(e.pool for e in self.experts.values() if e.checks_pairs)
+                 if p in self.pools and p not in self.down]
         args = (list(prompts), checked, limits or self.limits)
-        for f in [self._fan.submit(self._call, pool, "check", *args) for pool in pools]:
-            f.result()
+        for pool, f in [(pool, self._fan.submit(self._call, pool, "check", *args)) for pool in pools]:
+            try:
+                f.result()
+            except Unavailable as e:
+                self.pool_down(pool, str(e))
         return checked
 
+    def _failed(self, pool: str, why: str, n: int) -> Scores:
+        """The scores of a pool that could not score a run of n pairs: NaN, each pair's error saying why."""
+        message = f"pool {pool!r} is unavailable: {why}"
+        return Scores({name: torch.full((n,), math.nan) for name in self.plan[pool]},
+                      errors={name: dict.fromkeys(range(n), message) for name in self.plan[pool]})
+
     def _scores(self, pixels, prompts: list[str], groups: Sequence[int], metadata: Sequence[dict] | None,
-                on_timing=None, group_ids: Sequence | None = None) -> Scores:
-        """Every pool's raw scores of the run, asked of all pools at once, each sent the inputs it reads."""
+                on_timing=None, group_ids: Sequence | None = None) -> PooledScores:
+        """Every pool's raw scores of the run, asked of all pools that are up at once, each sent the inputs it
+        reads; the experts of a pool that is down, or fails the call, fail their pairs (`_failed`)."""
         self.check_group_sizes(groups)
         n = len(prompts)
-        futures = []
-        for pool, info in self.pools.items():
-            inputs = {spec: pixels.get(spec, 0, n) for spec in info["input_specs"]}
-            futures.append(self._fan.submit(self._call, pool, "score", inputs, prompts, list(groups), metadata, group_ids))
+        down, pools = dict(self.down), self.pools
+        futures = {}
+        for pool in self.plan:
+            if pool in down:
+                continue
+            try:
+                inputs = {spec: to_wire(pixels.get(spec, 0, n)) for spec in pools[pool]["input_specs"]}
+            except KeyError:  # it came up after these requests were prepared, without its inputs
+                down[pool] = "it is starting"
+                continue
+            futures[pool] = self._fan.submit(self._call, pool, "score", inputs, prompts, list(groups), metadata, group_ids)
+        answers = []
         try:
-            answers = [f.result() for f in futures]
+            for pool, f in futures.items():
+                try:
+                    answers.append(f.result())
+                except Unavailable as e:
+                    down[pool] = str(e)
+                    self.pool_down(pool, str(e))
         except BaseException:
-            for f in futures:
+            for f in futures.values():
                 f.cancel()
             raise
         if on_timing is not None:
             for _, timings in answers:
                 for name, seconds in timings:
                     on_timing(name, seconds)
-        return Scores.merge([scores for scores, _ in answers], list(self.experts))
+        merged = Scores.merge([scores for scores, _ in answers] + [self._failed(p, why, n) for p, why in down.items()],
+                              list(self.experts))
+        return PooledScores(merged.scores, merged.extras, merged.errors, merged.summaries, down=down)
 
     def forward(self, *args, **kwargs):
         raise NotServed(GRADIENT_NOT_SERVED)

@@ -146,3 +146,67 @@ def test_the_kuberay_manifest_names_the_builder_and_a_valid_config(tmp_path):
     assert plan_pools(list(config.experts), config.ray) == {
         "imagereward": ["imagereward"], "pickscore": ["pickscore"], "hpsv2": ["hpsv2"], "clip": ["clip_score", "aesthetic"]}
     assert sum(config.ray.pools[p].num_gpus for p in config.ray.pools) == 1.0  # the four pools share each GPU
+
+
+def without_errors(answer: dict) -> dict:
+    return {**answer, "images": [{**im, "errors": None} for im in answer["images"]]}
+
+
+def test_a_pool_that_is_down_fails_its_experts_as_one_process_or_the_request(cache_dir, monkeypatch):
+    """A pool that has not answered (its node missing) or fails a call: an optional expert's pairs fail as
+    they do in one process when the expert raises; a request that weights a required one is refused with
+    Unavailable (503) before any pool works on it, unless it weights that expert 0; the pool comes back with
+    `pool_up`."""
+    from t2i_reward.service.errors import Unavailable
+    from t2i_reward.service.pooled import PooledMixture, local_pools
+
+    experts = {"diversity": {"clip": "tiny"}, "imagereward": {"required": False}}
+    config = load_config(profile="tiny", cache_dir=cache_dir, experts=experts)
+    pools = local_pools(config)
+    calls, failing = [], set()
+
+    def call(pool, method, *args):
+        calls.append((pool, method))
+        if pool in failing:
+            raise Unavailable(f"pool {pool!r} did not answer in 1 s", retry_after=5)
+        p = pools[pool]
+        return p.executor.submit(p.score, *args).result() if method == "score" else getattr(p, method)(*args)
+
+    # imagereward's pool has not answered at start: known from the config, down
+    pooled = PooledMixture(config, {"clip": pools["clip"].info()}, call)
+    assert list(pooled.experts) == list(config.experts) and list(pooled.down) == ["imagereward"]
+    assert pooled.describe()["imagereward"]["available"] is False
+    imgs = [smooth_image(i, 64, 80) for i in range(3)]
+    got = pooled.score_checked([pooled.check_request("a dog", imgs, group_ids=[0, 0, 1])])[0].to_dict()
+    assert ("imagereward", "score") not in calls
+    # one process whose imagereward raises answers the same, the errors aside
+    single = create_rewarder(config)
+    monkeypatch.setattr(single.experts["imagereward"], "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("down")))
+    want = single.score_checked([single.check_request("a dog", imgs, group_ids=[0, 0, 1])])[0].to_dict()
+    assert want["images"][0]["components"]["imagereward"] is None and want["images"][0]["total"] is not None
+    assert_close(without_errors({**want, "experts": None}), without_errors({**got, "experts": None}))
+    assert all("pool 'imagereward' is unavailable" in im["errors"]["imagereward"] for im in got["images"])
+
+    # the pool answers: scored again, as one process
+    pooled.pool_up("imagereward", pools["imagereward"].info())
+    assert not pooled.down and pooled.describe() == create_rewarder(config).describe()
+    assert_close(create_rewarder(config).score("a dog", imgs).to_dict(), pooled.score("a dog", imgs).to_dict())
+
+    # a call that fails marks the pool down: later runs do not call it
+    failing.add("imagereward")
+    assert pooled.score("a dog", imgs).images[0].components["imagereward"] is None
+    assert "imagereward" in pooled.down
+    calls.clear()
+    assert pooled.score("a dog", imgs).images[0].errors["imagereward"].startswith("pool 'imagereward' is unavailable")
+    assert ("imagereward", "score") not in calls
+
+    # a required expert's pool down: the request is refused, unless it weights that expert 0
+    required = load_config(profile="tiny", cache_dir=cache_dir, experts={"diversity": {"clip": "tiny"}})
+    strict = PooledMixture(required, {"clip": pools["clip"].info()}, call)
+    with pytest.raises(Unavailable, match="required expert.*imagereward") as e:
+        strict.score("a dog", imgs)
+    assert e.value.retry_after == 5
+    r = strict.score("a dog", imgs, weights={"imagereward": 0})
+    assert r.images[0].components["imagereward"] is None and r.images[0].total is not None
+    full = create_rewarder(required).score("a dog", imgs, weights={"imagereward": 0})
+    assert math.isclose(r.images[0].total, full.images[0].total, abs_tol=1e-5)  # weight 0: the same total

@@ -1,7 +1,10 @@
 """`t2i-reward serve --ray` on a real two-node Ray cluster started here (`ray start --head`, then a second
 `ray start --address`, each with its own custom resource and ports, on this machine): the pools placed on
-both nodes, the tiny profile's answers equal the single-process mixture's, a pool replica killed under load
-(every answer 2xx or 503 with Retry-After), a pool autoscaled from 1 to 2 replicas under load and back.
+both nodes, and two more pinned to a third node that is not there at start (`node_c`): the service is ready
+without them, their optional expert's pairs fail (200, null, `errors`), a request that weights their
+required expert is a 503 with Retry-After; once the third node joins they are picked up. Then the tiny
+profile's answers equal the single-process mixture's, a pool replica killed under load (every answer 2xx or
+503 with Retry-After), a pool autoscaled from 1 to 2 replicas under load and back.
 
 Needs `pip install .[ray]` (CI installs it); skipped without Ray. The cluster and the service run in their own
 process sessions and are killed by session at the end, so other Ray clusters on the machine are left alone."""
@@ -9,6 +12,7 @@ process sessions and are killed by session at the end, so other Ray clusters on 
 import base64
 import io
 import json
+import math
 import os
 import shutil
 import signal
@@ -58,7 +62,8 @@ def kill_session(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory, cache_dir):
     """A head node (custom resource `node_a`) and a second node (`node_b`), then the service on them from the
-    CLI, with RAY_ADDRESS: yields (service URL, config path, GCS address)."""
+    CLI, with RAY_ADDRESS: yields (service URL, config path, GCS address, a function that starts the third
+    node, `node_c`)."""
     tmp = tmp_path_factory.mktemp("ray")
     temp_dir = Path("/tmp") / f"t2i-ray-{os.getpid()}"  # short: Ray's socket paths must fit 107 bytes
     gcs = f"{_node_ip()}:{free_port()}"
@@ -76,15 +81,21 @@ def cluster(tmp_path_factory, cache_dir):
         wait_for(lambda: _nodes(gcs, env) >= 2, 120, "the second node")
         config = tmp / "reward.yaml"
         pool = dict(num_cpus=0.1)
-        config.write_text(yaml.safe_dump({"profile": "tiny", "cache_dir": str(cache_dir), "ray": {
+        # diversity (a batch-level expert) in the CLIP pool; mlp (optional) and aesthetic (required) each in a
+        # pool on node_c, which joins only when `third_node()` is called
+        config.write_text(yaml.safe_dump({"profile": "tiny", "cache_dir": str(cache_dir), "experts": {
+            "imagereward": {}, "aesthetic": {}, "mlp": {"required": False}, "diversity": {"clip": "tiny"}}, "ray": {
             "app_name": APP, "proxy_location": "HeadOnly", "pool_timeout_s": 30, "pool_retries": 3,
             "ingress": {"num_cpus": 0.1, "resources": {"node_a": 1}},
             "pools": {
-                # autoscaled with short delays, so the test sees 1 -> 2 -> 1 in seconds
+                # autoscaled with short delays, so the test sees 1 -> 2 -> 1 in seconds (a second replica halves the load
+                # per replica below the target: it stays 10 s, long enough to be seen running)
                 "imagereward": {**pool, "resources": {"node_a": 1}, "replicas": 1, "max_replicas": 2,
-                                "target_ongoing_requests": 1, "upscale_delay_s": 0.5, "downscale_delay_s": 3,
+                                "target_ongoing_requests": 1, "upscale_delay_s": 0.5, "downscale_delay_s": 10,
                                 "look_back_period_s": 1},
-                "clip": {**pool, "resources": {"node_b": 1}},
+                "clip": {**pool, "resources": {"node_b": 1}, "threads": 2},
+                "spare": {**pool, "experts": ["mlp"], "resources": {"node_c": 1}},
+                "late": {**pool, "experts": ["aesthetic"], "resources": {"node_c": 1}},
             }}}))
         port = free_port()
         serve_env = {**env, "RAY_ADDRESS": gcs, "T2I_SERVICE_REDIS_URL": os.environ.get("T2I_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")}
@@ -94,7 +105,14 @@ def cluster(tmp_path_factory, cache_dir):
         url = f"http://127.0.0.1:{port}"
         wait_for(lambda: _ready(url), 240, f"the service ({tmp / 'serve.log'})")
         ray.init(address=gcs, logging_level="WARNING")
-        yield url, config, gcs
+
+        def third_node() -> None:
+            if len(procs) == 3:
+                procs.insert(2, ray_start(["--address", gcs, "--num-cpus", "1", "--resources", json.dumps({"node_c": 4})],
+                                          tmp / "node_c.log", env))
+                wait_for(lambda: _nodes(gcs, env) >= 3, 120, "the third node")
+
+        yield url, config, gcs, third_node
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -156,14 +174,56 @@ def png(seed: int, h: int, w: int) -> bytes:
     return buf.getvalue()
 
 
+def test_pools_on_a_missing_node_fail_their_experts_then_join(cluster):
+    """Runs first: node_c is not there yet. The service is ready; mlp (optional, its pool on node_c) fails its
+    pairs with the pool named in `errors`, the total taken over the others; aesthetic (required, node_c) makes
+    a request that weights it a 503 with Retry-After, one that weights it 0 a 200. Then node_c joins and both
+    pools are picked up."""
+    from t2i_reward.rewarders import create_rewarder
+    from t2i_reward.rewarders.config import load_config
+    from t2i_reward.rewarders.images import open_image
+
+    url, config, _, third_node = cluster
+    assert not any("node_c" in n["Resources"] for n in ray.nodes() if n["Alive"])
+    assert _ready(url)
+    body = {"prompt": "a red apple", "images": [base64.b64encode(png(i, 64, 64)).decode() for i in range(2)]}
+    start = time.time()
+    refused = httpx.post(f"{url}/reward", json=body, timeout=60)
+    assert refused.status_code == 503 and refused.headers["retry-after"], refused.text
+    assert "aesthetic" in refused.json()["detail"] and time.time() - start < 20  # at once, not after pool_timeout_s (30 s)
+    got = httpx.post(f"{url}/reward", json={**body, "weights": {"aesthetic": 0}}, timeout=60)
+    assert got.status_code == 200, got.text
+    single = create_rewarder(load_config(config))
+    raw = single.raw_scores([open_image(png(i, 64, 64), 1 << 30, 100) for i in range(2)], ["a red apple"] * 2)
+    weights = {**single.weights, "aesthetic": 0.0}
+    for i, image in enumerate(got.json()["images"]):
+        assert image["components"]["mlp"] is None and image["components"]["aesthetic"] is None
+        assert set(image["errors"]) == {"mlp", "aesthetic"} and "pool 'spare' is unavailable" in image["errors"]["mlp"]
+        # the total over imagereward and diversity, their weights scaled up to the same sum of |weight|
+        answered = ("imagereward", "diversity")
+        terms = sum(weights[n] * (float(raw[n][i]) - single.norm[n][0]) / single.norm[n][1] for n in answered)
+        want = terms * sum(abs(w) for w in weights.values()) / sum(abs(weights[n]) for n in answered)
+        assert math.isclose(image["total"], want, abs_tol=1e-5), (image, want)
+        assert math.isclose(image["components"]["imagereward"], float(raw["imagereward"][i]), abs_tol=1e-5)
+    third_node()
+    wait_for(lambda: httpx.post(f"{url}/reward", json=body, timeout=60).status_code == 200, 240, "the pools on node_c")
+    answer = httpx.post(f"{url}/reward", json=body, timeout=60).json()
+    assert all(im["components"]["mlp"] is not None and not im.get("errors") for im in answer["images"])
+
+
 def test_pools_on_both_nodes_answer_as_one_process(cluster):
     from t2i_reward.rewarders import create_rewarder
     from t2i_reward.rewarders.config import load_config
 
-    url, config, _ = cluster
+    url, config, _, third_node = cluster
+    third_node()
+    wait_for(lambda: "available" not in httpx.get(f"{url}/models", timeout=60).json()["experts"]["aesthetic"], 240,
+             "the pools on node_c")
     nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-    for deployment, resource in (("pool-imagereward", "node_a"), ("pool-clip", "node_b")):
-        assert resource in nodes[replica(deployment)["node_id"]], deployment
+    for deployment, resource, threads in (("pool-imagereward", "node_a", 1), ("pool-clip", "node_b", 2)):
+        where = replica(deployment)
+        assert resource in nodes[where["node_id"]], deployment
+        assert where["threads"] == threads, deployment  # Ray's default for 0.1 CPU, or the pool's `threads`
     single = create_rewarder(load_config(config))
     images = [png(i, 64 + 16 * i, 96) for i in range(4)]
     body = {"prompts": ["a red apple", "a red apple", "a blue car", "a blue car"],
