@@ -213,7 +213,11 @@ def check_size(size: tuple[int, int], max_pixels: int, max_aspect_ratio: float, 
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How one backbone wants its input: square `size`, channel `mean` and `std` (bicubic, center crop)."""
+    """How one backbone wants its input: square `size`, channel `mean` and `std` (bicubic, center crop).
+
+    `tensor` and `uint8` run the steps `_resize`, `_crop`, `_normalise`, `_pack` (each defined once, here); a
+    spec whose model reads its input otherwise overrides a step (HPSv3Preprocess: its resize, no crop, a packed
+    canvas)."""
 
     size: int = 224
     mean: tuple[float, float, float] = CLIP_MEAN
@@ -251,7 +255,7 @@ class Preprocess:
         x = self._resize(images)
         if x is not images:
             x = x.clamp(0, 1)  # PIL clamps bicubic overshoot when it writes 8-bit pixels
-        return self._normalise(self._crop(x))
+        return self._pack(self._normalise(self._crop(x)))
 
     def uint8(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 3, H, W) in 0..255 -> normalised float (B, 3, size, size), resized in 8 bits.
@@ -262,7 +266,7 @@ class Preprocess:
         which a (B, H, W, 3) tensor permuted to (B, 3, H, W) already is."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise InvalidImageError(f"expected a uint8 image tensor of shape (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        return self._normalise(self._crop(self._resize(images)).float().div_(255.0))
+        return self._pack(self._normalise(self._crop(self._resize(images)).float().div_(255.0)))
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         """Short side to `size` (torchvision's rule for the long side, so every path crops the same window;
@@ -285,6 +289,11 @@ class Preprocess:
         mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
+
+    def _pack(self, x: torch.Tensor) -> torch.Tensor:
+        """The normalised crop as the backbone takes it: as it is here. Why a step: a spec whose model reads
+        something other than a square crop lays its input out here (HPSv3Preprocess packs its whole image)."""
+        return x
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

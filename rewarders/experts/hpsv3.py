@@ -137,26 +137,17 @@ class HPSv3Preprocess(Preprocess):
             out.append(self._pack(self._normalise(x[None])))
         return torch.cat(out)
 
-    def tensor(self, images: torch.Tensor) -> torch.Tensor:
-        """Differentiable: (B, 3, H, W) floats in [0, 1]; torch's antialiased bicubic stands in for PIL's."""
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise InvalidImageError(f"expected an image tensor of shape (B, 3, H, W), got {tuple(images.shape)}")
-        x = self._resize(images)
-        if x is not images:
-            x = x.clamp(0, 1)  # PIL clamps the overshoot when it writes 8-bit pixels
-        return self._pack(self._normalise(x))
-
-    def uint8(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W), resized in 8 bits (torch rounds and clamps as PIL does)."""
-        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise InvalidImageError(f"expected a uint8 image tensor of shape (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        return self._pack(self._normalise(self._resize(images).float().div_(255.0)))
+    # `tensor` (differentiable, torch's antialiased bicubic standing in for PIL's) and `uint8` (resized in 8 bits)
+    # are the base's steps: check, resize (HPSv3's own rule, below), clamp, no crop, normalise, then pack.
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         h, w = smart_resize(x.shape[-2], x.shape[-1], self.min_pixels, self.max_pixels)
         if (h, w) == tuple(x.shape[-2:]):
             return x
         return F.interpolate(x, size=(h, w), mode="bicubic", antialias=True, align_corners=False)
+
+    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+        return x  # HPSv3 sees the whole resized image, at its own aspect ratio: `_pack` makes it square
 
     def _pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, 28a, 28b) -> (B, 3, size, size): the a x b blocks in raster order, then zeros, then (a, b)."""
