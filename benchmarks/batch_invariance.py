@@ -32,44 +32,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from t2i_reward.rewarders import create_rewarder  # noqa: E402
+from t2i_reward.rewarders.invariance import mixed_requests, tiny_experts  # noqa: E402
 
 NO_TINY = {"imagereward": None, "aesthetic": None, "mlp": None}
-ALL_TINY = {
-    "imagereward": {"checkpoint": "tiny", "tokenizer": "packaged"},
-    "aesthetic": {"clip": "tiny", "head": "tiny", "mean": 0.0, "std": 1.0},
-    "mlp": {"checkpoint": "tiny"},
-    "pickscore": {"checkpoint": "tiny"},
-    "hpsv2": {"checkpoint": "tiny"},
-    "clip_score": {"clip": "tiny"},
-    "blip_score": {"checkpoint": "tiny", "tokenizer": "packaged"},
-    "diversity": {"clip": "tiny"},
-    "ocr": {"neutral_score": 0.0},
-    "geneval": {"detector": "tiny", "clip": "tiny", "image_size": 128},
-    "hpsv3": {"checkpoint": "tiny"},
-}
+ALL_TINY = tiny_experts(geneval_size=128)
 PROMPTS = ['a sign that says "open"', "a red apple on a wooden table", 'a poster reading "hello world" in blue',
            "two dogs playing in the snow", "a watercolor lighthouse at dusk, with a very long description of the sea"]
 
 
-def records(n: int, rng: random.Random) -> list[dict]:
-    """GenEval records, one per pair (the geneval expert needs one)."""
-    kinds = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}]},
-             {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}]},
-             {"tag": "colors", "include": [{"class": "apple", "count": 1, "color": "red"}]}]
-    return [rng.choice(kinds) for _ in range(n)]
-
-
 def make_requests(n: int, seed: int) -> list[tuple]:
     """n requests of 2 to 7 pairs: (prompts, uint8 (size, H, W, 3), metadata); image sizes vary between requests."""
-    rng, g = random.Random(seed), np.random.default_rng(seed)
-    out = []
-    for i in range(n):
-        size = rng.randint(2, 7)
-        h, w = rng.choice([(96, 128), (160, 160), (200, 152)])
-        small = g.integers(0, 256, (size, h // 8, w // 8, 3), dtype=np.uint8)
-        imgs = np.repeat(np.repeat(small, 8, 1), 8, 2) // 2 + g.integers(0, 128, (size, h, w, 3), dtype=np.uint8)
-        out.append(([rng.choice(PROMPTS) for _ in range(size)], torch.from_numpy(imgs.astype(np.uint8)), records(size, rng)))
-    return out
+    return mixed_requests(n, seed, range(2, 8), [(96, 128), (160, 160), (200, 152)], PROMPTS)
 
 
 def flatten(results) -> list[dict[str, float]]:

@@ -21,14 +21,20 @@ So the mode runs every forward pass at one fixed shape:
 - on a GPU, `deterministic_device` turns off cuDNN's autotuner and asks for deterministic algorithms.
 
 Its cost is the padded rows (up to `max_batch_size - 1` per call) and the text passes over every prompt.
+
+What the checks of the mode score (the test and the benchmark above) is defined once at the end of this file:
+`tiny_experts`, every expert that runs a model in its tiny form, and `mixed_requests`, seeded requests of
+varying sizes, image shapes, prompts and GenEval records.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Callable
+import random
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -68,3 +74,45 @@ def deterministic_device(device: torch.device) -> None:
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+# ---- what the checks of the mode score: tests/test_batch_invariance.py and benchmarks/batch_invariance.py
+
+# GenEval records of three kinds, one drawn per pair (the geneval expert needs one)
+GENEVAL_RECORDS = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}]},
+                   {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}]},
+                   {"tag": "colors", "include": [{"class": "apple", "count": 1, "color": "red"}]}]
+
+
+def tiny_experts(geneval_size: int = 64) -> dict[str, dict]:
+    """Every expert that runs a model, configured in its tiny form (ocr: the rapidocr wheel's real weights;
+    geneval's detector at `geneval_size`)."""
+    return {
+        "imagereward": {"checkpoint": "tiny", "tokenizer": "packaged"},
+        "aesthetic": {"clip": "tiny", "head": "tiny", "mean": 0.0, "std": 1.0},
+        "mlp": {"checkpoint": "tiny"},
+        "pickscore": {"checkpoint": "tiny"},
+        "hpsv2": {"checkpoint": "tiny"},
+        "clip_score": {"clip": "tiny"},
+        "blip_score": {"checkpoint": "tiny", "tokenizer": "packaged"},
+        "diversity": {"clip": "tiny"},
+        "ocr": {"neutral_score": 0.0},
+        "geneval": {"detector": "tiny", "clip": "tiny", "image_size": geneval_size},
+        "hpsv3": {"checkpoint": "tiny"},
+    }
+
+
+def mixed_requests(n: int, seed: int, sizes: Sequence[int], shapes: Sequence[tuple[int, int]],
+                   prompts: Sequence[str]) -> list[tuple[list[str], torch.Tensor, list[dict]]]:
+    """n seeded requests (prompts, uint8 (B, H, W, 3), GenEval records): B drawn from `sizes`, (H, W) from `shapes`
+    (multiples of 8), a prompt and a record per pair. The images are 8x8 blocks of colour under noise, so every
+    expert sees structure and no two images are alike."""
+    rng, g = random.Random(seed), np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        b, (h, w) = rng.choice(sizes), rng.choice(shapes)
+        small = g.integers(0, 256, (b, h // 8, w // 8, 3), dtype=np.uint8)
+        images = np.repeat(np.repeat(small, 8, 1), 8, 2) // 2 + g.integers(0, 128, (b, h, w, 3), dtype=np.uint8)
+        out.append(([rng.choice(prompts) for _ in range(b)], torch.from_numpy(images.astype(np.uint8)),
+                    [rng.choice(GENEVAL_RECORDS) for _ in range(b)]))
+    return out

@@ -13,49 +13,25 @@ import random
 import threading
 
 import httpx
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from t2i_reward.rewarders import create_rewarder
 from t2i_reward.rewarders.advantages import group_advantages
-from t2i_reward.rewarders.invariance import fixed_passes, pad_rows
+from t2i_reward.rewarders.invariance import fixed_passes, mixed_requests, pad_rows, tiny_experts
 
 from .conftest import running_server
 
-EVERY_MODEL = {  # every expert that runs a model, in its tiny form (ocr: the wheel's real weights)
-    "imagereward": {"checkpoint": "tiny", "tokenizer": "packaged"},
-    "aesthetic": {"clip": "tiny", "head": "tiny", "mean": 0.0, "std": 1.0},
-    "mlp": {"checkpoint": "tiny"},
-    "pickscore": {"checkpoint": "tiny"},
-    "hpsv2": {"checkpoint": "tiny"},
-    "clip_score": {"clip": "tiny"},
-    "blip_score": {"checkpoint": "tiny", "tokenizer": "packaged"},
-    "diversity": {"clip": "tiny"},
-    "ocr": {"neutral_score": 0.0},
-    "geneval": {"detector": "tiny", "clip": "tiny", "image_size": 64},
-    "hpsv3": {"checkpoint": "tiny"},
-}
+EVERY_MODEL = tiny_experts()  # every expert that runs a model, in its tiny form (ocr: the wheel's real weights)
 # prompts of different token lengths (PickScore and HPSv3 pad to the longest of a batch without the mode)
 PROMPTS = ['a sign that says "open"', "a red apple", 'a poster reading "hello world" in blue letters on a wall',
            "two dogs playing in the snow under a grey winter sky, photographed from far away"]
-RECORDS = [{"tag": "single_object", "include": [{"class": "dog", "count": 1}]},
-           {"tag": "counting", "include": [{"class": "cat", "count": 2}], "exclude": [{"class": "cat", "count": 3}]},
-           {"tag": "colors", "include": [{"class": "apple", "count": 1, "color": "red"}]}]
 
 
 def requests(n: int, seed: int, sizes=(2, 3)) -> list[tuple]:
     """n requests (prompts, uint8 (B, H, W, 3), metadata) of 2-3 pairs, image sizes varying between requests."""
-    rng, g = random.Random(seed), np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        b, (h, w) = rng.choice(sizes), rng.choice([(64, 64), (80, 64), (64, 96)])
-        small = g.integers(0, 256, (b, h // 8, w // 8, 3), dtype=np.uint8)
-        images = np.repeat(np.repeat(small, 8, 1), 8, 2) // 2 + g.integers(0, 128, (b, h, w, 3), dtype=np.uint8)
-        out.append(([rng.choice(PROMPTS) for _ in range(b)], torch.from_numpy(images.astype(np.uint8)),
-                    [rng.choice(RECORDS) for _ in range(b)]))
-    return out
+    return mixed_requests(n, seed, sizes, [(64, 64), (80, 64), (64, 96)], PROMPTS)
 
 
 def values(result) -> dict[str, torch.Tensor]:
