@@ -23,7 +23,6 @@ from typing import Mapping, Optional, Protocol, Sequence
 import torch
 from t2i_reward.rewarders import Mixture
 from t2i_reward.rewarders.client import RewardClient
-from t2i_reward.rewarders.errors import InvalidRequestError
 
 Metadata = Optional[Sequence[dict]]  # one JSON object per image, or None: no metadata
 
@@ -54,27 +53,15 @@ class LocalReward:
         return scores.total.to(images.device), {n: s.detach().cpu() for n, s in scores.components.items()}
 
     def scores(self, images: torch.Tensor, prompts: Sequence[str], metadata: Metadata = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Scalar rewards only: the same numbers, without a graph, per pair (NaN where an expert failed on a
-        pair). The batch goes through the mixture's tensor path as one call; only when that refuses it (an
-        expert failed on a pair, which the differentiable path cannot answer) is it scored again pair by pair,
-        on the mixture's raw-tensor scoring (the service's `/reward`), which answers NaN for the failed pairs
-        and raises the same error for input it cannot score at all."""
-        with torch.no_grad():
-            try:
-                total, components = self(images.detach(), prompts, metadata)
-                return total.detach().cpu(), components
-            except InvalidRequestError:
-                pass
+        """Scalar rewards only: the same numbers, without a graph, per pair, in one pass over the batch: the
+        mixture's raw-tensor scoring (`Mixture.score_pairs`, the service's `/reward`), NaN where an expert failed
+        on a pair (and in the total where that expert is required); input it cannot score at all raises."""
         x = images.detach().float().clamp(0, 1).cpu().contiguous()  # the CPU tensor the service would get
         # why the limit: the trainer's batch is one call, however many images the config lets a caller send
         limits = self.mixture.limits.model_copy(update={"max_images": max(self.mixture.limits.max_images, len(x))})
         checked = self.mixture.check_tensor_request(list(prompts), x, self.weights, limits, metadata=metadata)
-        result = self.mixture.score_checked([checked])[0]
-        nan = float("nan")
-        total = torch.tensor([nan if im.total is None else im.total for im in result.images])
-        components = {n: torch.tensor([nan if im.components[n] is None else im.components[n] for im in result.images])
-                      for n in self.mixture.experts}
-        return total, components
+        raw = self.mixture.score_pairs([checked]).scores
+        return self.mixture.combine(raw, checked.weights), raw
 
     def expert_weights(self) -> dict[str, float]:
         return self.mixture.weights_for(self.weights)

@@ -516,13 +516,20 @@ class Mixture(nn.Module):
     def score_checked(self, checked: Sequence[Checked], *, on_timing: Timing | None = None) -> list[RewardResult]:
         """Score requests returned by `check_request` / `check_tensor_request`, pooled in shared batches;
         each gets its own result (its own weights, groups, advantages and percentiles)."""
+        return self.results(checked, self.score_pairs(checked, on_timing=on_timing))
+
+    def score_pairs(self, checked: Sequence[Checked], *, on_timing: Timing | None = None) -> Scores:
+        """The per-pair scoring, without a graph, of requests returned by `check_request` / `check_tensor_request`,
+        pooled in shared batches: one pass over the pairs, each expert's raw scores (CPU float32) with NaN, and
+        the reason in `errors`, where it failed on a pair (the total of such a pair, `combine`, is NaN when the
+        expert is required). What `/reward` answers from (`score_checked`, None for NaN) and a trainer's rewards
+        without a graph (finetune/rewards.py: `LocalReward.scores`, NaN as it is)."""
         prompts = [p for c in checked for p in c.prompts]
         metadata = None
         if any(c.metadata is not None for c in checked):
             metadata = [m for c in checked for m in (c.metadata if c.metadata is not None else [{}] * len(c))]
-        raw = self._scores(Pixels(checked, self.device), prompts, [len(c) for c in checked], metadata, on_timing,
-                           group_ids=[c.group_ids for c in checked])
-        return self.results(checked, raw)
+        return self._scores(Pixels(checked, self.device), prompts, [len(c) for c in checked], metadata, on_timing,
+                            group_ids=[c.group_ids for c in checked])
 
     def results(self, checked: Sequence[Checked], raw: Scores, required: Mapping[str, bool] | None = None) -> list[RewardResult]:
         """Each request's answer from the scores of the run that pooled them (`_scores` here, or every pool's

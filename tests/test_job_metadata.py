@@ -204,6 +204,46 @@ def test_grpo_advantages_skip_null_totals():
     assert stats.buffers == {"a": [1.0, 3.0]} and out.tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-3)
 
 
+
+def test_local_scores_run_the_batch_once_with_nan_where_a_pair_failed(cache_dir, seen, monkeypatch):
+    """`LocalReward.scores` on a batch where the required meta_probe fails two pairs: one forward call of each
+    expert and of the CLIP backbone for the whole batch (never scored a second time), NaN exactly at those pairs
+    (their totals too), the other expert's scores kept; the service's raw-tensor `/reward` (`RemoteReward.scores`)
+    gives the same numbers, bit for bit."""
+    from t2i_reward.finetune.rewards import RemoteReward
+    from t2i_reward.service.app import create_app
+    from t2i_reward.service.settings import Settings
+
+    mixture = create_rewarder(profile="tiny", cache_dir=cache_dir, device="cpu", calibration=None,
+                              experts={"imagereward": None, "mlp": None, "aesthetic": {"clip": "tiny", "head": "tiny"},
+                                       "meta_probe": {"mean": 0.0, "std": 1.0}})
+    calls: dict[str, int] = {}
+
+    def count(obj, method: str, name: str):
+        run = getattr(obj, method)
+        monkeypatch.setattr(obj, method, lambda *a, **k: (calls.__setitem__(name, calls.get(name, 0) + 1), run(*a, **k))[1])
+
+    for name, e in mixture.experts.items():
+        count(e, "forward", name)
+    for clip in mixture.clips.values():
+        count(clip, "encode_images", "clip")
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    prompts = ["a red ball", "a blue car"] * 3
+    meta = [{"value": v} for v in (1.0, -1.0, 2.0, 3.0, -1.0, 4.0)]
+    total, components = LocalReward(mixture).scores(images, prompts, meta)
+    assert calls == {"clip": 1, "aesthetic": 1, "meta_probe": 1} and len(seen) == 6  # one pass over the batch
+    failed = [False, True, False, False, True, False]
+    assert torch.isnan(total).tolist() == failed and torch.isnan(components["meta_probe"]).tolist() == failed
+    assert components["meta_probe"][[0, 2, 3, 5]].tolist() == [1.0, 2.0, 3.0, 4.0]
+    assert not torch.isnan(components["aesthetic"]).any()
+    with running_server(create_app(Settings(), rewarder=mixture)) as url:
+        remote_total, remote_components = RemoteReward(url).scores(images, prompts, meta)
+    assert torch.equal(remote_total.nan_to_num(-99.0), total.nan_to_num(-99.0))
+    assert remote_components.keys() == components.keys()
+    for name, s in components.items():
+        assert torch.equal(remote_components[name].nan_to_num(-99.0), s.nan_to_num(-99.0)), name
+
+
 # ---- jobs in-process
 
 def run(tmp_path, cache_dir, probe, spec: JobSpec, prompts=None):
