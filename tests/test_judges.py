@@ -5,6 +5,7 @@ t2v-metrics' on the same logits. Real models only: the tiny random LLaVA (whose 
 "scripted" copies of it whose generation settings make their greedy answer a known text (so their preferences
 are known), in-process and behind a real `transformers serve`; a peer that is slow or down."""
 
+import base64
 import io
 import math
 import sys
@@ -30,7 +31,7 @@ from t2i_reward.rewarders.judges import (
     schedule,
     win_rates,
 )
-from t2i_reward.rewarders.mllm import MLLMConfig, MLLMError, create_peer, t2v_probability
+from t2i_reward.rewarders.mllm import HTTPPeer, MLLMConfig, MLLMError, create_peer, downscaled, t2v_probability
 from t2i_reward.rewarders.tiny_vlm import ensure_scripted_vlm, ensure_tiny_vlm
 
 from .conftest import free_port, smooth_image
@@ -154,6 +155,19 @@ def test_a_scripted_model_answers_its_script(cache_dir):
     assert peer.answer(IMAGES[:2], "Which image is better?", 32) == "Image 1 is better."
     assert peer.calls == 1
 
+
+
+def test_a_comparison_is_one_user_message_images_in_order_then_the_text():
+    """What `HTTPPeer.answer` sends (mllm.py's own builder, so the format is asserted where it is made): one user
+    turn, the images as PNG data URLs in the order given (Image 1, Image 2), downscaled, then the text."""
+    (message,) = HTTPPeer.multi_image_messages([IMAGES[1], IMAGES[3]], "Which image is better?", 56)
+    assert message["role"] == "user" and [part["type"] for part in message["content"]] == ["image_url", "image_url", "text"]
+    assert message["content"][2]["text"] == "Which image is better?"
+    for part, im in zip(message["content"][:2], [IMAGES[1], IMAGES[3]]):
+        head, b64 = part["image_url"]["url"].split(",", 1)
+        shown = Image.open(io.BytesIO(base64.b64decode(b64)))
+        assert head == "data:image/png;base64" and max(shown.size) <= 56
+        assert shown.convert("RGB").tobytes() == downscaled(im, 56).tobytes()
 
 def test_position_bias_cancels_with_both_orders(cache_dir):
     """A judge that always prefers the first image: asked both ways, every image wins half its comparisons;
