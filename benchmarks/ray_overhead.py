@@ -39,8 +39,9 @@ def measure(profile: str, clients: list[int], per_client: int, max_batch: int, i
     if ray_cpus is not None:
         fd, config = tempfile.mkstemp(suffix=".yaml")
         with os.fdopen(fd, "w") as f:
+            # why the long pool timeout: full-size models on a CPU take longer than the default 60 s for a batch of 32
             yaml.safe_dump({"profile": profile, "ray": {"default_pool": {"num_cpus": ray_cpus, "threads": pool_threads},
-                                                        "ingress": {"num_cpus": ray_cpus}}}, f)
+                                                        "ingress": {"num_cpus": ray_cpus}, "pool_timeout_s": 900}}, f)
         args, env = ("--ray",), {"RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_port()
     proc = start_server(config or profile, port, max_batch, args, env)
