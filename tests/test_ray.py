@@ -206,9 +206,14 @@ def test_pools_on_a_missing_node_fail_their_experts_then_join(cluster):
         assert math.isclose(image["total"], want, abs_tol=1e-5), (image, want)
         assert math.isclose(image["components"]["imagereward"], float(raw["imagereward"][i]), abs_tol=1e-5)
     third_node()
-    wait_for(lambda: httpx.post(f"{url}/reward", json=body, timeout=60).status_code == 200, 240, "the pools on node_c")
+
+    def both_pools_answer() -> bool:  # each of node_c's two pools is picked up when it answers: not both at once
+        r = httpx.post(f"{url}/reward", json=body, timeout=60)
+        return r.status_code == 200 and all(im["components"]["mlp"] is not None and not im.get("errors") for im in r.json()["images"])
+
+    wait_for(both_pools_answer, 240, "the pools on node_c")
     answer = httpx.post(f"{url}/reward", json=body, timeout=60).json()
-    assert all(im["components"]["mlp"] is not None and not im.get("errors") for im in answer["images"])
+    assert all(im["components"]["aesthetic"] is not None and im["total"] is not None for im in answer["images"])
 
 
 def test_pools_on_both_nodes_answer_as_one_process(cluster):
