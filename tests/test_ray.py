@@ -142,9 +142,12 @@ def wait_for(check, timeout: float, what: str) -> None:
 
 
 def _nodes(gcs: str, env: dict) -> int:
-    code = f"import ray; ray.init(address='{gcs}', logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
+    # why the marker: the driver's stdout also carries the cluster's log lines (the autoscaler's, for one)
+    code = (f"import ray; ray.init(address='{gcs}', logging_level='ERROR', log_to_driver=False); "
+            "print('alive-nodes', sum(n['Alive'] for n in ray.nodes()))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
-    return int(run.stdout.strip().splitlines()[-1]) if run.returncode == 0 and run.stdout.strip() else 0
+    counts = [line.split()[-1] for line in run.stdout.splitlines() if line.startswith("alive-nodes ")]
+    return int(counts[-1]) if run.returncode == 0 and counts else 0
 
 
 def _ready(url: str) -> bool:
