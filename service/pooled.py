@@ -106,12 +106,17 @@ class Pool:
                 "min_images": getattr(e, "min_images", 1), "uses_metadata": e.uses_metadata,
                 "metadata_fields": tuple(e.metadata_fields),
                 "checks_pairs": type(e).check_pair is not Expert.check_pair,
+                "uses_group_ids": bool(getattr(e, "uses_group_ids", False)),
             }
         return {"name": self.name, "experts": experts, "input_specs": m.input_specs}
 
     def check(self, prompts: list[str], metadata, limits: Limits) -> None:
         """Its experts' checks of each pair (`check_pair`, metadata fields): InvalidRequestError names the first problem."""
         self.mixture.check_metadata(prompts, metadata, limits)
+
+    def check_groups(self, prompts: list[str], group_ids: Sequence | None) -> None:
+        """Its group-scoring experts' checks of each group of one request (`check_group`)."""
+        self.mixture.check_groups(prompts, group_ids)
 
     def score(self, pixels: Mapping[Preprocess, np.ndarray], prompts: list[str], groups: Sequence[int],
               metadata: Sequence[dict] | None, group_ids: Sequence | None = None) -> tuple[Scores, list[tuple[str, float]]]:
@@ -135,7 +140,7 @@ class PooledExpert(Expert):
         self.default_mean, self.default_std = info["default_mean"], info["default_std"]
         self.batch_level, self.min_images = info["batch_level"], info["min_images"]
         self.uses_metadata, self.metadata_fields = info["uses_metadata"], info["metadata_fields"]
-        self.checks_pairs = info["checks_pairs"]
+        self.checks_pairs, self.uses_group_ids = info["checks_pairs"], info["uses_group_ids"]
         self._describe = info["describe"]
 
     @classmethod
@@ -149,7 +154,7 @@ class PooledExpert(Expert):
             "default_mean": c.default_mean, "default_std": c.default_std,
             "batch_level": bool(getattr(c, "batch_level", False)), "min_images": getattr(c, "min_images", 1),
             "uses_metadata": c.uses_metadata, "metadata_fields": tuple(c.metadata_fields),
-            "checks_pairs": c.check_pair is not Expert.check_pair})
+            "checks_pairs": c.check_pair is not Expert.check_pair, "uses_group_ids": bool(getattr(c, "uses_group_ids", False))})
 
     def describe(self) -> dict:
         return dict(self._describe)
@@ -252,20 +257,30 @@ class PooledMixture(Mixture):
         missing = {n for pool in down for n in self.plan[pool]}
         return super().results(checked, raw, {n: r and n not in missing for n, r in (required or self.required).items()})
 
-    def check_metadata(self, prompts: Sequence[str], metadata, limits: Limits | None = None) -> list[dict] | None:
-        """The mixture's checks here (the metadata's form, each expert's fields), then those of the pools whose
-        experts check pairs themselves (`check_pair`), concurrently, before any model runs. A pool that is
-        down checks nothing: its experts will not run on these pairs."""
-        checked = super().check_metadata(prompts, metadata, limits)
-        pools = [p for p in dict.fromkeys(e.pool for e in self.experts.values() if e.checks_pairs)
+    def _ask(self, holds: Callable[[PooledExpert], bool], method: str, *args) -> None:
+        """Call `method` of every pool that is up and holds an expert `holds` picks, concurrently; the first
+        InvalidRequestError raised is the request's. A pool that does not answer is marked down: its experts
+        will not run on the request."""
+        pools = [p for p in dict.fromkeys(e.pool for e in self.experts.values() if holds(e))
                  if p in self.pools and p not in self.down]
-        args = (list(prompts), checked, limits or self.limits)
-        for pool, f in [(pool, self._fan.submit(self._call, pool, "check", *args)) for pool in pools]:
+        for pool, f in [(pool, self._fan.submit(self._call, pool, method, *args)) for pool in pools]:
             try:
                 f.result()
             except Unavailable as e:
                 self.pool_down(pool, str(e))
+
+    def check_metadata(self, prompts: Sequence[str], metadata, limits: Limits | None = None) -> list[dict] | None:
+        """The mixture's checks here (the metadata's form, each expert's fields), then those of the pools whose
+        experts check pairs themselves (`check_pair`), before any model runs. A pool that is down checks
+        nothing: its experts will not run on these pairs."""
+        checked = super().check_metadata(prompts, metadata, limits)
+        self._ask(lambda e: e.checks_pairs, "check", list(prompts), checked, limits or self.limits)
         return checked
+
+    def check_groups(self, prompts: Sequence[str], group_ids: Sequence | None) -> None:
+        """The groups of one request through the pools whose experts score groups (`check_group`: a pairwise
+        judge's one prompt per group, its comparisons' bound), before any pool scores it."""
+        self._ask(lambda e: e.uses_group_ids, "check_groups", list(prompts), None if group_ids is None else list(group_ids))
 
     def _failed(self, pool: str, why: str, n: int) -> Scores:
         """The scores of a pool that could not score a run of n pairs: NaN, each pair's error saying why."""

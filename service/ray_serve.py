@@ -72,6 +72,9 @@ class PoolDeployment:
 
         await asyncio.to_thread(self.pool.check, prompts, metadata, limits)
 
+    async def check_groups(self, prompts, group_ids) -> None:
+        self.pool.check_groups(prompts, group_ids)  # no model: a pairwise judge's group rules
+
     async def score(self, pixels, prompts, groups, metadata, group_ids=None):
         import asyncio
 
@@ -235,7 +238,11 @@ def run(settings: Settings) -> None:
     config = settings.rewarder_config()
     address = os.environ.get("RAY_ADDRESS") or None
     ray.init(address=address, logging_level=logging.WARNING)
-    serve.start(proxy_location=config.ray.proxy_location, http_options={"host": settings.host, "port": settings.port})
+    # the proxy's keep-alive is `idle_timeout_s`, as in `serve` (Serve's own default keeps an idle connection 90 s);
+    # its other connection limits (header size and time, open connections) Serve does not expose: docs/ray.md
+    serve.start(proxy_location=config.ray.proxy_location,
+                http_options={"host": settings.host, "port": settings.port,
+                              "keep_alive_timeout_s": max(1, round(settings.idle_timeout_s))})
     name = config.ray.app_name
     # not `serve.run`: it waits until every deployment runs, forever when a pool's node is missing, while the
     # ingress serves the pools it has (its /readyz says when)

@@ -210,3 +210,40 @@ def test_a_pool_that_is_down_fails_its_experts_as_one_process_or_the_request(cac
     assert r.images[0].components["imagereward"] is None and r.images[0].total is not None
     full = create_rewarder(required).score("a dog", imgs, weights={"imagereward": 0})
     assert math.isclose(r.images[0].total, full.images[0].total, abs_tol=1e-5)  # weight 0: the same total
+
+
+def test_a_group_a_pool_cannot_judge_is_refused_in_the_ingress_before_any_scoring(cache_dir):
+    """A pairwise judge's group rules (one prompt, at least 2 images, its comparison bound) run in the pool that
+    holds it, asked by the ingress while it checks the request: the same 4xx as one process, and no pool scores."""
+    from t2i_reward.rewarders.tiny_vlm import ensure_scripted_vlm
+    from t2i_reward.service.pooled import PooledMixture, local_pools
+
+    folder = str(ensure_scripted_vlm(cache_dir, "Image 1 is better."))
+    config = load_config(profile="tiny", cache_dir=cache_dir, normalize=False,
+                         experts={"imagereward": None, "pairwise_judge": {"model": folder, "image_size": 56, "max_comparisons": 3, "template": "unifiedreward", "max_tokens": 16}})
+    pools = local_pools(config)
+    assert sorted(pools) == ["clip", "pairwise_judge"]
+    calls = []
+
+    def call(pool, method, *args):
+        calls.append((pool, method))
+        p = pools[pool]
+        return p.executor.submit(p.score, *args).result() if method == "score" else getattr(p, method)(*args)
+
+    pooled, single = PooledMixture(config, {n: p.info() for n, p in pools.items()}, call), create_rewarder(config)
+    images = [smooth_image(i, 64, 64) for i in range(3)]
+    for prompts, groups, why in [(["a red square"] * 3, [0, 0, 1], "a group has 1 image"),
+                                 (["a red square", "a red square", "a blue car"], None, "one prompt: a group has 2 prompts"),
+                                 (["a red square"] * 3, None, "a group of 3 images needs at least 4 comparisons; max_comparisons is 3")]:
+        for mixture in (single, pooled):
+            with pytest.raises(InvalidRequestError, match=why):
+                mixture.check_request(prompts, images, group_ids=groups)
+    assert ("pairwise_judge", "check_groups") in calls and ("clip", "check_groups") not in calls
+    assert not [c for c in calls if c[1] == "score"]
+    # a group it can judge passes the same check and is scored as in one process
+    ok = dict(group_ids=[0, 0, 1, 1])
+    four = [smooth_image(i, 64, 64) for i in range(4)]
+    got = pooled.score_checked([pooled.check_request("a red square", four, **ok)])[0].to_dict()
+    want = single.score_checked([single.check_request("a red square", four, **ok)])[0].to_dict()
+    assert [im["components"]["pairwise_judge"] for im in got["images"]] == [0.5] * 4  # both orders: the first-place bias cancels
+    assert_close(want, got)

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -308,3 +309,16 @@ def test_a_pool_autoscales_from_one_to_two_replicas_and_back(cluster):
         wait_for(lambda: running("pool-imagereward") == 2, 120, "a second replica under load")
     assert {s for _, s, _ in load.answers} <= {200, 503}
     wait_for(lambda: running("pool-imagereward") == 1, 120, "back to one replica when idle")
+
+
+def test_the_proxy_closes_a_connection_idle_between_requests(cluster):
+    """Serve's proxy keeps a connection open between requests for `idle_timeout_s` (5 s by default), as `serve`
+    does, not Serve's own 90 s."""
+    host, port = cluster[0].removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        answer, last = b"", time.monotonic()
+        while chunk := s.recv(65536):  # until the server closes it
+            answer, last = answer + chunk, time.monotonic()
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert 4 <= time.monotonic() - last <= 15
