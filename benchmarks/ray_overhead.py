@@ -33,14 +33,15 @@ REQUESTS_PER_CLIENT = {"tiny": 8, "random-full": 1}  # random-full: 32 full-size
 
 
 def measure(profile: str, clients: list[int], per_client: int, max_batch: int, images: list[bytes], ray_cpus: float | None,
-            pool_threads: int | None = None) -> list[dict]:
+            pool_threads: int | None = None, merge_calls: bool = False) -> list[dict]:
     """One service's levels: single-process (`ray_cpus` None) or on a local Ray cluster of its own."""
     args, env, config = (), None, None
     if ray_cpus is not None:
         fd, config = tempfile.mkstemp(suffix=".yaml")
         with os.fdopen(fd, "w") as f:
             # why the long pool timeout: full-size models on a CPU take longer than the default 60 s for a batch of 32
-            yaml.safe_dump({"profile": profile, "ray": {"default_pool": {"num_cpus": ray_cpus, "threads": pool_threads},
+            yaml.safe_dump({"profile": profile, "ray": {"default_pool": {"num_cpus": ray_cpus, "threads": pool_threads,
+                                                                         "merge_calls": merge_calls},
                                                         "ingress": {"num_cpus": ray_cpus}, "pool_timeout_s": 900}}, f)
         args, env = ("--ray",), {"RAY_ADDRESS": "", "RAY_USAGE_STATS_ENABLED": "0"}
     port = free_port()
@@ -62,18 +63,23 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--ray-cpus", type=float, default=0.1, help="CPUs each pool replica and the ingress reserve on Ray")
     ap.add_argument("--pool-threads", type=int, default=None, help="torch threads per pool replica (default: Ray's, 1 here)")
+    ap.add_argument("--merge-calls", action="store_true", help="the pools merge the calls that queued (`merge_calls`)")
+    ap.add_argument("--ray-only", action="store_true", help="skip the single-process service (compare Ray settings)")
     args = ap.parse_args()
     per_client = args.requests_per_client or REQUESTS_PER_CLIENT.get(args.profile, 1)
     # 32 clients on one address: room for all their uploads at once in both services (the limits' defaults are 16 / 32)
     os.environ.setdefault("T2I_SERVICE_MAX_CLIENT_UPLOADS", "64")
     os.environ.setdefault("T2I_SERVICE_MAX_CONCURRENT_UPLOADS", "64")
     images = [png(i) for i in range(16)]
-    single = measure(args.profile, args.clients, per_client, args.max_batch, images, None)
-    on_ray = measure(args.profile, args.clients, per_client, args.max_batch, images, args.ray_cpus, args.pool_threads)
+    single = None if args.ray_only else measure(args.profile, args.clients, per_client, args.max_batch, images, None)
+    on_ray = measure(args.profile, args.clients, per_client, args.max_batch, images, args.ray_cpus, args.pool_threads,
+                     args.merge_calls)
     print(json.dumps({
         "profile": args.profile, "machine": f"{os.cpu_count()} cores", "max_batch_images": args.max_batch,
-        "requests_per_client": per_client, "pool_threads": args.pool_threads, "single": single, "ray": on_ray,
-        "ratio": [{"clients": s["clients"], "images_per_s": r["images_per_s"] / s["images_per_s"]} for s, r in zip(single, on_ray)],
+        "requests_per_client": per_client, "pool_threads": args.pool_threads, "merge_calls": args.merge_calls,
+        "single": single, "ray": on_ray,
+        "ratio": [{"clients": s["clients"], "images_per_s": r["images_per_s"] / s["images_per_s"]}
+                  for s, r in zip(single or [], on_ray)],
     }, indent=1))
 
 

@@ -92,24 +92,39 @@ def sde_window_at(spec: JobSpec, step: int, rng: random.Random) -> tuple[int, in
 
 
 @torch.no_grad()
+def shared_prefix(s: Sampler, seeds: list[int], cond, uncond, first: int, groups: list, chunk: Optional[int] = None) -> list[torch.Tensor]:
+    """The deterministic steps before the window (`first` of them), run once per group from the starting noise of
+    the group's first image, `chunk` groups at a time (default: all): the chain's latents 0..first, each with one
+    row per image (a group's images share theirs)."""
+    distinct = list(dict.fromkeys(groups))
+    rows = [groups.index(g) for g in distinct]  # each group's first image
+    chunk = chunk or len(rows)
+    parts = []
+    for a in range(0, len(rows), chunk):
+        r = rows[a:a + chunk]
+        latents = s.initial_latents([seeds[i] for i in r])
+        prefix = [latents]
+        for k in range(first):
+            latents, _ = s.transition(s.predict(latents, k, cond[r], uncond[r]), latents, k, 0.0)
+            prefix.append(latents)
+        parts.append(prefix)
+    expand = torch.tensor([distinct.index(g) for g in groups], device=s.device)
+    return [torch.cat([p[k] for p in parts])[expand] for k in range(first + 1)]
+
+
+@torch.no_grad()
 def sample_with_logprobs(s: Sampler, seeds: list[int], eta: float, cond, uncond, window: Optional[tuple[int, int]] = None,
-                         groups: Optional[list] = None) -> Trajectory:
+                         groups: Optional[list] = None, prefix: Optional[list[torch.Tensor]] = None) -> Trajectory:
     """The chain with the SDE `window` (default: the whole chain) stochastic and the other steps
     deterministic, keeping every latent and each window transition's log-probability under the current
     policy. Each image starts from its seed's noise and draws the k-th step's noise from its seed's generator
     whatever the window (a resumed job draws the same samples). Images of one `groups` entry (one prompt's)
-    share the starting noise of the group's first image, and the steps before the window run once per group."""
+    share the starting noise of the group's first image, and the steps before the window run once per group
+    (`shared_prefix`; or `prefix`, its rows for these images, run beforehand)."""
     first, last = window if window is not None else (0, s.num_steps)
-    groups = list(range(len(seeds))) if groups is None else list(groups)
-    distinct = list(dict.fromkeys(groups))
-    rows = [groups.index(g) for g in distinct]  # each group's first image
-    expand = torch.tensor([distinct.index(g) for g in groups], device=s.device)
-    latents = s.initial_latents([seeds[i] for i in rows])
-    prefix = [latents]
-    for k in range(first):  # the deterministic steps before the window, once per group
-        latents, _ = s.transition(s.predict(latents, k, cond[rows], uncond[rows]), latents, k, 0.0)
-        prefix.append(latents)
-    chain = [x[expand] for x in prefix]
+    if prefix is None:
+        prefix = shared_prefix(s, seeds, cond, uncond, first, list(range(len(seeds))) if groups is None else list(groups))
+    chain = list(prefix)
     latents = chain[-1]
     gens = [torch.Generator().manual_seed(seed + 1) for seed in seeds]
     log_probs, stochastic = [torch.zeros(len(seeds), device=s.device)] * s.num_steps, []
@@ -202,12 +217,17 @@ def sample_and_score(state: TrainState, batch: Batch, window: tuple[int, int],
         with torch.no_grad():
             return state.reward.scores(images, [prompts[i] for i in idx], metadata)
 
+    prefix = None
+    if groups is not None and len(parts) > 1:
+        # why beforehand: a group split across micro-batches would run its steps before the window once per part
+        prefix = shared_prefix(s, batch.seeds, batch.cond, batch.uncond, window[0], groups, chunk=len(parts[0]))
     trajectories, pending = [], []
     # why one thread: the parts are scored in order, one at a time, as the reward would score them without streaming
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2i-grpo-rewards") if spec.stream_rewards else nullcontext() as pool:
         for idx in parts:
             t = sample_with_logprobs(s, [batch.seeds[i] for i in idx], spec.eta, batch.cond[idx], batch.uncond[idx], window,
-                                     None if groups is None else [groups[i] for i in idx])
+                                     None if groups is None else [groups[i] for i in idx],
+                                     None if prefix is None else [x[idx] for x in prefix])
             trajectories.append(t)
             if pool is not None:
                 pending.append(pool.submit(score, idx, t.images))

@@ -128,6 +128,45 @@ class Pool:
         return scores, timings
 
 
+# one `Pool.score` call's arguments: (pixels by input, prompts, request sizes, metadata or None, group ids per request or None)
+ScoreCall = tuple
+
+
+def merge_calls(calls: Sequence[ScoreCall]) -> ScoreCall:
+    """Several `Pool.score` calls (micro-batches that queued at a pool replica) as one: their pairs and
+    requests one after the other, so the replica runs them in one run of forward passes (`split_answer`
+    hands each call its part back)."""
+    if len(calls) == 1:
+        return calls[0]
+    specs = calls[0][0].keys()
+    pixels = {spec: np.concatenate([c[0][spec] for c in calls]) for spec in specs}
+    prompts = [p for c in calls for p in c[1]]
+    groups = [g for c in calls for g in c[2]]
+    metadata = None
+    if any(c[3] is not None for c in calls):  # pairs without metadata have none ({}), as `check_metadata` gives them
+        metadata = [m for c in calls for m in (c[3] if c[3] is not None else [{}] * len(c[1]))]
+    group_ids = None
+    if any(c[4] is not None for c in calls):
+        group_ids = [g for c in calls for g in (c[4] if c[4] is not None else [None] * len(c[2]))]
+    return pixels, prompts, groups, metadata, group_ids
+
+
+def split_answer(answer: tuple[Scores, list], calls: Sequence[ScoreCall]) -> list[tuple[Scores, list]]:
+    """`Pool.score`'s answer to `merge_calls(calls)` as each call's own: its pairs' scores, extras and errors
+    (renumbered from 0), its requests' summaries; the passes' timings go with the first call (counted once)."""
+    if len(calls) == 1:
+        return [answer]
+    scores, timings = answer
+    out, a, r = [], 0, 0
+    for i, c in enumerate(calls):
+        n, m = len(c[1]), len(c[2])
+        part = scores.part(a, a + n)
+        part.summaries = scores.summaries[r:r + m]
+        out.append((part, timings if i == 0 else []))
+        a, r = a + n, r + m
+    return out
+
+
 class PooledExpert(Expert):
     """Stand-in for an expert that runs in a pool: what the ingress's mixture reads of it (its input, its
     checkpoint, its normalisation, what it needs of a request). Its own per-pair checks run in the pool

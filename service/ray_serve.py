@@ -23,6 +23,7 @@ missing): they are picked up when they answer. `/reward/gradient` answers 501 (s
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -43,7 +44,7 @@ from t2i_reward.rewarders.pools import PoolConfig, plan_pools, pool_config
 
 from .app import create_app
 from .errors import Unavailable
-from .pooled import RETRY_AFTER_S, Pool, PooledMixture
+from .pooled import RETRY_AFTER_S, Pool, PooledMixture, merge_calls, split_answer
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,13 @@ class PoolDeployment:
     """A pool replica: the `Pool`'s methods, its scoring on its model thread."""
 
     def __init__(self, name: str, config: RewardConfig, experts: list[str]):
-        threads = pool_config(name, config.ray).threads
-        if threads is not None:  # before the models load: Ray set OMP_NUM_THREADS from the reserved CPUs
-            torch.set_num_threads(threads)
+        pc = pool_config(name, config.ray)
+        if pc.threads is not None:  # before the models load: Ray set OMP_NUM_THREADS from the reserved CPUs
+            torch.set_num_threads(pc.threads)
         self.pool = Pool(name, config, experts)
+        self.merge = pc.merge_calls
+        # at most every call the ingress replicas can have out at once: they all fit in one merge
+        self._merged.set_max_batch_size(config.ray.ingress.max_inflight_batches * config.ray.ingress.replicas)
 
     async def info(self) -> dict:
         return self.pool.info()
@@ -68,18 +72,40 @@ class PoolDeployment:
         return {"pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(), "threads": torch.get_num_threads()}
 
     async def check(self, prompts, metadata, limits) -> None:
-        import asyncio
-
         await asyncio.to_thread(self.pool.check, prompts, metadata, limits)
 
     async def check_groups(self, prompts, group_ids) -> None:
         self.pool.check_groups(prompts, group_ids)  # no model: a pairwise judge's group rules
 
     async def score(self, pixels, prompts, groups, metadata, group_ids=None):
-        import asyncio
+        call = (pixels, prompts, groups, metadata, group_ids)
+        if not self.merge:
+            return await self._run(call)
+        ok, answer = await self._merged(call)
+        if not ok:
+            raise answer
+        return answer
 
-        return await asyncio.get_running_loop().run_in_executor(self.pool.executor, self.pool.score, pixels, prompts,
-                                                                groups, metadata, group_ids)
+    async def _run(self, call):
+        return await asyncio.get_running_loop().run_in_executor(self.pool.executor, self.pool.score, *call)
+
+    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)
+    async def _merged(self, calls: list) -> list:
+        """The calls that queued while the replica was busy, scored in one run (`merge_calls`): (True, answer) or
+        (False, the exception) per call."""
+        try:
+            return [(True, a) for a in split_answer(await self._run(merge_calls(calls)), calls)]
+        except Exception as e:
+            if len(calls) == 1:
+                return [(False, e)]
+        # why each alone after a failure: one call's error (a bad pair, a model error) must not fail the others
+        out = []
+        for call in calls:
+            try:
+                out.append((True, await self._run(call)))
+            except Exception as e:
+                out.append((False, e))
+        return out
 
 
 class Ingress:

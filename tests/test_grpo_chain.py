@@ -152,6 +152,16 @@ def test_a_group_with_one_starting_noise_runs_the_steps_before_the_window_once(c
     # the shared prefix is what each group's first image runs alone, from its own seed
     alone = grpo.sample_with_logprobs(s, [1, 3], 1.0, cond[[0, 2]], uncond[[0, 2]], window=(3, 5))
     torch.testing.assert_close(alone.latents[:, :4], x[[0, 2], :4])
+    # micro-batches that split the groups ([0], [1, 2], [3]) take their rows of a prefix run once per group beforehand
+    before = s.forward_passes
+    prefix = grpo.shared_prefix(s, seeds, cond, uncond, 3, [0, 0, 1, 1])
+    parts = [grpo.sample_with_logprobs(s, [seeds[i] for i in idx], 1.0, cond[idx], uncond[idx], window=(3, 5),
+                                       groups=[[0, 0, 1, 1][i] for i in idx], prefix=[p[idx] for p in prefix])
+             for idx in ([0], [1, 2], [3])]
+    assert s.forward_passes - before == 2 * (3 * 2 + 3 * 4)  # the same passes as one batch
+    split = grpo.Trajectory.cat(parts)
+    torch.testing.assert_close(split.latents, x)
+    torch.testing.assert_close(split.log_probs, traj.log_probs)
 
 
 # ---- a job's counted work
@@ -169,6 +179,8 @@ def test_the_forward_passes_of_a_step_are_counted_exactly(tmp_path, cache_dir, r
     assert out["metrics"]["sde_window"] == [[1, 3]]
     shared = run(tmp_path / "b", cache_dir, LocalReward(redness), **common, group_initial_noise=True)
     assert shared["metrics"]["forward_passes"] == [sampling + training - 2]  # step 0 once for the group of two
+    split = run(tmp_path / "b2", cache_dir, LocalReward(redness), **common, group_initial_noise=True, sampling_micro_batches=2)
+    assert split["metrics"]["forward_passes"] == [sampling + training - 2]  # still once, the group split in two parts
     full = run(tmp_path / "c", cache_dir, LocalReward(redness), **{**common, "train_inference_steps": None, "sde_window": None})
     assert full["metrics"]["forward_passes"] == [2 * 6 * 2 + 2 * 6 * 2 * 2 * 2]
     refl = JobSpec(**{**FAST, "method": "refl", "prompts": PROMPTS, "steps": 1, "num_inference_steps": 6,

@@ -7,6 +7,7 @@ import io
 import math
 
 import pytest
+import torch
 import yaml
 from t2i_reward.rewarders import create_rewarder
 from t2i_reward.rewarders.config import load_config
@@ -247,3 +248,46 @@ def test_a_group_a_pool_cannot_judge_is_refused_in_the_ingress_before_any_scorin
     want = single.score_checked([single.check_request("a red square", four, **ok)])[0].to_dict()
     assert [im["components"]["pairwise_judge"] for im in got["images"]] == [0.5] * 4  # both orders: the first-place bias cancels
     assert_close(want, got)
+
+
+def test_calls_merged_at_a_pool_answer_each_call_as_if_alone(cache_dir):
+    """A pool replica with `merge_calls` scores the micro-batches that queued as one run (service/ray_serve.py):
+    `merge_calls` joins their pairs and requests, `split_answer` hands each call its scores, extras, errors
+    (renumbered) and its requests' summaries: what each call alone gets."""
+    from t2i_reward.rewarders.inputs import prepare_pil
+    from t2i_reward.rewarders.invariance import GENEVAL_RECORDS
+    from t2i_reward.service.pooled import local_pools, merge_calls, split_answer, to_wire
+
+    config = tiny_config(cache_dir)
+    pool = local_pools(config)["clip"]  # aesthetic, mlp and diversity (a batch-level expert)
+    specs = pool.info()["input_specs"]
+
+    def call(seeds, groups, metadata=None, group_ids=None):
+        images = [smooth_image(i, 64, 80) for i in seeds]
+        return ({s: to_wire(t) for s, t in prepare_pil(images, specs).items()}, [f"a dog {i}" for i in seeds], groups,
+                metadata, group_ids)
+
+    calls = [call([0, 1, 2, 3], [2, 2]), call([4, 5], [2], [{"tag": "x"}, {}], [[0, 1]]), call([6, 7, 8], [3])]
+    merged = merge_calls(calls)
+    assert merged[1] == [p for c in calls for p in c[1]] and merged[2] == [2, 2, 2, 3]
+    assert merged[3] == [{}, {}, {}, {}, {"tag": "x"}, {}, {}, {}, {}] and merged[4] == [None, None, [0, 1], None]
+    together = split_answer(pool.score(*merged), calls)
+    for (scores, timings), c, i in zip(together, calls, range(3)):
+        alone, alone_timings = pool.score(*c)
+        assert list(scores.scores) == list(alone.scores) and scores.summaries == alone.summaries
+        for name in alone.scores:
+            torch.testing.assert_close(scores.scores[name], alone.scores[name], rtol=1e-5, atol=1e-5)
+        assert scores.errors == alone.errors
+        assert bool(timings) == (i == 0)  # the run's pass timings, counted once
+    # geneval's pool: each request's summary (its per-tag means) goes back to its call
+    config = load_config(profile="tiny", cache_dir=cache_dir, experts={"geneval": {"detector": "tiny", "clip": "tiny", "image_size": 64}})
+    pool = local_pools(config)["geneval"]
+    specs = pool.info()["input_specs"]
+    records = lambda seeds: [GENEVAL_RECORDS[i % 3] for i in seeds]  # noqa: E731
+    calls = [call([0, 1, 2], [1, 2], records([0, 1, 2])), call([3, 4, 5, 6], [4], records([3, 4, 5, 6]))]
+    together = split_answer(pool.score(*merge_calls(calls)), calls)
+    for (scores, _), c in zip(together, calls):
+        alone, _ = pool.score(*c)
+        assert len(scores.summaries) == len(c[2]) and all(s["geneval"] for s in scores.summaries)
+        assert scores.summaries == alone.summaries and scores.errors == alone.errors
+        torch.testing.assert_close(scores.scores["geneval"], alone.scores["geneval"], rtol=1e-5, atol=1e-5)

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -94,7 +95,8 @@ def cluster(tmp_path_factory, cache_dir):
                 "imagereward": {**pool, "resources": {"node_a": 1}, "replicas": 1, "max_replicas": 2,
                                 "target_ongoing_requests": 1, "upscale_delay_s": 0.5, "downscale_delay_s": 10,
                                 "look_back_period_s": 1},
-                "clip": {**pool, "resources": {"node_b": 1}, "threads": 2},
+                # merging the calls that queue: the parity and fault tests below run through it
+                "clip": {**pool, "resources": {"node_b": 1}, "threads": 2, "merge_calls": True},
                 "spare": {**pool, "experts": ["mlp"], "resources": {"node_c": 1}},
                 "late": {**pool, "experts": ["aesthetic"], "resources": {"node_c": 1}},
             }}}))
@@ -253,6 +255,16 @@ def test_pools_on_both_nodes_answer_as_one_process(cluster):
     assert got.status_code == 200, got.text
     want = single.score_checked([single.check_tensor_request(["a cat"] * 3, tensor)])[0]
     assert torch.allclose(load(got.content)["rewards"], torch.tensor([im.total for im in want.images]), atol=1e-5, rtol=0)
+    # many at once: the ingress micro-batches them and the clip pool merges the calls that queue (`merge_calls`);
+    # each answer is still its request's own
+    bodies = [{"prompts": [f"a red apple {k}"] * 2, "images": [base64.b64encode(png(10 + 2 * k + j, 64, 64)).decode()
+                                                               for j in range(2)]} for k in range(12)]
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda b: httpx.post(f"{url}/reward", json=b, timeout=120), bodies))
+    for b, a in zip(bodies, answers):
+        assert a.status_code == 200, a.text
+        want = single.score_checked([single.check_request(b["prompts"], [base64.b64decode(x) for x in b["images"]])])[0]
+        assert_close(json.loads(json.dumps(want.to_dict())), a.json())
     # a bad request is the same 4xx; the gradient a clear 501
     assert httpx.post(f"{url}/reward", json={**body, "prompts": ["x"]}, timeout=60).status_code == 422
     g = httpx.post(f"{url}/reward/gradient", content=b"x", headers={"content-type": "application/octet-stream"}, timeout=60)
