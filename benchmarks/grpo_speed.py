@@ -11,7 +11,7 @@ seconds per optimiser step (this machine's).
 - `settings`: one short GRPO job per model and setting (the whole 20-step chain, as before; a 10-step training
   chain; a 3-transition window on it; that window drawn per step with one starting noise per group): forward
   passes per step and the median seconds per step (loading and evaluation excluded).
-- `learning`: the colour reward (the share of red, in-process), the whole chain against a window on a shorter
+- `learning`: the colour reward (`redness`, rewarders/testing.py: the share of red, in-process), the whole chain against a window on a shorter
   training chain: the reward gained (the tuned model's evaluation minus the base's, on the same seeds) per
   thousand forward passes.
 - `streaming`: the rewards from a reward service in another process (`t2i-reward serve`, tiny profile), scored
@@ -38,10 +38,9 @@ from grpo_step import sd3_medium_random  # noqa: E402
 from refl_step import sd15_random  # noqa: E402
 from t2i_reward.finetune import JobContext, JobSpec, run_job  # noqa: E402
 from t2i_reward.finetune.rewards import LocalReward, RemoteReward  # noqa: E402
-from t2i_reward.rewarders import Expert, ExpertConfig, create_rewarder  # noqa: E402
+from t2i_reward.rewarders import create_rewarder  # noqa: E402
 from t2i_reward.rewarders.config import DEFAULT_CACHE  # noqa: E402
-from t2i_reward.rewarders.images import Preprocess  # noqa: E402
-from t2i_reward.rewarders.registry import register_expert  # noqa: E402
+from t2i_reward.rewarders.testing import Redness  # noqa: E402,F401 (registers `redness`)
 
 TINY = ("tiny", "tiny-sdxl", "tiny-sd3")
 PROMPTS = ["a photo of a cat on a sofa", "a lighthouse at dusk"]
@@ -54,29 +53,6 @@ SETTINGS = {
     "+ random window, group_initial_noise": {"train_inference_steps": 10, "sde_window": [0, 3], "sde_window_schedule": "random",
                                              "sde_window_range": [0, 5], "group_initial_noise": True},
 }
-
-
-class ColourConfig(ExpertConfig):
-    pass
-
-
-@register_expert
-class Colour(Expert):
-    """Benchmark-only: the mean red minus the mean of green and blue, in [-1, 1] (a reward the tiny LoRA can learn)."""
-
-    name = "colour"
-    Config = ColourConfig
-
-    def __init__(self):
-        super().__init__(Preprocess(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), "none", False)
-
-    @classmethod
-    def from_config(cls, cfg, ctx):
-        return cls()
-
-    def forward(self, pixels, prompts, image_embeds=None, text_embeds=None):
-        p = pixels.float()
-        return p[:, 0].mean(dim=(1, 2)) - p[:, 1:].mean(dim=(1, 2, 3))
 
 
 def base_model(name: str, work: Path) -> str:
@@ -112,7 +88,7 @@ def settings(args) -> None:
 
 
 def learning(args) -> None:
-    rewarder = create_rewarder(profile="tiny", normalize=False, experts={"imagereward": None, "aesthetic": None, "mlp": None, "colour": {}})
+    rewarder = create_rewarder(profile="tiny", normalize=False, experts={"imagereward": None, "aesthetic": None, "mlp": None, "redness": {}})
     common = dict(steps=args.steps, batch_size=2, group_size=4, learning_rate=0.1, clip_range=0.2, kl_weight=0.0, seed=0,
                   resolution=32, num_inference_steps=20, guidance_scale=1.0)
     for label, fields in (("whole chain", {}), ("train_inference_steps 8, sde_window [0, 3)", {"train_inference_steps": 8, "sde_window": [0, 3]})):
@@ -120,7 +96,7 @@ def learning(args) -> None:
         out = job(args.model, LocalReward(rewarder), work, **common, **fields)
         m = out["metrics"]
         passes = sum(m["forward_passes"])
-        gain = m["eval"]["tuned"]["colour"]["mean"] - m["eval"]["base"]["colour"]["mean"]
+        gain = m["eval"]["tuned"]["redness"]["mean"] - m["eval"]["base"]["redness"]["mean"]
         print(json.dumps({"model": args.model, "setting": label, "steps": args.steps, "forward_passes": passes,
                           "reward_gain": round(gain, 4), "gain_per_1000_passes": round(1000 * gain / passes, 5),
                           "median_s_per_step": out["median_s_per_step"]}), flush=True)

@@ -10,38 +10,15 @@ from t2i_reward.finetune.advantages import PromptStats, advantages
 from t2i_reward.finetune.rewards import LocalReward, RemoteReward
 from t2i_reward.finetune.spec import JobSpec
 from t2i_reward.finetune.train import JobContext, run_job
-from t2i_reward.rewarders import Expert, ExpertConfig, create_rewarder
-from t2i_reward.rewarders.images import Preprocess
+from t2i_reward.rewarders import create_rewarder
 from t2i_reward.rewarders.registry import register_expert
+from t2i_reward.rewarders.testing import Redness
 
 from .conftest import running_server
 
 FAST = dict(base_model="tiny", resolution=32, num_inference_steps=4, guidance_scale=1.0, eval_images_per_prompt=1,
             learning_rate=3e-2, checkpoint_every=100, eval_prompts=["a red ball"], kl_weight=0.0)
 PROMPTS = ["a red ball", "a red car"]
-
-
-class RednessConfig(ExpertConfig):
-    pass
-
-
-@register_expert
-class Redness(Expert):
-    """Test-only: the mean red minus the mean of green and blue, in [-1, 1] (a reward a LoRA can learn)."""
-
-    name = "redness"
-    Config = RednessConfig
-
-    def __init__(self):
-        super().__init__(Preprocess(32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)), "none", False)
-
-    @classmethod
-    def from_config(cls, cfg, ctx):
-        return cls()
-
-    def forward(self, pixels, prompts, image_embeds=None, text_embeds=None):
-        p = pixels.float()
-        return p[:, 0].mean(dim=(1, 2)) - p[:, 1:].mean(dim=(1, 2, 3))
 
 
 @pytest.fixture(scope="module")
