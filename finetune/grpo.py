@@ -92,24 +92,25 @@ def sde_window_at(spec: JobSpec, step: int, rng: random.Random) -> tuple[int, in
 
 
 @torch.no_grad()
-def shared_prefix(s: Sampler, seeds: list[int], cond, uncond, first: int, groups: list, chunk: Optional[int] = None) -> list[torch.Tensor]:
+def shared_prefix(s: Sampler, seeds: list[int], cond, uncond, first: int, groups: list,
+                  chunk: Optional[int] = None) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The deterministic steps before the window (`first` of them), run once per group from the starting noise of
-    the group's first image, `chunk` groups at a time (default: all): the chain's latents 0..first, each with one
-    row per image (a group's images share theirs)."""
+    the group's first image, `chunk` groups at a time (default: all): the chain's latents 0..first with one row
+    per group, and each image's row (`[x[rows] for x in chain]` gives the images' own)."""
     distinct = list(dict.fromkeys(groups))
-    rows = [groups.index(g) for g in distinct]  # each group's first image
-    chunk = chunk or len(rows)
+    firsts = [groups.index(g) for g in distinct]  # each group's first image
+    chunk = chunk or len(firsts)
     parts = []
-    for a in range(0, len(rows), chunk):
-        r = rows[a:a + chunk]
+    for a in range(0, len(firsts), chunk):
+        r = firsts[a:a + chunk]
         latents = s.initial_latents([seeds[i] for i in r])
         prefix = [latents]
         for k in range(first):
             latents, _ = s.transition(s.predict(latents, k, cond[r], uncond[r]), latents, k, 0.0)
             prefix.append(latents)
         parts.append(prefix)
-    expand = torch.tensor([distinct.index(g) for g in groups], device=s.device)
-    return [torch.cat([p[k] for p in parts])[expand] for k in range(first + 1)]
+    chain = [torch.cat([p[k] for p in parts]) for k in range(first + 1)]
+    return chain, torch.tensor([distinct.index(g) for g in groups], device=s.device)
 
 
 @torch.no_grad()
@@ -123,7 +124,8 @@ def sample_with_logprobs(s: Sampler, seeds: list[int], eta: float, cond, uncond,
     (`shared_prefix`; or `prefix`, its rows for these images, run beforehand)."""
     first, last = window if window is not None else (0, s.num_steps)
     if prefix is None:
-        prefix = shared_prefix(s, seeds, cond, uncond, first, list(range(len(seeds))) if groups is None else list(groups))
+        per_group, rows = shared_prefix(s, seeds, cond, uncond, first, list(range(len(seeds))) if groups is None else list(groups))
+        prefix = [x[rows] for x in per_group]
     chain = list(prefix)
     latents = chain[-1]
     gens = [torch.Generator().manual_seed(seed + 1) for seed in seeds]
@@ -217,17 +219,18 @@ def sample_and_score(state: TrainState, batch: Batch, window: tuple[int, int],
         with torch.no_grad():
             return state.reward.scores(images, [prompts[i] for i in idx], metadata)
 
-    prefix = None
+    per_group = rows = None
     if groups is not None and len(parts) > 1:
-        # why beforehand: a group split across micro-batches would run its steps before the window once per part
-        prefix = shared_prefix(s, batch.seeds, batch.cond, batch.uncond, window[0], groups, chunk=len(parts[0]))
+        # why beforehand: a group split across micro-batches would run its steps before the window once per part,
+        # each part from its own first image's noise
+        per_group, rows = shared_prefix(s, batch.seeds, batch.cond, batch.uncond, window[0], groups, chunk=len(parts[0]))
     trajectories, pending = [], []
     # why one thread: the parts are scored in order, one at a time, as the reward would score them without streaming
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="t2i-grpo-rewards") if spec.stream_rewards else nullcontext() as pool:
         for idx in parts:
             t = sample_with_logprobs(s, [batch.seeds[i] for i in idx], spec.eta, batch.cond[idx], batch.uncond[idx], window,
                                      None if groups is None else [groups[i] for i in idx],
-                                     None if prefix is None else [x[idx] for x in prefix])
+                                     None if per_group is None else [x[rows[idx]] for x in per_group])
             trajectories.append(t)
             if pool is not None:
                 pending.append(pool.submit(score, idx, t.images))

@@ -54,9 +54,9 @@ class PoolConfig(BaseModel):
                                    "that sets the pace use idle cores without reserving them.")
     max_ongoing_requests: int = Field(8, ge=1, description="Calls a replica takes at once; more wait at the caller. "
                                       "A replica runs one call at a time on its model thread, the others queue there.")
-    merge_calls: bool = Field(False, description="Merge the calls (micro-batches) that queued at a replica while it was "
-                              "busy into one run of forward passes (Serve's `@serve.batch`, taking what has queued, "
-                              "without waiting for more); off: one run per call.")
+    merge_calls: bool = Field(False, description="Merge the calls (micro-batches) that arrive at a replica while it "
+                              "scores into its next run of forward passes (service/pooled.py: CallMerger); off: one run "
+                              "per call.")
 
     @model_validator(mode="after")
     def _bounds(self) -> "PoolConfig":

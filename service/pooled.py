@@ -28,12 +28,13 @@ mixture answers 501 (`NotServed`) and the single-process service serves `/reward
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Awaitable, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -85,6 +86,16 @@ def to_wire(pixels: torch.Tensor) -> np.ndarray:
     return pixels.contiguous().numpy()
 
 
+def traits(e: Expert | type[Expert]) -> dict:
+    """What an expert (loaded: its own values; or its class: the defaults) says of itself that the ingress's
+    stand-in needs: its normalisation, what it needs of a request, which checks its pool runs for it."""
+    cls = e if isinstance(e, type) else type(e)
+    return {"default_mean": e.default_mean, "default_std": e.default_std, "batch_level": bool(getattr(e, "batch_level", False)),
+            "min_images": getattr(e, "min_images", 1), "uses_metadata": e.uses_metadata,
+            "metadata_fields": tuple(e.metadata_fields), "checks_pairs": cls.check_pair is not Expert.check_pair,
+            "uses_group_ids": bool(getattr(e, "uses_group_ids", False))}
+
+
 class Pool:
     """One pool replica's work: its experts' mixture, on the one model thread that loaded it."""
 
@@ -101,12 +112,7 @@ class Pool:
         for n, e in m.experts.items():
             experts[n] = {
                 "preprocess": e.preprocess, "checkpoint": e.checkpoint, "random_weights": e.random_weights,
-                "clip_spec": e.clip_spec, "describe": e.describe(), "default_mean": e.default_mean,
-                "default_std": e.default_std, "batch_level": bool(getattr(e, "batch_level", False)),
-                "min_images": getattr(e, "min_images", 1), "uses_metadata": e.uses_metadata,
-                "metadata_fields": tuple(e.metadata_fields),
-                "checks_pairs": type(e).check_pair is not Expert.check_pair,
-                "uses_group_ids": bool(getattr(e, "uses_group_ids", False)),
+                "clip_spec": e.clip_spec, "describe": e.describe(), **traits(e),
             }
         return {"name": self.name, "experts": experts, "input_specs": m.input_specs}
 
@@ -167,6 +173,60 @@ def split_answer(answer: tuple[Scores, list], calls: Sequence[ScoreCall]) -> lis
     return out
 
 
+class CallMerger:
+    """A pool replica's `merge_calls`: the `Pool.score` calls that arrive while a run is on the model thread
+    wait here, and the next run takes them all (at most `cap`) as one (`merge_calls`, `split_answer`). A merged
+    run that fails is run again call by call, so one call's error (a bad pair, a model error) reaches only its
+    caller. `stats`: runs, calls, the largest run, the fallbacks. Lives on the replica's event loop."""
+
+    def __init__(self, run: Callable[[ScoreCall], Awaitable[tuple[Scores, list]]], cap: int):
+        self.run, self.cap = run, max(1, cap)
+        self.pending: list[tuple[ScoreCall, asyncio.Future]] = []
+        self.draining = False
+        self.stats = {"runs": 0, "calls": 0, "largest": 0, "fallbacks": 0}
+
+    async def __call__(self, call: ScoreCall) -> tuple[Scores, list]:
+        future = asyncio.get_running_loop().create_future()
+        self.pending.append((call, future))
+        if not self.draining:
+            self.draining = True
+            asyncio.get_running_loop().create_task(self._drain())
+        return await future
+
+    async def _drain(self) -> None:
+        try:
+            while self.pending:
+                taken, self.pending = self.pending[:self.cap], self.pending[self.cap:]
+                try:
+                    answers = await self._score([call for call, _ in taken])
+                except BaseException as e:  # never leave a caller waiting
+                    answers = [(False, e)] * len(taken)
+                for (_, future), (ok, value) in zip(taken, answers):
+                    if not future.done():  # done: its caller gave up
+                        future.set_result(value) if ok else future.set_exception(value)
+        finally:
+            self.draining = False
+
+    async def _score(self, calls: list[ScoreCall]) -> list[tuple[bool, Any]]:
+        self.stats["runs"] += 1
+        self.stats["calls"] += len(calls)
+        self.stats["largest"] = max(self.stats["largest"], len(calls))
+        try:
+            answer = await self.run(merge_calls(calls))
+        except Exception as e:
+            if len(calls) == 1:
+                return [(False, e)]
+            self.stats["fallbacks"] += 1
+            out = []
+            for call in calls:
+                try:
+                    out.append((True, await self.run(call)))
+                except Exception as e:
+                    out.append((False, e))
+            return out
+        return [(True, a) for a in split_answer(answer, calls)]
+
+
 class PooledExpert(Expert):
     """Stand-in for an expert that runs in a pool: what the ingress's mixture reads of it (its input, its
     checkpoint, its normalisation, what it needs of a request). Its own per-pair checks run in the pool
@@ -189,11 +249,7 @@ class PooledExpert(Expert):
         c = get_expert_class(name)
         return cls(name, pool, {
             "preprocess": None, "checkpoint": "", "random_weights": False, "clip_spec": None,
-            "describe": {"checkpoint": "", "random_weights": False, "pool": pool, "available": False},
-            "default_mean": c.default_mean, "default_std": c.default_std,
-            "batch_level": bool(getattr(c, "batch_level", False)), "min_images": getattr(c, "min_images", 1),
-            "uses_metadata": c.uses_metadata, "metadata_fields": tuple(c.metadata_fields),
-            "checks_pairs": c.check_pair is not Expert.check_pair, "uses_group_ids": bool(getattr(c, "uses_group_ids", False))})
+            "describe": {"checkpoint": "", "random_weights": False, "pool": pool, "available": False}, **traits(c)})
 
     def describe(self) -> dict:
         return dict(self._describe)
@@ -243,6 +299,8 @@ class PooledMixture(Mixture):
         self._specs = self._input_specs()
         self._call = call
         self._fan = executor or ThreadPoolExecutor(max_workers=max(1, len(self.plan)), thread_name_prefix="t2i-pools")
+        # why apart from `_fan`: a request's checks must not wait behind the micro-batches being scored
+        self._checks = ThreadPoolExecutor(max_workers=max(1, len(self.plan)), thread_name_prefix="t2i-pool-checks")
         self.retry_after = retry_after
         if config.calibration:
             self.calibration = load_calibration(config.calibration, config.cache_dir)
@@ -302,7 +360,7 @@ class PooledMixture(Mixture):
         will not run on the request."""
         pools = [p for p in dict.fromkeys(e.pool for e in self.experts.values() if holds(e))
                  if p in self.pools and p not in self.down]
-        for pool, f in [(pool, self._fan.submit(self._call, pool, method, *args)) for pool in pools]:
+        for pool, f in [(pool, self._checks.submit(self._call, pool, method, *args)) for pool in pools]:
             try:
                 f.result()
             except Unavailable as e:

@@ -44,7 +44,7 @@ from t2i_reward.rewarders.pools import PoolConfig, plan_pools, pool_config
 
 from .app import create_app
 from .errors import Unavailable
-from .pooled import RETRY_AFTER_S, Pool, PooledMixture, merge_calls, split_answer
+from .pooled import RETRY_AFTER_S, CallMerger, Pool, PooledMixture
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,9 @@ class PoolDeployment:
         if pc.threads is not None:  # before the models load: Ray set OMP_NUM_THREADS from the reserved CPUs
             torch.set_num_threads(pc.threads)
         self.pool = Pool(name, config, experts)
-        self.merge = pc.merge_calls
-        # at most every call the ingress replicas can have out at once: they all fit in one merge
-        self._merged.set_max_batch_size(config.ray.ingress.max_inflight_batches * config.ray.ingress.replicas)
+        # a merge takes at most every call the ingress replicas can have out at once
+        ingress = config.ray.ingress
+        self.merger = CallMerger(self._run, ingress.max_inflight_batches * ingress.replicas) if pc.merge_calls else None
 
     async def info(self) -> dict:
         return self.pool.info()
@@ -79,33 +79,14 @@ class PoolDeployment:
 
     async def score(self, pixels, prompts, groups, metadata, group_ids=None):
         call = (pixels, prompts, groups, metadata, group_ids)
-        if not self.merge:
-            return await self._run(call)
-        ok, answer = await self._merged(call)
-        if not ok:
-            raise answer
-        return answer
+        return await (self.merger(call) if self.merger is not None else self._run(call))
 
     async def _run(self, call):
         return await asyncio.get_running_loop().run_in_executor(self.pool.executor, self.pool.score, *call)
 
-    @serve.batch(max_batch_size=4, batch_wait_timeout_s=0.0)
-    async def _merged(self, calls: list) -> list:
-        """The calls that queued while the replica was busy, scored in one run (`merge_calls`): (True, answer) or
-        (False, the exception) per call."""
-        try:
-            return [(True, a) for a in split_answer(await self._run(merge_calls(calls)), calls)]
-        except Exception as e:
-            if len(calls) == 1:
-                return [(False, e)]
-        # why each alone after a failure: one call's error (a bad pair, a model error) must not fail the others
-        out = []
-        for call in calls:
-            try:
-                out.append((True, await self._run(call)))
-            except Exception as e:
-                out.append((False, e))
-        return out
+    async def stats(self) -> dict:
+        """`merge_calls`'s counts on this replica (`CallMerger.stats`), or {} when it is off."""
+        return dict(self.merger.stats) if self.merger is not None else {}
 
 
 class Ingress:

@@ -154,14 +154,23 @@ def test_a_group_with_one_starting_noise_runs_the_steps_before_the_window_once(c
     torch.testing.assert_close(alone.latents[:, :4], x[[0, 2], :4])
     # micro-batches that split the groups ([0], [1, 2], [3]) take their rows of a prefix run once per group beforehand
     before = s.forward_passes
-    prefix = grpo.shared_prefix(s, seeds, cond, uncond, 3, [0, 0, 1, 1])
+    per_group, rows = grpo.shared_prefix(s, seeds, cond, uncond, 3, [0, 0, 1, 1])
+    assert per_group[0].shape[0] == 2 and rows.tolist() == [0, 0, 1, 1]
     parts = [grpo.sample_with_logprobs(s, [seeds[i] for i in idx], 1.0, cond[idx], uncond[idx], window=(3, 5),
-                                       groups=[[0, 0, 1, 1][i] for i in idx], prefix=[p[idx] for p in prefix])
+                                       groups=[[0, 0, 1, 1][i] for i in idx], prefix=[p[rows[idx]] for p in per_group])
              for idx in ([0], [1, 2], [3])]
     assert s.forward_passes - before == 2 * (3 * 2 + 3 * 4)  # the same passes as one batch
     split = grpo.Trajectory.cat(parts)
     torch.testing.assert_close(split.latents, x)
     torch.testing.assert_close(split.log_probs, traj.log_probs)
+    # groups in any order, run a group at a time: the same rows
+    groups = ["b", "a", "a", "b"]
+    chunked, where = grpo.shared_prefix(s, seeds, cond, uncond, 3, groups, chunk=1)
+    whole, where_whole = grpo.shared_prefix(s, seeds, cond, uncond, 3, groups)
+    assert where.tolist() == where_whole.tolist() == [0, 1, 1, 0]
+    for x, y in zip(chunked, whole):
+        torch.testing.assert_close(x, y)
+    torch.testing.assert_close(chunked[0][[0, 1]], s.initial_latents([1, 2]))  # each group from its first image's noise
 
 
 # ---- a job's counted work

@@ -136,7 +136,12 @@ def test_the_kuberay_manifest_names_the_builder_and_a_valid_config(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     configmap, service = yaml.safe_load_all((root / "deploy" / "kuberay-rayservice.yaml").read_text())
-    app = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema(**serve_config)  # what KubeRay hands to Serve: a valid Serve config
+    assert serve_config["http_options"]["keep_alive_timeout_s"] == Settings().idle_timeout_s
+    app = serve_config["applications"][0]
     module, _, name = app["import_path"].partition(":")
     assert module == "t2i_reward.service.ray_serve" and name == "app_builder"
     assert importlib.util.find_spec(module) is not None  # (importing it needs Ray)
@@ -240,7 +245,6 @@ def test_a_group_a_pool_cannot_judge_is_refused_in_the_ingress_before_any_scorin
             with pytest.raises(InvalidRequestError, match=why):
                 mixture.check_request(prompts, images, group_ids=groups)
     assert ("pairwise_judge", "check_groups") in calls and ("clip", "check_groups") not in calls
-    assert not [c for c in calls if c[1] == "score"]
     # a group it can judge passes the same check and is scored as in one process
     ok = dict(group_ids=[0, 0, 1, 1])
     four = [smooth_image(i, 64, 64) for i in range(4)]
@@ -291,3 +295,68 @@ def test_calls_merged_at_a_pool_answer_each_call_as_if_alone(cache_dir):
         assert len(scores.summaries) == len(c[2]) and all(s["geneval"] for s in scores.summaries)
         assert scores.summaries == alone.summaries and scores.errors == alone.errors
         torch.testing.assert_close(scores.scores["geneval"], alone.scores["geneval"], rtol=1e-5, atol=1e-5)
+
+
+def test_split_answer_renumbers_each_calls_errors_and_extras():
+    from t2i_reward.rewarders.mixture import Scores
+    from t2i_reward.service.pooled import split_answer
+
+    calls = [({}, ["a"] * 3, [3], None, None), ({}, ["b"] * 4, [1, 3], None, None)]
+    merged = Scores({"x": torch.arange(7.0)}, {"x.calls": torch.arange(7.0) * 10},
+                    {"x": {1: "first call's 2nd pair", 5: "second call's 3rd pair"}}, [{"x": {"r": 0}}, {"x": {"r": 1}}, {"x": {"r": 2}}])
+    (a, ta), (b, tb) = split_answer((merged, [("x", 0.5)]), calls)
+    assert a.scores["x"].tolist() == [0, 1, 2] and b.scores["x"].tolist() == [3, 4, 5, 6]
+    assert b.extras["x.calls"].tolist() == [30, 40, 50, 60]
+    assert a.errors == {"x": {1: "first call's 2nd pair"}} and b.errors == {"x": {2: "second call's 3rd pair"}}
+    assert a.summaries == [{"x": {"r": 0}}] and b.summaries == [{"x": {"r": 1}}, {"x": {"r": 2}}]
+    assert ta == [("x", 0.5)] and tb == []
+
+
+def test_a_pool_replica_merges_the_calls_that_queue_while_it_scores(cache_dir):
+    """`merge_calls` (CallMerger, run as a Ray pool replica runs it: on its event loop, each run on the model
+    thread): calls that arrive while a run is on go together into the next; each caller gets its own answer;
+    a merged run that fails (a call the pool refuses) is run call by call, so only that call's caller gets the error."""
+    import asyncio
+
+    from t2i_reward.rewarders.inputs import prepare_pil
+    from t2i_reward.service.pooled import CallMerger, local_pools, to_wire
+
+    pool = local_pools(tiny_config(cache_dir))["clip"]  # diversity refuses a request of one image
+    specs = pool.info()["input_specs"]
+
+    def call(seeds, groups):
+        images = [smooth_image(i, 64, 80) for i in seeds]
+        return ({s: to_wire(t) for s, t in prepare_pil(images, specs).items()}, [f"a dog {i}" for i in seeds], groups, None, None)
+
+    async def main():
+        gate, runs = asyncio.Event(), []
+
+        async def run(c):
+            runs.append(len(c[2]))  # requests in the run
+            if len(runs) == 1:
+                await gate.wait()  # the first run holds the model thread until the others have queued
+            return await asyncio.get_running_loop().run_in_executor(pool.executor, pool.score, *c)
+
+        merger = CallMerger(run, cap=8)
+        calls = [call([0, 1], [2]), call([2, 3, 4], [3]), call([5, 6], [2]), call([7], [1]), call([8, 9], [2])]
+        tasks = [asyncio.create_task(merger(calls[0]))]
+        await asyncio.sleep(0.05)  # the first run has started and holds the model thread
+        tasks += [asyncio.create_task(merger(c)) for c in calls[1:4]]
+        await asyncio.sleep(0.05)
+        gate.set()
+        answers = await asyncio.gather(*tasks, return_exceptions=True)
+        first_runs = list(runs)
+        last = await merger(calls[4])  # nothing queued: a run of its own
+        return answers + [last], first_runs, runs, merger.stats, calls
+
+    answers, first_runs, runs, stats, calls = asyncio.run(main())
+    # run 1: the first call; run 2: the three that queued, merged (3 requests), which fails on the one-image
+    # request; then those three alone; last, the fifth call alone
+    assert first_runs == [1, 3, 1, 1, 1] and runs[-1] == 1
+    assert stats == {"runs": 3, "calls": 5, "largest": 3, "fallbacks": 1}
+    assert isinstance(answers[3], InvalidRequestError) and "at least 2 images" in str(answers[3])
+    for i in (0, 1, 2, 4):
+        (scores, _), (alone, _) = answers[i], pool.score(*calls[i])
+        assert list(scores.scores) == list(alone.scores)
+        for name in alone.scores:
+            torch.testing.assert_close(scores.scores[name], alone.scores[name], rtol=1e-5, atol=1e-5)

@@ -257,6 +257,9 @@ def test_pools_on_both_nodes_answer_as_one_process(cluster):
     assert torch.allclose(load(got.content)["rewards"], torch.tensor([im.total for im in want.images]), atol=1e-5, rtol=0)
     # many at once: the ingress micro-batches them and the clip pool merges the calls that queue (`merge_calls`);
     # each answer is still its request's own
+    from ray import serve
+
+    before = serve.get_deployment_handle("pool-clip", app_name=APP).stats.remote().result(timeout_s=60)
     bodies = [{"prompts": [f"a red apple {k}"] * 2, "images": [base64.b64encode(png(10 + 2 * k + j, 64, 64)).decode()
                                                                for j in range(2)]} for k in range(12)]
     with ThreadPoolExecutor(12) as pool:
@@ -265,6 +268,8 @@ def test_pools_on_both_nodes_answer_as_one_process(cluster):
         assert a.status_code == 200, a.text
         want = single.score_checked([single.check_request(b["prompts"], [base64.b64decode(x) for x in b["images"]])])[0]
         assert_close(json.loads(json.dumps(want.to_dict())), a.json())
+    after = serve.get_deployment_handle("pool-clip", app_name=APP).stats.remote().result(timeout_s=60)
+    assert after["calls"] > before["calls"] and after["runs"] > before["runs"]  # through the replica's CallMerger
     # a bad request is the same 4xx; the gradient a clear 501
     assert httpx.post(f"{url}/reward", json={**body, "prompts": ["x"]}, timeout=60).status_code == 422
     g = httpx.post(f"{url}/reward/gradient", content=b"x", headers={"content-type": "application/octet-stream"}, timeout=60)
