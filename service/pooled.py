@@ -183,6 +183,7 @@ class CallMerger:
         self.run, self.cap = run, max(1, cap)
         self.pending: list[tuple[ScoreCall, asyncio.Future]] = []
         self.draining = False
+        self._task: asyncio.Task | None = None
         self.stats = {"runs": 0, "calls": 0, "largest": 0, "fallbacks": 0}
 
     async def __call__(self, call: ScoreCall) -> tuple[Scores, list]:
@@ -190,7 +191,7 @@ class CallMerger:
         self.pending.append((call, future))
         if not self.draining:
             self.draining = True
-            asyncio.get_running_loop().create_task(self._drain())
+            self._task = asyncio.get_running_loop().create_task(self._drain())  # held: the loop keeps only a weak reference
         return await future
 
     async def _drain(self) -> None:
