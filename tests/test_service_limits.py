@@ -193,8 +193,15 @@ def test_concurrent_uploads_are_bounded(server):
     try:
         for s in stalled:  # two uploads in progress, each waiting for the rest of its body
             s.sendall(post_head("/reward", 1000).encode() + b"\r\n" + b'{"prompt": "a')
-        time.sleep(0.5)
-        status, text, _ = raw_request(url, post_head("/reward", 10), b'{"prompt"}')
+        # until both stalled uploads hold their slots (a loaded machine takes a while to read their heads), a
+        # small complete request is read and refused for its body (422); then it finds no slot (429). Within
+        # 4 s, before body_timeout_s lets the stalled ones go
+        deadline = time.monotonic() + 4.0
+        while True:
+            status, text, _ = raw_request(url, post_head("/reward", 10), b'{"prompt"}')
+            if status != 422 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         assert status == 429 and "request bodies are being received" in text
     finally:
         for s in stalled:
