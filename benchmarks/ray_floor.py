@@ -13,6 +13,7 @@ The body is one 512x512 PNG's worth of bytes (about 400 KB), as in benchmarks/ra
 
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -47,8 +48,6 @@ def ingress_app(pools: int):
         @api.post("/reward")
         async def reward(self, request: Request) -> dict:
             body = await request.body()
-            import asyncio
-
             answers = await asyncio.gather(*(h.score.remote(1) for h in self.handles))
             return {"bytes": len(body), "answers": len(answers)}
 

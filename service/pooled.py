@@ -182,31 +182,28 @@ class CallMerger:
     def __init__(self, run: Callable[[ScoreCall], Awaitable[tuple[Scores, list]]], cap: int):
         self.run, self.cap = run, max(1, cap)
         self.pending: list[tuple[ScoreCall, asyncio.Future]] = []
-        self.draining = False
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task | None = None  # the drain running now, if any (held: the loop keeps a weak reference)
         self.stats = {"runs": 0, "calls": 0, "largest": 0, "fallbacks": 0}
 
     async def __call__(self, call: ScoreCall) -> tuple[Scores, list]:
         future = asyncio.get_running_loop().create_future()
         self.pending.append((call, future))
-        if not self.draining:
-            self.draining = True
-            self._task = asyncio.get_running_loop().create_task(self._drain())  # held: the loop keeps only a weak reference
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._drain())
         return await future
 
     async def _drain(self) -> None:
-        try:
-            while self.pending:
-                taken, self.pending = self.pending[:self.cap], self.pending[self.cap:]
-                try:
-                    answers = await self._score([call for call, _ in taken])
-                except BaseException as e:  # never leave a caller waiting
-                    answers = [(False, e)] * len(taken)
-                for (_, future), (ok, value) in zip(taken, answers):
-                    if not future.done():  # done: its caller gave up
-                        future.set_result(value) if ok else future.set_exception(value)
-        finally:
-            self.draining = False
+        # why no flag: between its last look at `pending` and its end the task never yields, so a call that finds
+        # it done has nobody else to run it
+        while self.pending:
+            taken, self.pending = self.pending[:self.cap], self.pending[self.cap:]
+            try:
+                answers = await self._score([call for call, _ in taken])
+            except BaseException as e:  # never leave a caller waiting
+                answers = [(False, e)] * len(taken)
+            for (_, future), (ok, value) in zip(taken, answers):
+                if not future.done():  # done: its caller gave up
+                    future.set_result(value) if ok else future.set_exception(value)
 
     async def _score(self, calls: list[ScoreCall]) -> list[tuple[bool, Any]]:
         self.stats["runs"] += 1
